@@ -1,0 +1,184 @@
+"""`SketchWalkConfig`: every knob of the method, validated, YAML round-trippable, hashable.
+
+This is the one config class of the project: the sweep varies it, the evaluation harness
+consumes it, the export writes it. Validation happens at construction (field ranges) and at
+attach time (`validate_for_model`: fields that depend on the model's shape).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+BLOCK_SIZES = (16, 32, 64, 128)
+WALKS = ("product", "damped", "none")
+SKETCHES = ("hadamard", "exact")
+HEAD_AGGREGATIONS = ("mean_qk", "sum_probs")
+PHASES = ("prefill", "decode", "both")
+DECODE_QUERIES = ("token", "block_mean", "window")
+DEFAULT_DENSITY = 0.2  # the paper's "80% sparsity"
+
+
+class ConfigError(ValueError):
+    """A config field has an invalid value; `field` names it."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"SketchWalkConfig.{field} = {value!r} is invalid: allowed {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchWalkConfig:
+    """Hyperparameters of Sketch&Walk sparse attention (see docs/method.md for each option).
+
+    Exactly one of `top_k` (τ as a block count per query-block row) or `density` (τ as a
+    fraction of the row's causal blocks, rounded up) is set; if neither is given, density
+    defaults to 0.2. Paper defaults: block_size 64, sketch_dim 64, sparsity_exponent 8,
+    skip_layers 2.
+    """
+
+    block_size: int = 64
+    sketch_dim: int = 64
+    top_k: Optional[int] = None
+    density: Optional[float] = None
+    sparsity_exponent: float = 8.0
+    skip_layers: int = 2
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    walk: Literal["product", "damped", "none"] = "product"
+    damping: float = 0.25
+    degree: int = 3
+    sketch: Literal["hadamard", "exact"] = "hadamard"
+    head_aggregation: Literal["mean_qk", "sum_probs"] = "mean_qk"
+    phases: Literal["prefill", "decode", "both"] = "both"
+    decode_query: Literal["token", "block_mean", "window"] = "token"
+    decode_window: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.top_k is None and self.density is None:
+            object.__setattr__(self, "density", DEFAULT_DENSITY)
+        self._validate()
+        # Normalise numeric types so that 8 and 8.0 hash and serialise identically.
+        for name in ("sparsity_exponent", "damping") + (("density",) if self.density is not None else ()):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    # -- validation -------------------------------------------------------------------
+    def _validate(self) -> None:
+        if not _is_int(self.block_size) or self.block_size not in BLOCK_SIZES:
+            raise ConfigError("block_size", self.block_size, f"one of {list(BLOCK_SIZES)}")
+        if not _is_int(self.sketch_dim) or self.sketch_dim < 1 or self.sketch_dim & (self.sketch_dim - 1):
+            raise ConfigError("sketch_dim", self.sketch_dim, "a power of two >= 1 and <= head_dim")
+        if self.top_k is not None and self.density is not None:
+            raise ConfigError("top_k", self.top_k, "None when density is set (set exactly one of top_k, density)")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ConfigError("top_k", self.top_k, "an integer >= 1 (blocks per query-block row)")
+        if self.density is not None and (not _is_number(self.density) or not 0.0 < self.density <= 1.0):
+            raise ConfigError("density", self.density, "a number in (0, 1]")
+        if not _is_number(self.sparsity_exponent) or self.sparsity_exponent <= 0:
+            raise ConfigError("sparsity_exponent", self.sparsity_exponent, "a number > 0")
+        if not _is_int(self.skip_layers) or self.skip_layers < 0:
+            raise ConfigError("skip_layers", self.skip_layers, "an integer >= 0 and < the model's number of layers")
+        if not _is_int(self.sink_blocks) or self.sink_blocks < 0:
+            raise ConfigError("sink_blocks", self.sink_blocks, "an integer >= 0")
+        if not _is_int(self.local_blocks) or self.local_blocks < 1:
+            raise ConfigError("local_blocks", self.local_blocks, "an integer >= 1 (the diagonal block is always attended)")
+        if self.walk not in WALKS:
+            raise ConfigError("walk", self.walk, f"one of {list(WALKS)}")
+        if not _is_number(self.damping) or not 0.0 <= self.damping < 1.0:
+            raise ConfigError("damping", self.damping, "a number in [0, 1)")
+        if not _is_int(self.degree) or self.degree < 1:
+            raise ConfigError("degree", self.degree, "an integer >= 1")
+        if self.sketch not in SKETCHES:
+            raise ConfigError("sketch", self.sketch, f"one of {list(SKETCHES)}")
+        if self.head_aggregation not in HEAD_AGGREGATIONS:
+            raise ConfigError("head_aggregation", self.head_aggregation, f"one of {list(HEAD_AGGREGATIONS)}")
+        if self.phases not in PHASES:
+            raise ConfigError("phases", self.phases, f"one of {list(PHASES)}")
+        if self.decode_query not in DECODE_QUERIES:
+            raise ConfigError("decode_query", self.decode_query, f"one of {list(DECODE_QUERIES)}")
+        if not _is_int(self.decode_window) or self.decode_window < 1:
+            raise ConfigError("decode_window", self.decode_window, "an integer >= 1 (tokens)")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError("seed", self.seed, "an integer >= 0")
+
+    def validate_for_model(self, num_layers: int, head_dim: int) -> None:
+        """Check the fields that depend on the model: skip_layers < num_layers, sketch_dim <= head_dim."""
+        if self.skip_layers >= num_layers:
+            raise ConfigError("skip_layers", self.skip_layers, f"an integer in [0, {num_layers - 1}] for this model ({num_layers} layers)")
+        if self.sketch_dim > head_dim:
+            raise ConfigError("sketch_dim", self.sketch_dim, f"a power of two <= head_dim = {head_dim} for this model")
+
+    # -- derived ----------------------------------------------------------------------
+    @property
+    def sparse_prefill(self) -> bool:
+        return self.phases in ("prefill", "both")
+
+    @property
+    def sparse_decode(self) -> bool:
+        return self.phases in ("decode", "both")
+
+    def budget(self, causal_blocks: int) -> int:
+        """τ for a query-block row with `causal_blocks` causal key blocks (before forced blocks)."""
+        if self.top_k is not None:
+            return self.top_k
+        return max(1, math.ceil(self.density * causal_blocks - 1e-9))
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SketchWalkConfig":
+        """Build from a mapping; unknown keys are an error naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError("<root>", data, "a mapping of field names to values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], data[unknown[0]], f"a known field name: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "SketchWalkConfig":
+        """A copy with `changes`; switching between top_k and density clears the other."""
+        data = self.to_dict()
+        if "top_k" in changes and changes["top_k"] is not None and "density" not in changes:
+            data["density"] = None
+        if "density" in changes and changes["density"] is not None and "top_k" not in changes:
+            data["top_k"] = None
+        data.update(changes)
+        return SketchWalkConfig(**data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """YAML text of the config; also written to `path` if given."""
+        text = yaml.safe_dump({"sketchwalk": self.to_dict()}, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "SketchWalkConfig":
+        """Load from a YAML file path or YAML text; accepts a top-level `sketchwalk:` key or bare fields."""
+        text = Path(source).read_text() if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and Path(source).exists()) else str(source)
+        data = yaml.safe_load(text) or {}
+        if isinstance(data, dict) and "sketchwalk" in data:
+            data = data["sketchwalk"]
+        return cls.from_dict(data)
+
+    def short_hash(self) -> str:
+        """A stable 12-hex-digit hash of the normalised field values (dedup key for sweeps)."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=float)
+        return hashlib.sha256(canon.encode()).hexdigest()[:12]

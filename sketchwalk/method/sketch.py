@@ -1,0 +1,75 @@
+"""Token-space and feature-space sketches: block means and the SRHT (method.md steps 2-4)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each `block_size`-token block along dim -2; a partial last block averages its real tokens.
+
+    x: [..., n, d] -> [..., ceil(n / block_size), d]
+    """
+    n = x.shape[-2]
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    sums = x.unflatten(-2, (nb, block_size)).sum(-2)
+    counts = torch.full((nb,), float(block_size), device=x.device, dtype=sums.dtype)
+    counts[-1] = block_size - pad
+    return sums / counts[:, None]
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Normalised fast Walsh-Hadamard transform over the last dim (a power of two): x: [..., p] -> [..., p].
+
+    Orthonormal (H / sqrt(p)), so norms and inner products are preserved.
+    """
+    p = x.shape[-1]
+    if p & (p - 1):
+        raise ValueError(f"fwht needs a power-of-two last dim, got {p}")
+    h = 1
+    y = x
+    while h < p:
+        y = y.unflatten(-1, (p // (2 * h), 2, h))
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        h *= 2
+    return y / math.sqrt(p)
+
+
+def _next_pow2(d: int) -> int:
+    return 1 << (d - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=512)
+def _srht_params_cpu(head_dim: int, sketch_dim: int, seed: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _next_pow2(head_dim)
+    # A per-(seed, layer) generator: the sketch is fixed per layer and reproducible across runs.
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+    signs = torch.randint(0, 2, (p,), generator=g).mul_(2).sub_(1).to(torch.float64)
+    coords = torch.randperm(p, generator=g)[:sketch_dim].sort().values
+    return signs, coords
+
+
+def srht_params(head_dim: int, sketch_dim: int, seed: int, layer_idx: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ±1 signs [p] and the kept coordinate indices [sketch_dim] for one layer (p = head_dim padded to 2^k)."""
+    signs, coords = _srht_params_cpu(head_dim, sketch_dim, seed, layer_idx)
+    return signs.to(device=device, dtype=dtype), coords.to(device=device)
+
+
+def srht(x: torch.Tensor, sketch_dim: int, seed: int, layer_idx: int) -> torch.Tensor:
+    """Subsampled randomised Hadamard transform: x: [..., d] -> [..., sketch_dim].
+
+    y = sqrt(p / r) * S H D pad(x): unbiased for inner products, E[srht(x) . srht(z)] = x . z.
+    """
+    d = x.shape[-1]
+    p = _next_pow2(d)
+    signs, coords = srht_params(d, sketch_dim, seed, layer_idx, x.device, x.dtype)
+    if p != d:
+        x = torch.nn.functional.pad(x, (0, p - d))
+    y = fwht(x * signs)
+    return y.index_select(-1, coords) * math.sqrt(p / sketch_dim)
