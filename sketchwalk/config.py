@@ -36,6 +36,14 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_file(source: str) -> bool:
+    """Whether `source` names an existing file; text that cannot be a path (too long, NUL) is not one."""
+    try:
+        return Path(source).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
@@ -172,7 +180,7 @@ class SketchWalkConfig:
     @classmethod
     def from_yaml(cls, source: str | Path) -> "SketchWalkConfig":
         """Load from a YAML file path or YAML text; accepts a top-level `sketchwalk:` key or bare fields."""
-        text = Path(source).read_text() if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and Path(source).exists()) else str(source)
+        text = Path(source).read_text() if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and _is_file(source)) else str(source)
         data = yaml.safe_load(text) or {}
         if isinstance(data, dict) and "sketchwalk" in data:
             data = data["sketchwalk"]

@@ -68,6 +68,14 @@ def attach(model: torch.nn.Module, config: SketchWalkConfig | None = None) -> Sk
         if window:
             raise ValueError(f"{type(m).__name__} of layer {m.layer_idx} uses sliding-window attention "
                              f"({window}); SketchWalk supports full causal attention layers only")
+    # Some architectures (Mistral, Phi-3) keep the window on the config, not on the modules, and apply it
+    # to every layer; with per-layer `layer_types`, the module attribute above is authoritative.
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(text_cfg, "sliding_window", None)
+    layer_types = getattr(text_cfg, "layer_types", None)
+    if window and (layer_types is None or "sliding_attention" in layer_types):
+        raise ValueError(f"{type(model).__name__} uses sliding-window attention (config.sliding_window = {window}); "
+                         f"SketchWalk supports full causal attention layers only")
     register()
     runtime = SketchWalkRuntime(config, num_layers, head_dim)
     current = model.config._attn_implementation

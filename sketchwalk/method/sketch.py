@@ -68,6 +68,8 @@ def srht(x: torch.Tensor, sketch_dim: int, seed: int, layer_idx: int) -> torch.T
     """
     d = x.shape[-1]
     p = _next_pow2(d)
+    if sketch_dim > p:
+        raise ValueError(f"sketch_dim = {sketch_dim} exceeds head_dim = {d} (padded to {p})")
     signs, coords = srht_params(d, sketch_dim, seed, layer_idx, x.device, x.dtype)
     if p != d:
         x = torch.nn.functional.pad(x, (0, p - d))

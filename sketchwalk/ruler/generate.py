@@ -1,0 +1,67 @@
+"""`generate_task`: RULER-format samples for one synthetic task at one length."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .common_words import CommonWordsBuilder
+from .errors import RulerError
+from .fitting import context_limit, fit_and_generate, make_token_counter, make_wrapper, search_units
+from .frequent_words import FrequentWordsBuilder
+from .haystacks import load_essay_words, resolve_essays_path
+from .niah import NiahBuilder
+from .tasks import get_task
+from .templates import tokens_to_generate
+from .variable_tracking import VariableTrackingBuilder, fit_icl
+
+
+def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *, seed: int = 42,
+                  essays_path: str | os.PathLike | None = None, chat_template: bool = True,
+                  max_context: Optional[int] = None, backoff: str = "overshoot") -> list[dict]:
+    """Generate `num_samples` RULER samples of `task` sized to `max_seq_length` tokens.
+
+    Returns dicts with `index` (0..n-1), `input` (the prompt, chat-wrapped when `chat_template`,
+    without the answer prefix), `outputs` (reference strings), `answer_prefix` (to append to
+    `input` at evaluation) and `length` (RULER's: tokens of input + answer_prefix, plus the
+    task's tokens to generate; always <= max_seq_length). `tokenizer`: a Hugging Face tokenizer
+    (encode + apply_chat_template). Essay tasks read `essays_path`, else $SKETCHWALK_ESSAYS.
+    `max_context` (tokens) overrides `tokenizer.model_max_length` as the model's context limit.
+    `backoff`: 'overshoot' (default) or RULER's whole-'step' retries (see fitting.fit_and_generate).
+    Same arguments → identical samples; all randomness comes from `seed`.
+    """
+    spec = get_task(task)
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        raise RulerError(f"max_seq_length must be a positive int (tokens), got {max_seq_length!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise RulerError(f"num_samples must be a non-negative int, got {num_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise RulerError(f"seed must be an int, got {seed!r}")
+    limit, source = context_limit(tokenizer, max_context)
+    if limit is not None and max_seq_length > limit:
+        raise RulerError(f"{task}: max_seq_length {max_seq_length} exceeds the model's context of {limit} "
+                         f"tokens ({source}); pick a length <= {limit}")
+    ttg = tokens_to_generate(task)
+    if max_seq_length <= ttg:
+        raise RulerError(f"{task}: max_seq_length {max_seq_length} leaves no room for a prompt "
+                         f"({ttg} tokens are reserved for the answer)")
+
+    count_tokens = make_token_counter(tokenizer)
+    wrap = make_wrapper(tokenizer, chat_template)
+    # Per (seed, task, length) streams: tasks and lengths never share random draws, and sample i
+    # does not depend on how many samples are requested. String seeds hash with SHA-512, so
+    # they are stable across runs and Python versions.
+    seed_text = f"sketchwalk-ruler:{seed}:{task}:{max_seq_length}"
+
+    if spec.family == "niah":
+        words = load_essay_words(resolve_essays_path(essays_path, task)) if spec.needs_essays else None
+        builder = NiahBuilder(spec, max_seq_length, words)
+    elif spec.family == "vt":
+        icl = fit_icl(spec, seed_text, count_tokens, search_units)
+        builder = VariableTrackingBuilder(spec, max_seq_length, icl)
+    elif spec.family == "cwe":
+        builder = CommonWordsBuilder(spec, max_seq_length)
+    else:
+        builder = FrequentWordsBuilder(spec, max_seq_length, ttg)
+    return fit_and_generate(task, builder, max_seq_length=max_seq_length, tokens_to_generate=ttg,
+                            num_samples=num_samples, seed_text=seed_text, wrap=wrap, count_tokens=count_tokens,
+                            backoff=backoff)

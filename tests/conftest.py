@@ -1,0 +1,27 @@
+"""Shared test configuration: GPU tests skip (with a reason) where CUDA is absent."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def essays_path() -> Path:
+    """The RULER essay haystack beside the checkout (../shared/data/ruler); skips if absent."""
+    path = SHARED_DATA / "ruler" / "PaulGrahamEssays.json"
+    if not path.exists():
+        pytest.skip(f"essay haystack not found at {path}")
+    return path
