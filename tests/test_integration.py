@@ -11,13 +11,7 @@ from sketchwalk import ConfigError, SketchWalkConfig, attach, detach, get_runtim
 from sketchwalk.integration.hf import ATTN_NAME
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and spin badly when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 128
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -300,7 +294,7 @@ def _family(name):
     return cls_cfg, cls_model
 
 
-@pytest.mark.parametrize("name,extra", [("Qwen2", {}), ("Mistral", {"sliding_window": None})])
+@pytest.mark.parametrize("name,extra", [("Qwen2", {}), ("Qwen3", {}), ("Mistral", {"sliding_window": None})])
 def test_other_families_full_density_equal_dense(name, extra):
     cls_cfg, cls_model = _family(name)
     torch.manual_seed(5)

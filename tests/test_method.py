@@ -18,13 +18,7 @@ from sketchwalk.method import (BlockSelection, SketchWalkRuntime, block_means, f
                                sketch_features, sparse_attention, srht, transition_rows, walk_update)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and spin badly when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------
