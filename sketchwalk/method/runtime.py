@@ -113,31 +113,48 @@ class SketchWalkRuntime:
         if self.keep_selections:
             self.last_selection[layer_idx] = [None] * bsz
 
-        out = torch.zeros_like(q)  # padded query rows get zeros, never NaN
+        # Selection (and decode state) per sequence on its real tokens; then one attention call.
+        selections: list[Optional[BlockSelection]] = []
         for b in range(bsz):
             off = offsets[b]
-            qs, ks, vs = q[b, :, max(off - past, 0):], k[b, :, off:], v[b, :, off:]
-            m = ks.shape[-2]
+            qs, ks = q[b, :, max(off - past, 0):], k[b, :, off:]
+            if ks.shape[-2] == 0:
+                selections.append(None)
+            elif phase == "prefill":
+                selections.append(self._prefill_select(layer_idx, b, qs, ks, sparse_layer, sparse))
+            else:
+                selections.append(self._decode_select(layer_idx, b, qs, ks, sparse))
+        return self._attend(q, k, v, offsets, selections, scale)
+
+    def _attend(self, q, k, v, offsets: list[int], selections: list[Optional[BlockSelection]], scale: float) -> torch.Tensor:
+        """Attention of each sequence's real queries over its selected blocks (None = dense causal).
+
+        q: [batch, Hq, q_len, d]; k, v: [batch, Hkv, kv_len, d] -> [batch, Hq, q_len, d].
+        """
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        past = kv_len - q_len
+        out = torch.zeros_like(q)  # padded query rows get zeros, never NaN
+        for b, sel in enumerate(selections):
+            off = offsets[b]
+            m = kv_len - off
             if m == 0:
                 continue
-            if phase == "prefill":
-                o = self._prefill_one(layer_idx, b, qs, ks, vs, scale, sparse_layer, sparse)
-            else:
-                o = self._decode_one(layer_idx, b, qs, ks, vs, scale, sparse)
-            out[b, :, q_len - o.shape[-2]:] = o
+            qs = q[b, :, max(off - past, 0):]
+            pos = torch.arange(m - qs.shape[-2], m, device=q.device)
+            out[b, :, q_len - qs.shape[-2]:] = sparse_attention(qs, k[b, :, off:], v[b, :, off:], pos, sel, scale)
         return out
 
     # -- one sequence -----------------------------------------------------------------
-    def _prefill_one(self, layer: int, b: int, q, k, v, scale, sparse_layer: bool, sparse: bool) -> torch.Tensor:
+    def _prefill_select(self, layer: int, b: int, q, k, sparse_layer: bool, sparse: bool) -> Optional[BlockSelection]:
+        """Selection for a prefill of one sequence (q: [Hq, m, d], k: [Hkv, m, d]); None = dense. Seeds decode state."""
         cfg = self.config
         m, d = k.shape[-2], k.shape[-1]
         nb = -(-m // cfg.block_size)
-        pos = torch.arange(m, device=q.device)
         causal_pairs = nb * (nb + 1) // 2
         needs_state = sparse_layer and cfg.sparse_decode
         if not sparse and not needs_state:
             self._count("prefill", layer, causal_pairs, causal_pairs, dense=True)
-            return sparse_attention(q, k, v, pos, None, scale)
+            return None
         qf, kf = group_features(q, k, cfg)
         rows = torch.arange(nb, device=q.device)
         w = transition_rows(sketch_features(block_means(qf, cfg.block_size), cfg, layer),
@@ -146,22 +163,22 @@ class SketchWalkRuntime:
             self._states[layer][b] = LayerDecodeState(cfg, layer, d, qf, kf, w)
         if not sparse:
             self._count("prefill", layer, causal_pairs, causal_pairs, dense=True)
-            return sparse_attention(q, k, v, pos, None, scale)
+            return None
         r = walk_update(self._walk[b], w, rows, cfg)
         self._walk[b] = r
         sel = select_blocks(r, rows, cfg)
         self._record(layer, b, sel)
         self._count("prefill", layer, int(sel.selected_pairs()), causal_pairs, dense=False)
-        return sparse_attention(q, k, v, pos, sel, scale)
+        return sel
 
-    def _decode_one(self, layer: int, b: int, q, k, v, scale, sparse: bool) -> torch.Tensor:
+    def _decode_select(self, layer: int, b: int, q, k, sparse: bool) -> Optional[BlockSelection]:
+        """Selection for one decode step of one sequence (q: [Hq, 1, d], k: [Hkv, m, d]); None = dense."""
         cfg = self.config
         m = k.shape[-2]
         i = (m - 1) // cfg.block_size
-        pos = torch.tensor([m - 1], device=q.device)
         if not sparse:
             self._count("decode", layer, i + 1, i + 1, dense=True)
-            return sparse_attention(q, k, v, pos, None, scale)
+            return None
         states = self._states.get(layer)
         state = states[b] if states is not None and b < len(states) else None
         if state is None or state.n_tokens != m - 1:
@@ -177,7 +194,7 @@ class SketchWalkRuntime:
         sel = select_blocks(r, row, cfg)
         self._record(layer, b, sel)
         self._count("decode", layer, int(sel.counts.sum()), i + 1, dense=False)
-        return sparse_attention(q, k, v, pos, sel, scale)
+        return sel
 
     def _record(self, layer: int, b: int, sel: BlockSelection) -> None:
         if self.keep_selections:
