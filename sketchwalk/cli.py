@@ -176,24 +176,117 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# -- demo -------------------------------------------------------------------------------------
+# -- eval / demo: shared machinery (sketchwalk.evaluation.plan / report) -----------------------
 
-def _demo_arguments(p: argparse.ArgumentParser) -> None:
+def _common_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", metavar="SPEC",
                    help="'smollm2-135m' (bundled default), a .gguf file or a local HF directory (default: %(default)s)")
     p.add_argument("--suite", default="ruler-smoke", metavar="NAME|PATH",
-                   help="RULER suite: a shipped name (ruler-smoke, ruler-niah, ruler-11; '@4k,8k' overrides "
-                        "lengths) or a suite YAML path (default: %(default)s)")
+                   help="RULER suite: a shipped name (ruler-smoke, ruler-smoke-noise, ruler-niah, ruler-11; "
+                        "'@4k,8k' overrides lengths) or a suite YAML path (default: %(default)s)")
     p.add_argument("--samples", type=int, default=None, help="samples per task per length (default: the suite's)")
     p.add_argument("--essays", default=None, metavar="PATH",
                    help="PaulGrahamEssays.json for essay-haystack tasks (default: $SKETCHWALK_ESSAYS)")
-    p.add_argument("--config", default=None, metavar="YAML",
-                   help="SketchWalk config YAML (default: the paper's settings at --density)")
+    p.add_argument("--config", default=None, metavar="YAML", help="SketchWalk config YAML")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    _common_eval_arguments(p)
+    p.add_argument("--dense", action="store_true", help="evaluate dense attention (the default without --config)")
+    p.add_argument("--out", default="runs/eval", metavar="DIR",
+                   help="directory for the result JSON, one file per evaluation (default: %(default)s)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="dense-baseline cache (default: $SKETCHWALK_CACHE/baselines or ~/.cache/sketchwalk/baselines)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="with --config: skip the dense baseline and the accuracy difference")
+    p.add_argument("--attention-timing", action="store_true",
+                   help="also time the attention function per layer (slower on GPU: events per call)")
+
+
+def _input_error(console, exc: Exception) -> int:
+    console.print(f"[red]error:[/red] {exc}", highlight=False)
+    return 2
+
+
+def _baseline_key(plan, samples, model):
+    from .evaluation import BaselineKey, suite_fingerprint
+    from .evaluation.harness import device_name
+    from .evaluation.model_facts import model_identity
+
+    param = next(model.parameters())
+    return BaselineKey(model_identity(plan.resolved), suite_fingerprint(plan.suite, samples, essays_path=plan.essays),
+                       str(param.dtype).replace("torch.", ""), device_name(param.device))
+
+
+@command("eval", arguments=_eval_arguments,
+         help="evaluate one config (or dense) on a RULER suite: accuracy, speed, density -> JSON",
+         description="Evaluate the model with one SketchWalk config (--config) or dense attention (--dense, the "
+                     "default) on a RULER suite. Prints accuracy per task x length with 95%% bootstrap "
+                     "intervals, median prefill time, decode tokens/s and measured density, each with the "
+                     "device and dtype, and writes one JSON (per-sample predictions included) into --out. "
+                     "A sparse run is compared with the dense baseline, cached on disk per (model, suite, "
+                     "dtype, device). All input is checked before the model is loaded (exit 2 on bad input).")
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`sketchwalk eval`: exit 0 on success, 2 on bad input."""
+    from rich.console import Console
+
+    from .evaluation import dense_baseline, evaluate
+    from .evaluation.plan import EvalInputError, build_samples, load_model, prepare_run
+    from .evaluation.report import accuracy_delta, result_table, summary_lines, write_result
+
+    console = Console()
+    try:
+        plan = prepare_run(args.model, args.suite, config=args.config, dense=args.dense, essays=args.essays,
+                           samples=args.samples, dtype=args.dtype)
+        model, tokenizer = load_model(plan)
+        samples = build_samples(plan, tokenizer)
+    except EvalInputError as exc:
+        return _input_error(console, exc)
+
+    config_tag = plan.config.short_hash() if plan.config is not None else "dense"
+    title = f"{plan.resolved.name} on {plan.suite.name}, {'dense' if plan.config is None else 'SketchWalk ' + config_tag}"
+    baseline, extra = None, {"suite": dataclasses.asdict(plan.suite)}
+    cache_dir = args.cache_dir or _default_cache()
+    if plan.config is None:
+        # A dense run is its own baseline: served from the cache, and stored there for later sparse runs.
+        key = _baseline_key(plan, samples, model)
+        extra["from_cache"] = key.path(cache_dir).exists()
+        if extra["from_cache"]:
+            console.print(f"dense result from the cache ({key.path(cache_dir)})", highlight=False)
+        result = dense_baseline(model, tokenizer, samples, key, cache_dir=cache_dir, model_name=args.model)
+    else:
+        if not args.no_baseline:
+            key = _baseline_key(plan, samples, model)
+            cached = key.path(cache_dir).exists()
+            console.print(f"dense baseline: {'cached' if cached else 'computing'} ({key.path(cache_dir)})", highlight=False)
+            baseline = dense_baseline(model, tokenizer, samples, key, cache_dir=cache_dir, model_name=args.model)
+            extra["dense_baseline"] = {"accuracy": baseline.accuracy, "prefill_s": baseline.prefill_s,
+                                       "decode_tokens_per_s": baseline.decode_tokens_per_s, "cached": cached}
+        result = evaluate(model, tokenizer, plan.config, samples, model_name=args.model,
+                          attention_timing=args.attention_timing)
+    if baseline is not None:
+        extra["accuracy_delta_vs_dense"] = accuracy_delta(result, baseline)
+    console.print(result_table(result, title=title, baseline=baseline))
+    for line in summary_lines(result):
+        console.print(line, highlight=False)
+    path = write_result(args.out, result, model=args.model, suite=plan.suite.name, config_tag=config_tag, extra=extra)
+    console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
+def _default_cache():
+    from .evaluation import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    _common_eval_arguments(p)
     p.add_argument("--density", type=float, default=0.5,
                    help="τ as a fraction of causal blocks when no --config is given (default: %(default)s; the "
                         "paper's 0.2 leaves only 3-7 blocks per row at the smoke suite's 1-2K tokens)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--out", default="runs/demo.json", metavar="PATH",
                    help="JSON with both evaluations, per-sample predictions included (default: %(default)s)")
 
@@ -206,63 +299,34 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                      "Everything is checked before the model is loaded.")
 def cmd_demo(args: argparse.Namespace) -> int:
     """`sketchwalk demo`: exit 0 on success, 2 on bad input."""
-    import dataclasses as dc
-
     from rich.console import Console
-    from rich.table import Table
 
-    from .config import ConfigError, SketchWalkConfig
-    from .ruler import RulerError, build_suite, load_suite
+    from .evaluation import evaluate
+    from .evaluation.plan import EvalInputError, build_samples, load_model, prepare_run
+    from .evaluation.report import result_table, summary_lines
 
     console = Console()
     try:
-        config = SketchWalkConfig.from_yaml(args.config) if args.config else SketchWalkConfig(density=args.density)
-        suite = load_suite(args.suite)
-        if args.samples is not None:
-            suite = dc.replace(suite, samples=args.samples)
-        essays = args.essays or os.environ.get("SKETCHWALK_ESSAYS")
-        if any(_needs_essays(t) for t in suite.tasks) and not essays:
-            raise RulerError(f"suite {suite.name} has essay-haystack tasks: pass --essays PATH or set SKETCHWALK_ESSAYS")
-    except (ConfigError, RulerError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
+        plan = prepare_run(args.model, args.suite, config=args.config, density=None if args.config else args.density,
+                           essays=args.essays, samples=args.samples, dtype=args.dtype)
+        model, tokenizer = load_model(plan)
+        samples = build_samples(plan, tokenizer)
+    except EvalInputError as exc:
+        return _input_error(console, exc)
 
-    from .evaluation import evaluate
-    from .models import load
-
-    model, tokenizer = load(args.model, dtype=args.dtype)
-    samples = build_suite(suite, tokenizer, essays_path=essays, max_context=getattr(model.config, "max_position_embeddings", None))
     dense = evaluate(model, tokenizer, None, samples, model_name=args.model)
-    sparse = evaluate(model, tokenizer, config, samples, model_name=args.model)
-
-    table = Table(title=f"{args.model} on {suite.name} ({dense.device}, {dense.dtype})")
-    for col in ("task@length", "dense acc", "sketchwalk acc", "n"):
-        table.add_column(col, justify="right")
-    for key, d in dense.accuracy.items():
-        s = sparse.accuracy[key]
-        table.add_row(key, f"{d['mean']:.1f} [{d['lo']:.0f}, {d['hi']:.0f}]", f"{s['mean']:.1f} [{s['lo']:.0f}, {s['hi']:.0f}]", str(d["n"]))
-    console.print(table)
-    speed = Table(title="prefill (median s per sample) and measured density")
-    for col in ("length", "dense prefill s", "sketchwalk prefill s"):
-        speed.add_column(col, justify="right")
-    for length, t in dense.prefill_s.items():
-        speed.add_row(length, f"{t:.4f}", f"{sparse.prefill_s[length]:.4f}")
-    console.print(speed)
-    console.print(f"SketchWalk config {config.short_hash()}: measured density prefill {sparse.density['prefill']:.3f}, "
-                  f"decode {sparse.density['decode']:.3f} (all layers; sparse layers only: "
-                  f"{sparse.density['sparse_layers']['prefill']:.3f} / {sparse.density['sparse_layers']['decode']:.3f})")
-    out = {"suite": dc.asdict(suite), "dense": json.loads(dense.to_json()), "sketchwalk": json.loads(sparse.to_json())}
+    sparse = evaluate(model, tokenizer, plan.config, samples, model_name=args.model)
+    console.print(result_table(sparse, title=f"{plan.resolved.name} on {plan.suite.name}: SketchWalk "
+                                             f"{plan.config.short_hash()} vs dense", baseline=dense))
+    console.print(result_table(dense, title=f"{plan.resolved.name} on {plan.suite.name}: dense"))
+    for line in summary_lines(sparse):
+        console.print(line, highlight=False)
+    out = {"suite": dataclasses.asdict(plan.suite), "dense": dense.to_dict(), "sketchwalk": sparse.to_dict()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2, default=str)
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {args.out}", highlight=False)
     return 0
-
-
-def _needs_essays(task: str) -> bool:
-    from .ruler import TASKS
-
-    return task in TASKS and TASKS[task].needs_essays
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -1,10 +1,17 @@
 """Shared test configuration: GPU tests skip (with a reason) where CUDA is absent."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (tests/test_kernels.py) run in Triton's interpreter on CPU. The switch must be
+    # set before anything imports triton: triton.language's own helpers (tl.zeros, tl.max, ...) are
+    # jit-decorated at import time, and other test modules (transformers, torch) may import it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

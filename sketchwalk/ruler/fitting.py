@@ -2,8 +2,9 @@
 
 RULER's rule: tokens(prompt incl. chat template and answer prefix) + tokens_to_generate <=
 max_seq_length, counted with the model's own tokenizer. The haystack size is searched once per
-(task, length) on a probe sample; every sample then starts at that size and backs off (at most
-one step at a time) until it fits, since its own needles/words may tokenise a little longer.
+(task, length) on a probe sample; every sample then starts at that size and backs off one whole
+step at a time until it fits (RULER's rule; fit_and_generate has a finer opt-in mode), since
+its own needles/words may tokenise a little longer.
 Every sample's final prompt is counted with the real tokenizer; nothing is estimated.
 """
 from __future__ import annotations
@@ -137,19 +138,20 @@ def search_units(cost: Callable[[int], int], budget: int, *, lo: int, step: int,
                      f"{c_lo} tokens); the prompt does not grow with the haystack")
 
 
-BACKOFF_MODES = ("overshoot", "step")
+BACKOFF_MODES = ("step", "overshoot")  # the first is the default: RULER's
 
 
 def fit_and_generate(task: str, builder: Builder, *, max_seq_length: int, tokens_to_generate: int,
                      num_samples: int, seed_text: str, wrap: Callable[[str], str],
-                     count_tokens: Callable[[str], int], backoff: str = "overshoot") -> list[dict]:
+                     count_tokens: Callable[[str], int], backoff: str = "step") -> list[dict]:
     """RULER samples for one (task, length): search the haystack size on a probe sample, then
     build `num_samples` samples, each backing off until it fits.
 
-    backoff 'step' is RULER's: a sample that does not fit loses one whole step (500 essay words,
-    25 / 5 lines, ...) per retry. 'overshoot' (default) removes only the units its excess tokens
-    need (at least 1, at most one step) per retry, so it lands within a few tokens of the budget
-    instead of up to a step below (25 uuid lines are ~2,000 tokens, a quarter of 8K).
+    backoff 'step' (default) is RULER's: a sample that does not fit loses one whole step (500
+    essay words, 25 / 5 lines, ...) per retry, so it may land up to one step's tokens below the
+    budget. 'overshoot' (opt-in, not RULER) removes only the units its excess tokens need (at
+    least 1, at most one step) per retry, so it lands within a few tokens of the budget instead
+    (25 uuid lines are ~2,000 tokens, a quarter of 8K); samples then differ from RULER's.
 
     Sample i draws everything from random.Random(f"{seed_text}:{i}") (re-created for every
     retry, so a sample keeps its needles and only its haystack shrinks); the probe uses

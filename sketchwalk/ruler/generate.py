@@ -10,6 +10,7 @@ from .fitting import context_limit, fit_and_generate, make_token_counter, make_w
 from .frequent_words import FrequentWordsBuilder
 from .haystacks import load_essay_words, resolve_essays_path
 from .niah import NiahBuilder
+from .prompt import Builder
 from .tasks import get_task
 from .templates import tokens_to_generate
 from .variable_tracking import VariableTrackingBuilder, fit_icl
@@ -17,7 +18,7 @@ from .variable_tracking import VariableTrackingBuilder, fit_icl
 
 def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *, seed: int = 42,
                   essays_path: str | os.PathLike | None = None, chat_template: bool = True,
-                  max_context: Optional[int] = None, backoff: str = "overshoot") -> list[dict]:
+                  max_context: Optional[int] = None, backoff: str = "step") -> list[dict]:
     """Generate `num_samples` RULER samples of `task` sized to `max_seq_length` tokens.
 
     Returns dicts with `index` (0..n-1), `input` (the prompt, chat-wrapped when `chat_template`,
@@ -26,7 +27,8 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
     task's tokens to generate; always <= max_seq_length). `tokenizer`: a Hugging Face tokenizer
     (encode + apply_chat_template). Essay tasks read `essays_path`, else $SKETCHWALK_ESSAYS.
     `max_context` (tokens) overrides `tokenizer.model_max_length` as the model's context limit.
-    `backoff`: 'overshoot' (default) or RULER's whole-'step' retries (see fitting.fit_and_generate).
+    `backoff`: 'step' (default: RULER's whole-step retries) or the finer opt-in 'overshoot'
+    (see fitting.fit_and_generate).
     Same arguments → identical samples; all randomness comes from `seed`.
     """
     spec = get_task(task)
@@ -47,11 +49,24 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
 
     count_tokens = make_token_counter(tokenizer)
     wrap = make_wrapper(tokenizer, chat_template)
+    builder, seed_text = task_builder(task, max_seq_length, tokenizer, seed=seed, essays_path=essays_path,
+                                      chat_template=chat_template)
+    return fit_and_generate(task, builder, max_seq_length=max_seq_length, tokens_to_generate=ttg,
+                            num_samples=num_samples, seed_text=seed_text, wrap=make_wrapper(tokenizer, chat_template),
+                            count_tokens=make_token_counter(tokenizer), backoff=backoff)
+
+
+def task_builder(task: str, max_seq_length: int, tokenizer, *, seed: int = 42,
+                 essays_path: str | os.PathLike | None = None, chat_template: bool = True) -> tuple[Builder, str]:
+    """(builder, seed_text): the haystack builder `generate_task` fits for (task, max_seq_length), and
+    the seed text its random streams derive from. Exposed so tests can measure what one back-off
+    step costs in tokens (`builder.step` units)."""
+    spec = get_task(task)
+    count_tokens = make_token_counter(tokenizer)
     # Per (seed, task, length) streams: tasks and lengths never share random draws, and sample i
     # does not depend on how many samples are requested. String seeds hash with SHA-512, so
     # they are stable across runs and Python versions.
     seed_text = f"sketchwalk-ruler:{seed}:{task}:{max_seq_length}"
-
     if spec.family == "niah":
         words = load_essay_words(resolve_essays_path(essays_path, task)) if spec.needs_essays else None
         builder = NiahBuilder(spec, max_seq_length, words)
@@ -61,7 +76,5 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
     elif spec.family == "cwe":
         builder = CommonWordsBuilder(spec, max_seq_length)
     else:
-        builder = FrequentWordsBuilder(spec, max_seq_length, ttg)
-    return fit_and_generate(task, builder, max_seq_length=max_seq_length, tokens_to_generate=ttg,
-                            num_samples=num_samples, seed_text=seed_text, wrap=wrap, count_tokens=count_tokens,
-                            backoff=backoff)
+        builder = FrequentWordsBuilder(spec, max_seq_length, tokens_to_generate(task))
+    return builder, seed_text

@@ -202,7 +202,7 @@ def _validate(data: Any, path: Path) -> Suite:
 
 def build_suite(suite: Suite, tokenizer, essays_path: str | os.PathLike | None = None, *,
                 chat_template: bool = True, max_context: Optional[int] = None,
-                backoff: str = "overshoot") -> dict[tuple[str, int], list[dict]]:
+                backoff: str = "step") -> dict[tuple[str, int], list[dict]]:
     """All samples of a suite: {(task, length): [RULER sample dicts]}, generated tasks first
     (task-major, lengths ascending as listed), then imports (their first `suite.samples`).
 

