@@ -1,0 +1,14 @@
+"""Triton kernels for Sketch&Walk block-sparse attention (method.md step 9 and Algorithm 2).
+
+Importing this package never imports Triton: each kernel is compiled on its first call, so
+`import sketchwalk.kernels` works on machines without Triton (calling a kernel there raises
+`TritonUnavailableError`), and `TRITON_INTERPRET=1` set before the first call is honoured.
+
+- `block_sparse_prefill`: causal prefill attention over the selected key blocks of each query block.
+- `block_sparse_decode`: one query token per sequence over selected KV-cache blocks (split-KV).
+"""
+from ._triton import TritonUnavailableError, triton_available
+from .block_sparse_decode import block_sparse_decode
+from .block_sparse_prefill import block_sparse_prefill
+
+__all__ = ["block_sparse_prefill", "block_sparse_decode", "TritonUnavailableError", "triton_available"]

@@ -1,0 +1,220 @@
+"""Block-sparse single-token decode attention with split-KV (flash-decoding) in Triton.
+
+Kernel 1 (`_decode_split_kernel`), grid (num_splits, batch * Hkv): the selected blocks of a
+sequence (entries 0 .. count-1) are cut into `num_splits` contiguous, near-equal chunks of
+ceil(count / num_splits) entries; a program runs the online softmax over its chunk for all
+G query heads of its KV group at once (the G query rows are padded to >= 16 so tl.dot
+applies; each K/V tile is loaded once per group, with no repeat_kv copy) and writes the
+partial (max m, sum l, unnormalised acc) in fp32. Empty chunks write m = -1e30, l = 0, acc = 0.
+
+With num_splits == 1 the split kernel normalises and writes the output itself (one launch).
+Kernel 2 (`_decode_merge_kernel`), grid (batch * Hq,): combines the partials,
+out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (log2 units), writing
+zeros for a sequence that attended nothing (count 0).
+
+The query is the last tensor position L-1 (real position L-1-offsets[b]); keys are the real
+positions 0 .. L-1-offsets[b] at tensor positions offsets[b] .. L-1. Every key is masked to the
+real sequence, so the current partial block and padded keys are handled; decode is memory bound
+so the mask costs nothing measurable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._triton import as_int32, check_device, dot_precision, next_pow2, require_triton, sm_count
+
+_KERNELS = None
+LOG2E = 1.4426950408889634
+
+
+def _build():
+    """Define the Triton kernels on first use (so TRITON_INTERPRET set before the first call is honoured)."""
+    global _KERNELS, tl
+    if _KERNELS is not None:
+        return _KERNELS
+    triton, tl = require_triton()
+
+    @triton.jit
+    def _decode_split_kernel(Q, K, V, IDX, CNT, OFF, MP, LP, AP, O,
+                             stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
+                             stride_kb, stride_kh, stride_kn, stride_kd,
+                             stride_vb, stride_vh, stride_vn, stride_vd,
+                             stride_ib, stride_ic,
+                             L, HKV, HQ, NUM_SPLITS, qk_scale,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                             DIRECT: tl.constexpr):
+        split = tl.program_id(0)
+        pid1 = tl.program_id(1)
+        b = pid1 // HKV
+        hkv = pid1 % HKV
+        b64 = b.to(tl.int64)
+        off = tl.load(OFF + b)
+        n_real = L - off
+        cnt = tl.load(CNT + b)
+        per = (cnt + NUM_SPLITS - 1) // NUM_SPLITS
+        start = split * per
+        end = tl.minimum(start + per, cnt)
+        g = tl.arange(0, GROUP_PAD)
+        g_ok = g < GROUP
+        head = hkv * GROUP + g
+        dcol = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b64 * stride_qb + head.to(tl.int64)[:, None] * stride_qh + dcol[None, :] * stride_qd,
+                    mask=g_ok[:, None], other=0.0)  # [G_PAD, D]
+        k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+        v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+        m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - 1.0e30
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+        kn = tl.arange(0, BLOCK_N)
+        for i in range(start, end):
+            kb = tl.load(IDX + b * stride_ib + i * stride_ic)
+            for j in range(0, BLOCK_SIZE, BLOCK_N):
+                kp = kb * BLOCK_SIZE + j + kn
+                k_ok = kp < n_real  # the query is the last real token: causal == inside the sequence
+                kt = (off + kp).to(tl.int64)
+                k = tl.load(k_base + kt[None, :] * stride_kn + dcol[:, None] * stride_kd, mask=k_ok[None, :], other=0.0)
+                v = tl.load(v_base + kt[:, None] * stride_vn + dcol[None, :] * stride_vd, mask=k_ok[:, None], other=0.0)
+                s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # [G_PAD, N], log2 units
+                s = tl.where(k_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+                m_i = m_new
+        if DIRECT:
+            # One split: normalise here and skip the merge launch (count 0 → l = 0 → zeros).
+            l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+            out = acc / l_safe[:, None]
+            tl.store(O + b64 * stride_ob + head.to(tl.int64)[:, None] * stride_oh + dcol[None, :] * stride_od,
+                     out.to(O.dtype.element_ty), mask=g_ok[:, None])
+        else:
+            # Partials are contiguous fp32: MP/LP [B, HQ, NUM_SPLITS], AP [B, HQ, NUM_SPLITS, D].
+            row = (b64 * HQ + head.to(tl.int64)) * NUM_SPLITS + split
+            tl.store(MP + row, m_i, mask=g_ok)
+            tl.store(LP + row, l_i, mask=g_ok)
+            tl.store(AP + row[:, None] * HEAD_DIM + dcol[None, :], acc, mask=g_ok[:, None])
+
+    @triton.jit
+    def _decode_merge_kernel(MP, LP, AP, O, stride_ob, stride_oh, stride_od, HQ, NUM_SPLITS,
+                             SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // HQ
+        h = pid % HQ
+        sp = tl.arange(0, SPLITS_PAD)
+        s_ok = sp < NUM_SPLITS
+        dcol = tl.arange(0, HEAD_DIM)
+        row = pid.to(tl.int64) * NUM_SPLITS + sp
+        m = tl.load(MP + row, mask=s_ok, other=-1.0e30)
+        l = tl.load(LP + row, mask=s_ok, other=0.0)
+        a = tl.load(AP + row[:, None] * HEAD_DIM + dcol[None, :], mask=s_ok[:, None], other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.exp2(m - m_max)  # empty splits have l = 0 and acc = 0, so their weight is harmless
+        l_tot = tl.sum(l * w, 0)
+        acc = tl.sum(a * w[:, None], 0)
+        l_safe = tl.where(l_tot > 0.0, l_tot, 1.0)
+        out = acc / l_safe
+        tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + dcol * stride_od,
+                 out.to(O.dtype.element_ty))
+
+    _KERNELS = (_decode_split_kernel, _decode_merge_kernel)
+    return _KERNELS
+
+
+# Up to this many selected tokens per row one split (a single launch) wins in eager mode. H200,
+# bf16 (results/kernels): one split costs ~0.8 us per selected 64-token block (~15 us at 14
+# blocks, ~25 us at 28, ~52 us at 64), while split + merge costs ~30-40 us of Python launch
+# overhead for 10-20 us of GPU time. Under CUDA graphs splitting wins from a few blocks on: pass
+# num_splits explicitly there.
+EAGER_SINGLE_SPLIT_TOKENS = 1024
+
+
+def default_num_splits(batch: int, hkv: int, max_count: int, device: torch.device, block_size: int = 64) -> int:
+    """KV splits per (sequence, KV head).
+
+    One split when a row selects at most EAGER_SINGLE_SPLIT_TOKENS tokens (launch overhead
+    dominates); otherwise enough splits for batch*Hkv*splits programs to fill about two waves of
+    the GPU, at most one split per selected block and at most 128.
+    """
+    if device.type == "cuda":
+        if max_count * block_size <= EAGER_SINGLE_SPLIT_TOKENS:
+            return 1
+        sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = -(-2 * sms // max(1, batch * hkv))
+    else:  # interpreter: a few splits still exercise the merge
+        target = 4
+    return max(1, min(target, max_count, 128))
+
+
+def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                        counts: torch.Tensor, offsets, block_size: int, scale: float,
+                        num_splits: Optional[int] = None, block_n: Optional[int] = None,
+                        num_warps: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of one new query token per sequence over the selected blocks of its KV cache.
+
+    q: [B, Hq, 1, d]; k, v: [B, Hkv, L, d] (the cache including the new token; no K/V copy for GQA);
+    d a power of two in [16, 256]; dtype fp16, bf16 or fp32 (fp32 accumulation, IEEE fp32 dots).
+    indices: [B, max_count] int, selected key-block indices in real-token coordinates (ascending,
+      -1 padded; order does not matter here); counts: [B] valid entries per row (0 → zeros);
+    offsets: [B] left-pad lengths; the query is real position L-1-offsets[b] at tensor position L-1.
+    block_size: 16/32/64/128 tokens; scale: softmax scale.
+    num_splits: KV splits per (sequence, KV head); default: see `default_num_splits` (tuned for eager
+      launches; under CUDA graphs pass a larger value, e.g. 16-32 for long caches).
+    out: optional preallocated output like q, overwritten in full.
+    Returns out [B, Hq, 1, d] in q's dtype.
+    """
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must be [B, Hq, 1, d], got {tuple(q.shape)}")
+    bsz, hq, _, d = q.shape
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != bsz or k.shape[3] != d:
+        raise ValueError(f"k/v shape {tuple(k.shape)}/{tuple(v.shape)} does not match q {tuple(q.shape)}")
+    hkv, seq_len = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d != next_pow2(d) or not 16 <= d <= 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
+    check_device(q, k, v)
+    idx = as_int32(indices, q.device, "indices")
+    cnt = as_int32(counts, q.device, "counts")
+    off = as_int32(offsets, q.device, "offsets")
+    if idx.dim() != 2 or idx.shape[0] != bsz or cnt.shape != (bsz,) or off.shape != (bsz,):
+        raise ValueError(f"indices {tuple(idx.shape)}, counts {tuple(cnt.shape)}, offsets {tuple(off.shape)} "
+                         f"do not match batch {bsz}")
+    max_count = idx.shape[1]
+    splits = num_splits or default_num_splits(bsz, hkv, max_count, q.device, block_size)
+    splits = max(1, int(splits))
+    group = hq // hkv
+    bn = block_n or min(block_size, 64)
+    if block_size % bn or bn < 16:
+        raise ValueError(f"block_n={bn} must divide block_size={block_size} and be >= 16")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must match q: {tuple(q.shape)} {q.dtype} {q.device}")
+    if bsz == 0:
+        return out
+    split_kernel, merge_kernel = _build()
+    direct = splits == 1
+    # One fp32 workspace holds all partials (one allocation): m, l [B, Hq, S] then acc [B, Hq, S, d].
+    nrow = bsz * hq * splits
+    ws = out if direct else torch.empty(nrow * (d + 2), device=q.device, dtype=torch.float32)
+    m_part, l_part, a_part = (ws, ws, ws) if direct else (ws[:nrow], ws[nrow:2 * nrow], ws[2 * nrow:])
+    split_kernel[(splits, bsz * hkv)](
+        q, k, v, idx, cnt, off, m_part, l_part, a_part, out,
+        q.stride(0), q.stride(1), q.stride(3), out.stride(0), out.stride(1), out.stride(3),
+        *k.stride(), *v.stride(), *idx.stride(),
+        seq_len, hkv, hq, splits, float(scale) * LOG2E,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), BLOCK_SIZE=block_size, BLOCK_N=bn, HEAD_DIM=d,
+        INPUT_PRECISION=dot_precision(q.dtype), DIRECT=direct, num_warps=num_warps or 4)
+    if not direct:
+        merge_kernel[(bsz * hq,)](
+            m_part, l_part, a_part, out, out.stride(0), out.stride(1), out.stride(3), hq, splits,
+            SPLITS_PAD=max(2, next_pow2(splits)), HEAD_DIM=d, num_warps=4)
+    return out
