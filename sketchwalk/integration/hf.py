@@ -51,11 +51,13 @@ def get_runtime(model_or_module: torch.nn.Module) -> Optional[SketchWalkRuntime]
     return None
 
 
-def attach(model: torch.nn.Module, config: SketchWalkConfig | None = None) -> SketchWalkRuntime:
+def attach(model: torch.nn.Module, config: SketchWalkConfig | None = None, backend: str = "auto") -> SketchWalkRuntime:
     """Run `model`'s attention with Sketch&Walk; returns the runtime (density counters, state).
 
     Validates `config` against the model (layers, head_dim) before anything runs. Layers below
-    `skip_layers` run dense. Re-attaching replaces the previous config.
+    `skip_layers` run dense. Re-attaching replaces the previous config. backend: `auto` (Triton
+    kernels on CUDA, the PyTorch reference elsewhere), `triton` or `torch`; it changes speed, not
+    results (beyond floating-point rounding).
     """
     config = config or SketchWalkConfig()
     num_layers, head_dim = _model_shape(model.config)
@@ -77,7 +79,7 @@ def attach(model: torch.nn.Module, config: SketchWalkConfig | None = None) -> Sk
         raise ValueError(f"{type(model).__name__} uses sliding-window attention (config.sliding_window = {window}); "
                          f"SketchWalk supports full causal attention layers only")
     register()
-    runtime = SketchWalkRuntime(config, num_layers, head_dim)
+    runtime = SketchWalkRuntime(config, num_layers, head_dim, backend=backend)
     current = model.config._attn_implementation
     if not hasattr(model, _PREVIOUS_ATTR):
         setattr(model, _PREVIOUS_ATTR, current if current != ATTN_NAME else "sdpa")

@@ -22,6 +22,9 @@ from .sketch import block_means
 from .walk import walk_update
 
 
+BACKENDS = ("auto", "triton", "torch")
+
+
 @dataclasses.dataclass
 class DensityReport:
     """Measured density: fraction of causal (query-block, key-block) pairs computed.
@@ -40,10 +43,14 @@ class DensityReport:
 class SketchWalkRuntime:
     """Per-model Sketch&Walk state and the batched attention entry point."""
 
-    def __init__(self, config: SketchWalkConfig, num_layers: Optional[int] = None, head_dim: Optional[int] = None):
+    def __init__(self, config: SketchWalkConfig, num_layers: Optional[int] = None, head_dim: Optional[int] = None,
+                 backend: str = "auto"):
         if num_layers is not None and head_dim is not None:
             config.validate_for_model(num_layers, head_dim)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend = {backend!r} is invalid: allowed one of {list(BACKENDS)}")
         self.config = config
+        self.backend = backend
         self.num_layers = num_layers
         self._walk: list[Optional[torch.Tensor]] = []
         self._states: dict[int, list[Optional[LayerDecodeState]]] = {}
@@ -126,11 +133,17 @@ class SketchWalkRuntime:
                 selections.append(self._decode_select(layer_idx, b, qs, ks, sparse))
         return self._attend(q, k, v, offsets, selections, scale)
 
+    def uses_triton(self, device: torch.device) -> bool:
+        """Whether attention runs in the Triton kernels: `triton`, or `auto` on a CUDA device."""
+        return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
+
     def _attend(self, q, k, v, offsets: list[int], selections: list[Optional[BlockSelection]], scale: float) -> torch.Tensor:
         """Attention of each sequence's real queries over its selected blocks (None = dense causal).
 
         q: [batch, Hq, q_len, d]; k, v: [batch, Hkv, kv_len, d] -> [batch, Hq, q_len, d].
         """
+        if self.uses_triton(q.device):
+            return _attend_triton(q, k, v, offsets, selections, self.config.block_size, scale)
         q_len, kv_len = q.shape[-2], k.shape[-2]
         past = kv_len - q_len
         out = torch.zeros_like(q)  # padded query rows get zeros, never NaN
@@ -199,6 +212,49 @@ class SketchWalkRuntime:
     def _record(self, layer: int, b: int, sel: BlockSelection) -> None:
         if self.keep_selections:
             self.last_selection[layer][b] = sel
+
+
+def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], kv_len: int, block_size: int,
+               decode: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch the per-sequence selections into the kernels' layout (None = all causal blocks).
+
+    Prefill: indices [B, nqb, max_count], counts [B, nqb]; decode: indices [B, max_count], counts [B].
+    """
+    nbs = [-(-(kv_len - off) // block_size) for off in offsets]
+    rows = 1 if decode else max(nbs)
+    width = max(nbs) if any(s is None for s in selections) else max(int(s.indices.shape[1]) for s in selections)
+    indices = torch.full((len(selections), rows, max(width, 1)), -1, dtype=torch.int32, device=device)
+    counts = torch.zeros(len(selections), rows, dtype=torch.int32, device=device)
+    for b, (sel, nb) in enumerate(zip(selections, nbs)):
+        if nb == 0:
+            continue
+        if sel is None:  # dense: every causal block of each row
+            r = torch.arange(nb, device=device)
+            dense = torch.where(r[None, :] <= r[:, None], r[None, :], torch.full_like(r[None, :], -1))
+            if decode:
+                indices[b, 0, :nb], counts[b, 0] = dense[-1], nb
+            else:
+                indices[b, :nb, :nb], counts[b, :nb] = dense, r + 1
+        else:
+            indices[b, :sel.indices.shape[0], :sel.indices.shape[1]] = sel.indices
+            counts[b, :sel.counts.shape[0]] = sel.counts
+    return (indices[:, 0], counts[:, 0]) if decode else (indices, counts)
+
+
+def _attend_triton(q, k, v, offsets: list[int], selections: list[Optional[BlockSelection]], block_size: int,
+                   scale: float) -> torch.Tensor:
+    """The same attention as the reference path through the Triton kernels (one launch per layer)."""
+    from ..kernels import block_sparse_decode, block_sparse_prefill
+
+    kv_len, q_len = k.shape[-2], q.shape[-2]
+    if q_len == kv_len and not any(offsets) and all(s is None for s in selections):
+        # A dense layer without padding: FlashAttention is the fastest exact kernel.
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                enable_gqa=q.shape[1] != k.shape[1])
+    decode = q_len == 1 and kv_len > 1
+    indices, counts = _pack_rows(selections, offsets, kv_len, block_size, decode, q.device)
+    kernel = block_sparse_decode if decode else block_sparse_prefill
+    return kernel(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts, offsets, block_size, scale)
 
 
 def _left_pad_offsets(key_valid: Optional[torch.Tensor], bsz: int, kv_len: int, device) -> list[int]:
