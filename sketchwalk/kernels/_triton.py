@@ -68,3 +68,20 @@ def as_int32(x, device, name: str) -> torch.Tensor:
     if t.dtype.is_floating_point:
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def check_common_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    """Checks both launchers share: GQA head ratio, dtype, head_dim, block size and device.
+
+    q: [B, Hq, *, d]; k, v: [B, Hkv, *, d] (shapes already matched by the caller).
+    """
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d != next_pow2(d) or not 16 <= d <= 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
+    check_device(q, k, v)

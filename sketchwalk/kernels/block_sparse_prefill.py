@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import as_int32, check_device, dot_precision, next_pow2, require_triton
+from ._triton import as_int32, check_common_inputs, dot_precision, next_pow2, require_triton
 
 _KERNEL = None
 LOG2E = 1.4426950408889634
@@ -182,15 +182,7 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     hkv = k.shape[1]
     if k.shape != v.shape or k.shape[0] != bsz or k.shape[2] != n or k.shape[3] != d:
         raise ValueError(f"k/v shape {tuple(k.shape)}/{tuple(v.shape)} does not match q {tuple(q.shape)}")
-    if hq % hkv:
-        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if d != next_pow2(d) or not 16 <= d <= 256:
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
-    if block_size not in (16, 32, 64, 128):
-        raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
-    check_device(q, k, v)
+    check_common_inputs(q, k, v, block_size)
     idx = as_int32(indices, q.device, "indices")
     cnt = as_int32(counts, q.device, "counts")
     off = as_int32(offsets, q.device, "offsets")
