@@ -210,6 +210,19 @@ def _input_error(console, exc: Exception) -> int:
     return 2
 
 
+def _prepare(console, args: argparse.Namespace, **plan_kwargs):
+    """Validate the run, then load the model and build the samples: (plan, model, tokenizer, samples) or an exit code."""
+    from .evaluation.plan import EvalInputError, build_samples, load_model, prepare_run
+
+    try:
+        plan = prepare_run(args.model, args.suite, config=args.config, essays=args.essays, samples=args.samples,
+                           dtype=args.dtype, **plan_kwargs)
+        model, tokenizer = load_model(plan)
+        return plan, model, tokenizer, build_samples(plan, tokenizer)
+    except EvalInputError as exc:
+        return _input_error(console, exc)
+
+
 def _baseline_key(plan, samples, model):
     from .evaluation import BaselineKey, suite_fingerprint
     from .evaluation.harness import device_name
@@ -233,17 +246,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .evaluation import dense_baseline, evaluate
-    from .evaluation.plan import EvalInputError, build_samples, load_model, prepare_run
     from .evaluation.report import accuracy_delta, result_table, summary_lines, write_result
 
     console = Console()
-    try:
-        plan = prepare_run(args.model, args.suite, config=args.config, dense=args.dense, essays=args.essays,
-                           samples=args.samples, dtype=args.dtype)
-        model, tokenizer = load_model(plan)
-        samples = build_samples(plan, tokenizer)
-    except EvalInputError as exc:
-        return _input_error(console, exc)
+    prepared = _prepare(console, args, dense=args.dense)
+    if isinstance(prepared, int):
+        return prepared
+    plan, model, tokenizer, samples = prepared
 
     config_tag = plan.config.short_hash() if plan.config is not None else "dense"
     title = f"{plan.resolved.name} on {plan.suite.name}, {'dense' if plan.config is None else 'SketchWalk ' + config_tag}"
@@ -302,17 +311,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .evaluation import evaluate
-    from .evaluation.plan import EvalInputError, build_samples, load_model, prepare_run
     from .evaluation.report import result_table, summary_lines
 
     console = Console()
-    try:
-        plan = prepare_run(args.model, args.suite, config=args.config, density=None if args.config else args.density,
-                           essays=args.essays, samples=args.samples, dtype=args.dtype)
-        model, tokenizer = load_model(plan)
-        samples = build_samples(plan, tokenizer)
-    except EvalInputError as exc:
-        return _input_error(console, exc)
+    prepared = _prepare(console, args, density=None if args.config else args.density)
+    if isinstance(prepared, int):
+        return prepared
+    plan, model, tokenizer, samples = prepared
 
     dense = evaluate(model, tokenizer, None, samples, model_name=args.model)
     sparse = evaluate(model, tokenizer, plan.config, samples, model_name=args.model)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,19 +13,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for all queued work on `device` (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextmanager
-def timer(device: torch.device) -> Iterator[list[float]]:
-    """Measures seconds of the enclosed block, synchronising the device before and after: yields [elapsed]."""
-    box = [0.0]
-    synchronize(device)
-    t0 = time.perf_counter()
-    try:
-        yield box
-    finally:
-        synchronize(device)
-        box[0] = time.perf_counter() - t0
 
 
 class TokenClock:
