@@ -1,23 +1,42 @@
-"""Incremental per-layer decode state of one sequence (method.md, Decode / Algorithm 2)."""
+"""Incremental per-layer decode state of one sequence (method.md, Decode / Algorithm 2).
+
+What a decode step costs here is O(b) memory traffic plus a fixed number of small launches,
+with no device->host synchronisation:
+- the sketched key-block means of completed blocks never change, so they are cached and only
+  the current block's mean is re-sketched (together with the current query: one SRHT call);
+- token counts per block follow from the token count alone, so they live on the host (the
+  divisions still divide by a device scalar, as the reference does: see `_divide`);
+- W is kept as one contiguous [i+1, i+1] matrix whose last row is rewritten in place each step
+  (no per-step clone), reallocated only when a new block starts;
+- the decode_window queries live in a buffer written once per step (no per-step concatenation).
+Every value equals what the straightforward recomputation gives (tests/test_frontend.py).
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from ..config import SketchWalkConfig
-from .scores import sketch_features, transition_rows
+from .scores import current_transition_row, sketch_features, transition_rows
 
 
 class LayerDecodeState:
     """Running block statistics and the cached transition matrix of one layer for one sequence.
 
     Holds, per block j (real-token coordinates): the sums of the group query/key features
-    (qsum, ksum: [cap, G, d]) and the token count; the cached rows of W ([cap, cap]) for
-    completed query blocks; the last `decode_window` query features ([G, <=W, d]).
+    (qsum, ksum: [cap, G, d]; the token count of block j is min(B, n_tokens - j*B)); the sketched
+    key-block means (k_sk: [G, cap, r], final for j < current block); W over blocks 0..i
+    (w: [i+1, i+1]; rows < final_rows are final, row i is the current row); the last
+    `decode_window` query features (decode_query = window only).
     """
 
     def __init__(self, cfg: SketchWalkConfig, layer_idx: int, head_dim: int, qf: torch.Tensor, kf: torch.Tensor,
                  w: torch.Tensor):
-        """Seed from a prefill: qf, kf: [G, m, d] group features of the real tokens; w: [nb, nb] transition matrix."""
+        """Seed from a prefill: qf, kf: [G, m, d] group features of the real tokens; w: [nb, nb] transition matrix.
+
+        w is not copied (the prefill's walk may alias it); the first write in place clones it.
+        """
         self.cfg, self.layer_idx, self.head_dim = cfg, layer_idx, head_dim
         B = cfg.block_size
         g, m, d = qf.shape
@@ -25,69 +44,120 @@ class LayerDecodeState:
         cap = max(16, 2 * nb)
         self.qsum = qf.new_zeros(cap, g, d)
         self.ksum = kf.new_zeros(cap, g, d)
-        self.counts = torch.zeros(cap, dtype=qf.dtype, device=qf.device)
+        # index_add_ accumulates in token order, as the decode steps then continue (`+=`).
         blk = torch.arange(m, device=qf.device) // B
         self.qsum.index_add_(0, blk, qf.transpose(0, 1))
         self.ksum.index_add_(0, blk, kf.transpose(0, 1))
-        self.counts.index_add_(0, blk, torch.ones(m, dtype=qf.dtype, device=qf.device))
-        self.w = w.new_zeros(cap, cap)
-        self.w[:nb, :nb] = w
+        # Token counts 0..B as device scalars: dividing by a device tensor keeps true division
+        # (a Python divisor would be turned into a multiplication by its reciprocal on CUDA).
+        self._count_values = torch.arange(B + 1, device=qf.device, dtype=qf.dtype)
+        self.w = w
+        self._w_owned = False
         self.final_rows = m // B  # rows of complete query blocks are final
-        self.window = qf[:, -cfg.decode_window:]
+        self.k_sk: Optional[torch.Tensor] = None  # sketched on the first decode step
         self.n_tokens = m
+        self._window: Optional[torch.Tensor] = None
+        if cfg.decode_query == "window":
+            keep = min(m, cfg.decode_window)
+            self._window = qf.new_empty(g, 2 * cfg.decode_window, d)
+            self._window[:, :keep] = qf[:, m - keep:]
+            self._window_end = keep
 
+    # -- storage ------------------------------------------------------------------------
     def _grow(self, need: int) -> None:
+        """Make room for blocks 0..need-1 (capacity doubles: amortised O(1) per block)."""
         cap = self.qsum.shape[0]
         if need <= cap:
             return
-        new = max(need, 2 * cap)
-        pad = new - cap
+        pad = max(need, 2 * cap) - cap
         self.qsum = torch.cat([self.qsum, self.qsum.new_zeros(pad, *self.qsum.shape[1:])])
         self.ksum = torch.cat([self.ksum, self.ksum.new_zeros(pad, *self.ksum.shape[1:])])
-        self.counts = torch.cat([self.counts, self.counts.new_zeros(pad)])
-        w = self.w.new_zeros(new, new)
-        w[:cap, :cap] = self.w
-        self.w = w
+        if self.k_sk is not None:
+            g, _, r = self.k_sk.shape
+            self.k_sk = torch.cat([self.k_sk, self.k_sk.new_zeros(g, pad, r)], dim=1)
 
-    def _sketched_key_means(self, upto: int) -> torch.Tensor:
-        """Sketched key-block means of blocks 0..upto-1: [G, upto, r]."""
-        means = self.ksum[:upto] / self.counts[:upto, None, None]
-        return sketch_features(means.transpose(0, 1), self.cfg, self.layer_idx)
+    def _divide(self, sums: torch.Tensor, count: int) -> torch.Tensor:
+        """sums / count with the count as a device scalar (the reference divides by its count tensor)."""
+        return sums / self._count_values[count]
 
-    def append(self, qf_t: torch.Tensor, kf_t: torch.Tensor) -> int:
-        """Add one token's group features (qf_t, kf_t: [G, d]); returns its query-block index."""
-        i = self.n_tokens // self.cfg.block_size
-        self._grow(i + 1)
-        self.qsum[i] += qf_t
-        self.ksum[i] += kf_t
-        self.counts[i] += 1
-        self.window = torch.cat([self.window, qf_t[:, None]], dim=1)[:, -self.cfg.decode_window:]
-        self.n_tokens += 1
-        # Rows of blocks completed since the last step become final, scored with their block-mean query.
+    def _sketch(self, x: torch.Tensor) -> torch.Tensor:
+        """[G, rows, d] -> [G, rows, r] (rows are independent: batching rows changes no value)."""
+        return sketch_features(x, self.cfg, self.layer_idx)
+
+    def _push_window(self, qf_t: torch.Tensor) -> None:
+        """Append one query to the window buffer [G, 2W, d]; every W steps the last W-1 move to the front."""
+        win = self.cfg.decode_window
+        if self._window_end == self._window.shape[1]:
+            self._window[:, :win - 1] = self._window[:, self._window_end - win + 1:]  # disjoint: 2W - W + 1 > W - 1
+            self._window_end = win - 1
+        self._window[:, self._window_end] = qf_t
+        self._window_end += 1
+
+    def _window_mean(self) -> torch.Tensor:
+        """Mean of the last decode_window queries in token order: [G, d]."""
+        end = self._window_end
+        return self._window[:, max(0, end - self.cfg.decode_window):end].mean(1)
+
+    # -- W ------------------------------------------------------------------------------
+    def _start_block(self, i: int) -> None:
+        """Block i starts: W grows to [i+1, i+1]; rows of the blocks completed since become final,
+        scored with their block-mean query against the (final) sketched key means."""
+        B = self.cfg.block_size
+        n_old = self.w.shape[0]
+        w = self.w.new_zeros(i + 1, i + 1)
+        w[:n_old, :n_old] = self.w
+        self.w, self._w_owned = w, True
         if self.final_rows < i:
-            rows = torch.arange(self.final_rows, i, device=self.w.device)
-            q_means = self.qsum[self.final_rows:i] / self.counts[self.final_rows:i, None, None]
-            q_sk = sketch_features(q_means.transpose(0, 1), self.cfg, self.layer_idx)
-            self.w[self.final_rows:i, :i] = transition_rows(q_sk, self._sketched_key_means(i), rows, self.head_dim, self.cfg)
+            rows = torch.arange(self.final_rows, i, device=w.device)
+            q_sk = self._sketch(self._divide(self.qsum[self.final_rows:i], B).transpose(0, 1))
+            w[self.final_rows:i, :i] = transition_rows(q_sk, self.k_sk[:, :i], rows, self.head_dim, self.cfg)
             self.final_rows = i
-        return i
 
     def current_row_query(self, qf_t: torch.Tensor) -> torch.Tensor:
-        """The query feature that drives the current row, per `decode_query`: [G, d]."""
+        """The query feature that drives the current row, per `decode_query`: [G, d] (after `append`)."""
         mode = self.cfg.decode_query
         if mode == "token":
             return qf_t
         if mode == "block_mean":
             i = (self.n_tokens - 1) // self.cfg.block_size
-            return self.qsum[i] / self.counts[i]
-        return self.window.mean(1)
+            return self._divide(self.qsum[i], self.n_tokens - i * self.cfg.block_size)
+        return self._window_mean()
+
+    # -- one decode step ----------------------------------------------------------------
+    def append(self, qf_t: torch.Tensor, kf_t: torch.Tensor) -> int:
+        """Add one token's group features (qf_t, kf_t: [G, d]); returns its query-block index."""
+        B = self.cfg.block_size
+        i = self.n_tokens // B
+        self._grow(i + 1)
+        if self.k_sk is None:  # first step after the prefill: sketch the complete key blocks once
+            self.k_sk = self.ksum.new_zeros(self.ksum.shape[1], self.ksum.shape[0], self._sketch_dim())
+            if i:
+                self.k_sk[:, :i] = self._sketch(self._divide(self.ksum[:i], B).transpose(0, 1))
+        self.qsum[i].add_(qf_t)
+        self.ksum[i].add_(kf_t)
+        if self._window is not None:
+            self._push_window(qf_t)
+        self.n_tokens += 1
+        if i + 1 > self.w.shape[0]:
+            self._start_block(i)
+        return i
+
+    def _sketch_dim(self) -> int:
+        return self.head_dim if self.cfg.sketch == "exact" else self.cfg.sketch_dim
 
     def transition_with_current_row(self, qf_t: torch.Tensor) -> torch.Tensor:
-        """W^k over blocks 0..i with row i recomputed from the current query: [i+1, i+1]."""
-        i = (self.n_tokens - 1) // self.cfg.block_size
-        q_sk = sketch_features(self.current_row_query(qf_t)[:, None], self.cfg, self.layer_idx)  # [G, 1, r]
-        row = transition_rows(q_sk, self._sketched_key_means(i + 1), torch.tensor([i], device=self.w.device),
-                              self.head_dim, self.cfg)
-        w = self.w[: i + 1, : i + 1].clone()
-        w[i] = row[0]
-        return w
+        """W^k over blocks 0..i with row i recomputed from the current query: [i+1, i+1] (after `append`).
+
+        Also re-sketches the current key block's running mean (the query and the key mean in one
+        SRHT call). The returned matrix is this state's buffer: valid until the next step.
+        """
+        B = self.cfg.block_size
+        i = (self.n_tokens - 1) // B
+        k_mean = self._divide(self.ksum[i], self.n_tokens - i * B)
+        sk = self._sketch(torch.stack([self.current_row_query(qf_t), k_mean], dim=1))  # [G, 2, r]
+        self.k_sk[:, i] = sk[:, 1]
+        row = current_transition_row(sk[:, :1], self.k_sk[:, :i + 1], self.head_dim, self.cfg)
+        if not self._w_owned:  # the prefill's W may be aliased by its walk: copy before writing
+            self.w, self._w_owned = self.w.clone(), True
+        self.w[i] = row[0]
+        return self.w

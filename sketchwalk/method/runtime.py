@@ -5,6 +5,12 @@ the first sparse layer), the per-layer decode states of each sequence (reset at 
 prefill) and the measured density counters. Batches are processed one sequence at a time on
 its real (non-padded) tokens, so block boundaries follow real token positions and padded keys
 can never be selected or attended.
+
+The selection front end issues no device->host synchronisation per layer: selected-pair counts
+and selection widths are known on the host from the config (`BlockSelector`), the left-padding
+offsets are read once per forward pass (`_PadCache`), and constant tensors (aranges, masks, SRHT
+parameters, count tables) are cached on the device. The selection path runs on detached q/k: it
+only yields block indices, through which no gradient flows; attention keeps the graph.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from ..config import SketchWalkConfig
 from .attention import sparse_attention
 from .decode_state import LayerDecodeState
 from .scores import group_features, sketch_features, transition_rows
-from .selection import BlockSelection, select_blocks
+from .selection import BlockSelection, BlockSelector
 from .sketch import block_means
 from .walk import walk_update
 
@@ -58,6 +64,15 @@ class SketchWalkRuntime:
         self._dense_layers: dict[str, set[int]] = {"prefill": set(), "decode": set()}
         self.last_selection: dict[int, list[Optional[BlockSelection]]] = {}
         self.keep_selections = False
+        self._selector = BlockSelector(config)
+        self._pads = _PadCache()
+
+    @property
+    def selector(self) -> BlockSelector:
+        """The cached selection helper of the current config (rebuilt if `config` was replaced)."""
+        if self._selector.cfg is not self.config:
+            self._selector = BlockSelector(self.config)
+        return self._selector
 
     # -- bookkeeping ------------------------------------------------------------------
     def reset(self) -> None:
@@ -109,7 +124,8 @@ class SketchWalkRuntime:
             raise NotImplementedError(
                 f"SketchWalk supports prefill (no cache) and single-token decode; got {q_len} new tokens on a "
                 f"cache of {past} (chunked prefill / assisted decoding are not supported)")
-        offsets = _left_pad_offsets(key_valid, bsz, kv_len, q.device)
+        pads = self._pads.get(layer_idx, key_valid, bsz, kv_len, q.device)
+        offsets = pads.host
         phase = "prefill" if past == 0 else "decode"
         sparse_layer = layer_idx >= cfg.skip_layers
         sparse = sparse_layer and (cfg.sparse_prefill if phase == "prefill" else cfg.sparse_decode)
@@ -131,19 +147,24 @@ class SketchWalkRuntime:
                 selections.append(self._prefill_select(layer_idx, b, qs, ks, sparse_layer, sparse))
             else:
                 selections.append(self._decode_select(layer_idx, b, qs, ks, sparse))
-        return self._attend(q, k, v, offsets, selections, scale)
+        return self._attend(q, k, v, pads, selections, scale)
 
     def uses_triton(self, device: torch.device) -> bool:
         """Whether attention runs in the Triton kernels: `triton`, or `auto` on a CUDA device."""
         return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
 
-    def _attend(self, q, k, v, offsets: list[int], selections: list[Optional[BlockSelection]], scale: float) -> torch.Tensor:
+    def _index_dtype(self, device: torch.device) -> torch.dtype:
+        """Selections are built in the dtype their attention reads: int32 for the kernels, int64 for SDPA."""
+        return torch.int32 if self.uses_triton(device) else torch.long
+
+    def _attend(self, q, k, v, pads: "_Pads", selections: list[Optional[BlockSelection]], scale: float) -> torch.Tensor:
         """Attention of each sequence's real queries over its selected blocks (None = dense causal).
 
         q: [batch, Hq, q_len, d]; k, v: [batch, Hkv, kv_len, d] -> [batch, Hq, q_len, d].
         """
         if self.uses_triton(q.device):
-            return _attend_triton(q, k, v, offsets, selections, self.config.block_size, scale)
+            return _attend_triton(q, k, v, pads, selections, self.selector, scale)
+        offsets = pads.host
         q_len, kv_len = q.shape[-2], k.shape[-2]
         past = kv_len - q_len
         out = torch.zeros_like(q)  # padded query rows get zeros, never NaN
@@ -168,21 +189,30 @@ class SketchWalkRuntime:
         if not sparse and not needs_state:
             self._count("prefill", layer, causal_pairs, causal_pairs, dense=True)
             return None
-        qf, kf = group_features(q, k, cfg)
-        rows = torch.arange(nb, device=q.device)
-        w = transition_rows(sketch_features(block_means(qf, cfg.block_size), cfg, layer),
-                            sketch_features(block_means(kf, cfg.block_size), cfg, layer), rows, d, cfg)
+        qf, kf = group_features(q.detach(), k.detach(), cfg)
+        w = self._prefill_transition(layer, qf, kf, d)
         if needs_state:
             self._states[layer][b] = LayerDecodeState(cfg, layer, d, qf, kf, w)
         if not sparse:
             self._count("prefill", layer, causal_pairs, causal_pairs, dense=True)
             return None
-        r = walk_update(self._walk[b], w, rows, cfg)
+        r = walk_update(self._walk[b], w, None, cfg)
         self._walk[b] = r
-        sel = select_blocks(r, rows, cfg)
+        sel = self.selector.prefill(r, self._index_dtype(q.device))
         self._record(layer, b, sel)
-        self._count("prefill", layer, int(sel.selected_pairs()), causal_pairs, dense=False)
+        self._count("prefill", layer, self.selector.pairs(nb), causal_pairs, dense=False)
         return sel
+
+    def _prefill_transition(self, layer: int, qf: torch.Tensor, kf: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """W [nb, nb] of one sequence from its group features qf, kf: [G, m, d]."""
+        cfg = self.config
+        qm, km = block_means(qf, cfg.block_size), block_means(kf, cfg.block_size)  # [G, nb, d] each
+        nb = qm.shape[-2]
+        # One SRHT call for both (rows are independent, so the values are those of two calls).
+        sk = sketch_features(torch.cat([qm, km], dim=-2), cfg, layer)
+        causal = self.selector.prefill_causal(nb, qf.device)
+        return transition_rows(sk[:, :nb], sk[:, nb:], self.selector.arange(nb, qf.device), head_dim, cfg,
+                               causal=causal)
 
     def _decode_select(self, layer: int, b: int, q, k, sparse: bool) -> Optional[BlockSelection]:
         """Selection for one decode step of one sequence (q: [Hq, 1, d], k: [Hkv, m, d]); None = dense."""
@@ -198,15 +228,14 @@ class SketchWalkRuntime:
             raise RuntimeError(
                 f"SketchWalk decode state of layer {layer} is out of sync with the KV cache (cache has {m - 1} "
                 f"earlier tokens, state has {None if state is None else state.n_tokens}); start sequences with a prefill")
-        qf, kf = group_features(q, k[:, -1:], cfg)
+        qf, kf = group_features(q.detach(), k[:, -1:].detach(), cfg)
         state.append(qf[:, 0], kf[:, 0])
         w = state.transition_with_current_row(qf[:, 0])
-        row = torch.tensor([i], device=q.device)
-        r = walk_update(self._walk[b], w, row, cfg)
+        r = walk_update(self._walk[b], w, slice(i, i + 1), cfg)
         self._walk[b] = r
-        sel = select_blocks(r, row, cfg)
+        sel = self.selector.decode(r, i, self._index_dtype(q.device))
         self._record(layer, b, sel)
-        self._count("decode", layer, int(sel.counts.sum()), i + 1, dense=False)
+        self._count("decode", layer, self.selector.row_count(i), i + 1, dense=False)
         return sel
 
     def _record(self, layer: int, b: int, sel: BlockSelection) -> None:
@@ -214,13 +243,26 @@ class SketchWalkRuntime:
             self.last_selection[layer][b] = sel
 
 
-def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], kv_len: int, block_size: int,
+def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], kv_len: int, selector: BlockSelector,
                decode: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch the per-sequence selections into the kernels' layout (None = all causal blocks).
 
-    Prefill: indices [B, nqb, max_count], counts [B, nqb]; decode: indices [B, max_count], counts [B].
+    Prefill: indices [B, nqb, max_count], counts [B, nqb]; decode: indices [B, max_count], counts [B]; int32.
+    One sequence with a selection (the common case) passes its tensors through as views.
     """
+    block_size = selector.cfg.block_size
     nbs = [-(-(kv_len - off) // block_size) for off in offsets]
+    if decode and len(selections) == 1 and nbs[0]:
+        sel = selections[0]
+        if sel is None:  # dense: every block of the row, from the cached tables
+            nb = nbs[0]
+            return selector.arange(nb, device, torch.int32)[None], selector.arange(nb + 1, device, torch.int32)[nb:]
+        return sel.indices, sel.counts
+    if not decode and len(selections) == 1 and selections[0] is not None:
+        return selections[0].indices[None], selections[0].counts[None]
+    if decode and all(s is not None for s in selections) and len({s.indices.shape[1] for s in selections}) == 1:
+        # Unpadded batch: every sequence is at the same block, so all rows have one width.
+        return torch.cat([s.indices for s in selections]), torch.cat([s.counts for s in selections])
     rows = 1 if decode else max(nbs)
     width = max(nbs) if any(s is None for s in selections) else max(int(s.indices.shape[1]) for s in selections)
     indices = torch.full((len(selections), rows, max(width, 1)), -1, dtype=torch.int32, device=device)
@@ -229,8 +271,8 @@ def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], k
         if nb == 0:
             continue
         if sel is None:  # dense: every causal block of each row
-            r = torch.arange(nb, device=device)
-            dense = torch.where(r[None, :] <= r[:, None], r[None, :], torch.full_like(r[None, :], -1))
+            r = selector.arange(nb, device)
+            dense = torch.where(r[None, :] <= r[:, None], r[None, :], -1)
             if decode:
                 indices[b, 0, :nb], counts[b, 0] = dense[-1], nb
             else:
@@ -241,32 +283,85 @@ def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], k
     return (indices[:, 0], counts[:, 0]) if decode else (indices, counts)
 
 
-def _attend_triton(q, k, v, offsets: list[int], selections: list[Optional[BlockSelection]], block_size: int,
+def _attend_triton(q, k, v, pads: "_Pads", selections: list[Optional[BlockSelection]], selector: BlockSelector,
                    scale: float) -> torch.Tensor:
     """The same attention as the reference path through the Triton kernels (one launch per layer)."""
     from ..kernels import block_sparse_decode, block_sparse_prefill
 
     kv_len, q_len = k.shape[-2], q.shape[-2]
-    if q_len == kv_len and not any(offsets) and all(s is None for s in selections):
+    offsets = pads.host
+    if q_len == kv_len and not pads.any and all(s is None for s in selections):
         # A dense layer without padding: FlashAttention is the fastest exact kernel.
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                 enable_gqa=q.shape[1] != k.shape[1])
     decode = q_len == 1 and kv_len > 1
-    indices, counts = _pack_rows(selections, offsets, kv_len, block_size, decode, q.device)
-    kernel = block_sparse_decode if decode else block_sparse_prefill
-    return kernel(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts, offsets, block_size, scale)
+    indices, counts = _pack_rows(selections, offsets, kv_len, selector, decode, q.device)
+    if decode:  # the decode launcher takes the offsets as a device tensor as they are (no copy)
+        return block_sparse_decode(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts,
+                                   pads.on(q.device), selector.cfg.block_size, scale)
+    # The prefill launcher sizes its grid from host offsets (and copies them to the device itself).
+    return block_sparse_prefill(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts, offsets,
+                                selector.cfg.block_size, scale)
 
 
-def _left_pad_offsets(key_valid: Optional[torch.Tensor], bsz: int, kv_len: int, device) -> list[int]:
-    """Number of left-padding tokens per sequence; refuses masks whose padding is not a prefix."""
-    if key_valid is None:
-        return [0] * bsz
+@dataclasses.dataclass
+class _Pads:
+    """Left-padding offsets of a batch: host ints (slicing, grid sizes) and, lazily, an int32 device copy."""
+
+    host: list[int]
+    device_offsets: Optional[torch.Tensor] = None  # int32 [batch], computed on the device (no copy)
+    any: bool = False
+
+    def on(self, device) -> torch.Tensor:
+        if self.device_offsets is None or self.device_offsets.device != torch.device(device):
+            # Only reached without a mask (all zeros): a fill, no host-to-device copy.
+            self.device_offsets = torch.zeros(len(self.host), dtype=torch.int32, device=device)
+        return self.device_offsets
+
+
+class _PadCache:
+    """The left-padding offsets of the current forward pass, read from the mask once per pass.
+
+    Reading offsets needs a device->host copy (a sync), and every layer of a pass sees the same
+    mask. A cached value is reused only within one pass (layer indices increasing) and for the
+    same mask: same storage, shape, strides and version counter (an in-place edit bumps it). A
+    new pass (the layer index does not increase: next decode step or new prefill) always
+    re-reads, so a recycled allocation holding a different mask cannot be mistaken for the last.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._last_layer = -1
+        self._value: Optional[_Pads] = None
+        self._no_mask: dict[tuple, _Pads] = {}
+
+    def get(self, layer_idx: int, key_valid: Optional[torch.Tensor], bsz: int, kv_len: int, device) -> _Pads:
+        same_pass = layer_idx > self._last_layer
+        self._last_layer = layer_idx
+        if key_valid is None:
+            pads = self._no_mask.get((bsz, device))
+            if pads is None:
+                pads = self._no_mask[(bsz, device)] = _Pads([0] * bsz)
+            return pads
+        key = (key_valid.data_ptr(), key_valid.device, key_valid.dtype, tuple(key_valid.shape), key_valid.stride(),
+               key_valid._version)
+        if not (same_pass and key == self._key and self._value is not None):
+            self._key, self._value = key, _left_pad_offsets(key_valid, kv_len)
+        return self._value
+
+
+def _left_pad_offsets(key_valid: torch.Tensor, kv_len: int) -> _Pads:
+    """Number of left-padding tokens per sequence; refuses masks whose padding is not a prefix.
+
+    key_valid: [batch, kv_len] bool. One device->host copy carries the offsets and the check.
+    """
     kv = key_valid.to(torch.bool)
-    n_valid = kv.sum(-1)
-    offsets = kv_len - n_valid
+    offsets = kv_len - kv.sum(-1)
     pos = torch.arange(kv_len, device=kv.device)
-    expected = pos[None, :] >= offsets[:, None]
-    if not torch.equal(expected, kv):
+    prefix = ((pos[None, :] >= offsets[:, None]) == kv).all()
+    host = torch.cat([offsets, prefix.long()[None]]).tolist()
+    if not host[-1]:
         raise ValueError("SketchWalk needs left padding (padding tokens as a prefix of each sequence); "
                          "got an attention mask with padding elsewhere (right padding or packed sequences)")
-    return offsets.tolist()
+    offsets_host = host[:-1]
+    return _Pads(offsets_host, offsets.to(torch.int32), any(offsets_host))

@@ -36,19 +36,43 @@ def sketch_features(x: torch.Tensor, cfg: SketchWalkConfig, layer_idx: int) -> t
 
 
 def transition_rows(q_sk: torch.Tensor, k_sk: torch.Tensor, row_blocks: torch.Tensor, head_dim: int,
-                    cfg: SketchWalkConfig, key_blocks_valid: int | None = None) -> torch.Tensor:
+                    cfg: SketchWalkConfig, key_blocks_valid: int | None = None,
+                    causal: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of the transition matrix W for the given query blocks.
 
     q_sk: [G, rows, r] sketched query-block features; k_sk: [G, b, r] sketched key-block means;
     row_blocks: [rows] block index of each row (causal: column j <= row block).
+    causal: optional precomputed [rows, b] bool mask of the causal columns (the runtime caches it;
+    it must equal the one built from row_blocks and key_blocks_valid here).
     Returns W rows: [rows, b], each row a probability vector over its causal blocks,
     W = mean over G of softmax(s * Â), Â = q̃·k̃ / sqrt(head_dim) (softmax^s renormalised == softmax(s·Â)).
     """
     b = k_sk.shape[-2]
-    scores = torch.matmul(q_sk, k_sk.transpose(-1, -2)) / math.sqrt(head_dim)  # [G, rows, b]
-    cols = torch.arange(b, device=scores.device)
-    causal = cols[None, :] <= row_blocks[:, None]
-    if key_blocks_valid is not None:
-        causal = causal & (cols[None, :] < key_blocks_valid)
-    logits = (cfg.sparsity_exponent * scores).masked_fill(~causal, float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(0)
+    if causal is None:
+        cols = torch.arange(b, device=q_sk.device)
+        causal = cols[None, :] <= row_blocks[:, None]
+        if key_blocks_valid is not None:
+            causal = causal & (cols[None, :] < key_blocks_valid)
+    return _softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg).masked_fill(~causal, float("-inf")))
+
+
+def current_transition_row(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
+    """W row of the last query block over all b = i+1 key blocks so far (decode): [1, b].
+
+    q_sk: [G, 1, r]; k_sk: [G, b, r]. Every column is causal, so this is transition_rows(q_sk,
+    k_sk, [b-1], ...) without the (all-false) mask: the same values, fewer launches.
+    """
+    return _softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg))
+
+
+def _block_scores(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
+    """s * Â = s * q̃·k̃ / sqrt(head_dim): [G, rows, b] (this association order is the reference's)."""
+    scores = torch.matmul(q_sk, k_sk.transpose(-1, -2)) / math.sqrt(head_dim)
+    return cfg.sparsity_exponent * scores
+
+
+def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[G, rows, b] masked logits -> mean over G of the row softmaxes: [rows, b]."""
+    p = torch.softmax(logits, dim=-1)
+    # The mean over a single group is the value itself (x / 1): skip the launch.
+    return p[0] if p.shape[0] == 1 else p.mean(0)

@@ -13,9 +13,9 @@ class BlockSelection:
     """Which key blocks each query-block row attends to; one selection shared by all heads.
 
     Contract (what kernels rely on):
-      indices: [rows, max_count] int64, key-block indices in ascending order; entries at
-               positions >= counts[row] are -1 and must never be read.
-      counts:  [rows] int64, number of valid entries per row (>= 1: the diagonal block is always kept).
+      indices: [rows, max_count] int64 (int32 when built for the Triton kernels), key-block indices in
+               ascending order; entries at positions >= counts[row] are -1 and must never be read.
+      counts:  [rows] int64 (int32 likewise), valid entries per row (>= 1: the diagonal block is always kept).
       row_blocks: [rows] int64, the query-block index of each row (causal limit: indices <= row_blocks).
       block_size: tokens per block; block j covers real positions [j*B, (j+1)*B).
     Block indices are in the sequence's real-token coordinates (left padding is not counted).
@@ -31,7 +31,8 @@ class BlockSelection:
         rows = self.indices.shape[0]
         mask = torch.zeros(rows, num_key_blocks + 1, dtype=torch.bool, device=self.indices.device)
         # -1 padding lands in the extra last column, which is then dropped.
-        idx = torch.where(self.indices >= 0, self.indices, torch.full_like(self.indices, num_key_blocks))
+        indices = self.indices.long()  # scatter_ takes int64 indices
+        idx = torch.where(indices >= 0, indices, torch.full_like(indices, num_key_blocks))
         mask.scatter_(1, idx, True)
         return mask[:, :num_key_blocks]
 
@@ -44,6 +45,18 @@ class BlockSelection:
         return (self.row_blocks + 1).sum()
 
 
+def row_budget(cfg: SketchWalkConfig, i: int) -> int:
+    """Blocks kept by query-block row i: min(i+1, max(τ_i, |forced_i|)) — config and row index alone.
+
+    forced_i = the sinks [0, min(sink_blocks, i+1)) and the locals (i-local_blocks, i], a prefix and a
+    suffix of the row's i+1 causal blocks, so |forced_i| = min(i+1, |sinks| + |locals|). Equals
+    select_blocks' counts (τ_i uses the same float64 rounding as there: cfg.budget).
+    """
+    n = i + 1
+    forced = min(n, min(cfg.sink_blocks, n) + min(cfg.local_blocks, n))
+    return min(n, max(cfg.budget(n), forced))
+
+
 def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWalkConfig) -> BlockSelection:
     """Pick key blocks per row from walk scores.
 
@@ -52,6 +65,8 @@ def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWal
     Always keeps the sink blocks (0 .. sink_blocks-1) and the local blocks (the diagonal and the
     local_blocks-1 before it), then fills up to τ with the highest-scoring remaining causal blocks
     (ties go to the lower block index). A row with at most τ causal blocks is dense.
+    This is the reference for any rows; the runtime uses `BlockSelector` (the same result, with the
+    masks and counts cached and no device->host sync).
     """
     rows, b = scores.shape
     device = scores.device
@@ -65,8 +80,7 @@ def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWal
     else:
         tau = torch.ceil(n_causal.to(torch.float64) * cfg.density - 1e-9).long().clamp_min(1)
     counts = torch.minimum(n_causal, torch.maximum(tau, forced.sum(-1)))
-    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=device)
-    key = torch.where(forced, inf, torch.where(causal, scores, -inf))
+    key = torch.where(forced, float("inf"), torch.where(causal, scores, float("-inf")))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     max_count = int(counts.max().item()) if rows else 0
     top = order[:, :max_count]
@@ -75,3 +89,154 @@ def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWal
     top = torch.where(keep, top, torch.full_like(top, b)).sort(dim=-1).values
     top = torch.where(top == b, torch.full_like(top, -1), top)
     return BlockSelection(indices=top, counts=counts, row_blocks=rb, block_size=cfg.block_size)
+
+
+@dataclasses.dataclass
+class _PrefillMasks:
+    """Everything of a prefill selection that depends only on (config, nb, device)."""
+
+    causal: torch.Tensor  # [nb, nb] bool: key block <= query block
+    forced: torch.Tensor  # [nb, nb] bool: sinks and locals (always kept)
+    free: torch.Tensor  # [nb, nb] bool: causal and not forced (competes on its score)
+    keep: torch.Tensor  # [nb, max_count] bool: slot < the row's count
+    fills: dict = dataclasses.field(default_factory=dict)  # dtype -> [nb, nb]: +inf forced, -inf not causal
+
+    def fill(self, dtype: torch.dtype) -> torch.Tensor:
+        f = self.fills.get(dtype)
+        if f is None:
+            f = self.fills[dtype] = torch.where(self.forced, float("inf"), float("-inf")).to(dtype)
+        return f
+
+
+class BlockSelector:
+    """`select_blocks` for the runtime's two row patterns, without device->host syncs.
+
+    Row counts depend only on the config and the row index (`row_budget`), so the host knows
+    them, their sum (the density counters) and the selection width; the device tensors that
+    depend only on (number of rows, device) — aranges, count tables, the causal/forced masks —
+    are built once and reused as views. Results equal select_blocks' bit for bit:
+      prefill(scores [nb, nb], nb)  == select_blocks(scores, arange(nb), cfg)
+      decode(scores [1, i+1], i)    == select_blocks(scores, tensor([i]), cfg)
+    `index_dtype` int32 gives indices and counts in the Triton kernels' dtype (no conversion
+    there); the reference attention takes int64.
+    """
+
+    MAX_CACHED = 8  # prefill mask sets kept (one per distinct sequence length in blocks)
+
+    def __init__(self, cfg: SketchWalkConfig):
+        self.cfg = cfg
+        self._counts: list[int] = []  # row_budget(cfg, i) for i < len
+        self._prefix: list[int] = [0]  # _prefix[nb] = sum of the first nb row counts
+        self._tables: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple, _PrefillMasks] = {}
+
+    # -- host side ------------------------------------------------------------------------
+    def _extend(self, nb: int) -> None:
+        while len(self._counts) < nb:
+            c = row_budget(self.cfg, len(self._counts))
+            self._counts.append(c)
+            self._prefix.append(self._prefix[-1] + c)
+
+    def row_count(self, i: int) -> int:
+        """Blocks selected by query-block row i (host int)."""
+        self._extend(i + 1)
+        return self._counts[i]
+
+    def pairs(self, nb: int) -> int:
+        """Selected (query-block, key-block) pairs of a prefill of nb blocks: sum of rows 0..nb-1."""
+        self._extend(nb)
+        return self._prefix[nb]
+
+    def max_count(self, nb: int) -> int:
+        """Width of a prefill selection of nb rows: its largest row count."""
+        self._extend(nb)
+        return max(self._counts[:nb], default=0)
+
+    # -- cached device tables -----------------------------------------------------------
+    def _table(self, kind: str, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A device table of at least n entries, grown by doubling: `arange` (0, 1, ...) or `counts`
+        (row counts). Callers slice it: views, no kernel launch."""
+        key = (kind, device, dtype)
+        t = self._tables.get(key)
+        if t is None or t.shape[0] < n:
+            size = max(n, 64, 2 * (0 if t is None else t.shape[0]))
+            if kind == "arange":
+                t = torch.arange(size, device=device, dtype=dtype)
+            else:  # built on the host once per growth: one small copy, not one per layer
+                self._extend(size)
+                t = torch.tensor(self._counts[:size], dtype=dtype).to(device)
+            self._tables[key] = t
+        return t
+
+    def arange(self, n: int, device, dtype=torch.long) -> torch.Tensor:
+        """arange(n) as a view of a cached table."""
+        return self._table("arange", n, _as_device(device), dtype)[:n]
+
+    def counts(self, start: int, stop: int, device, dtype=torch.long) -> torch.Tensor:
+        """Row counts of rows start..stop-1 as a view of a cached device table."""
+        return self._table("counts", stop, _as_device(device), dtype)[start:stop]
+
+    def _prefill_masks(self, nb: int, device: torch.device) -> _PrefillMasks:
+        key = (nb, device)
+        m = self._masks.get(key)
+        if m is None:
+            cfg = self.cfg
+            cols = torch.arange(nb, device=device)
+            causal = cols[None, :] <= cols[:, None]
+            forced = causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > cols[:, None] - cfg.local_blocks))
+            width = self.max_count(nb)
+            keep = torch.arange(width, device=device)[None, :] < self.counts(0, nb, device)[:, None]
+            m = _PrefillMasks(causal=causal, forced=forced, free=causal & ~forced, keep=keep)
+            if len(self._masks) >= self.MAX_CACHED:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[key] = m
+        return m
+
+    def prefill_causal(self, nb: int, device) -> torch.Tensor:
+        """The causal mask of a prefill's W rows, [nb, nb] bool (cached)."""
+        return self._prefill_masks(nb, _as_device(device)).causal
+
+    # -- the two selections ---------------------------------------------------------------
+    def prefill(self, scores: torch.Tensor, index_dtype: torch.dtype = torch.long) -> BlockSelection:
+        """Selection of every query-block row of a prefill: scores [nb, nb] (walk rows 0..nb-1)."""
+        nb = scores.shape[0]
+        device = scores.device
+        m = self._prefill_masks(nb, device)
+        key = torch.where(m.free, scores, m.fill(scores.dtype))
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+        top = order[:, :m.keep.shape[1]]
+        # Kept slots ascending; the others sort last via the sentinel nb, then become -1.
+        top = torch.where(m.keep, top, nb).sort(dim=-1).values
+        top = torch.where(top == nb, -1, top)
+        return BlockSelection(indices=top.to(index_dtype), counts=self.counts(0, nb, device, index_dtype),
+                              row_blocks=self.arange(nb, device), block_size=self.cfg.block_size)
+
+    def decode(self, scores: torch.Tensor, i: int, index_dtype: torch.dtype = torch.long) -> BlockSelection:
+        """Selection of query-block row i from its walk row: scores [1, >= i+1] (columns > i ignored).
+
+        The forced blocks are a prefix [0, lo) and a suffix [hi, i] of the row, so the free
+        candidates are the contiguous range [lo, hi): a stable descending sort of that slice ranks
+        them exactly as select_blocks' full-row sort (forced = +inf first, ties to the lower index).
+        """
+        cfg, device = self.cfg, scores.device
+        lo = min(cfg.sink_blocks, i + 1)
+        hi = max(i - cfg.local_blocks + 1, lo)
+        count = self.row_count(i)
+        free = count - lo - (i + 1 - hi)
+        ar = self._table("arange", i + 1, device, index_dtype)
+        if free == hi - lo:  # every causal block: a dense row
+            indices = ar[None, :i + 1]
+        else:
+            parts = [ar[None, :lo]] if lo else []
+            if free:
+                order = torch.sort(scores[:, lo:hi], dim=-1, descending=True, stable=True).indices[:, :free]
+                picks = order.sort(dim=-1).values[0]
+                parts.append(ar[lo:hi].index_select(0, picks)[None])
+            parts.append(ar[None, hi:i + 1])
+            indices = torch.cat(parts, dim=-1)
+        return BlockSelection(indices=indices, counts=self.counts(i, i + 1, device, index_dtype),
+                              row_blocks=self.arange(i + 1, device)[i:], block_size=cfg.block_size)
+
+
+def _as_device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)

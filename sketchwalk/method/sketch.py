@@ -18,9 +18,15 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
     sums = x.unflatten(-2, (nb, block_size)).sum(-2)
-    counts = torch.full((nb,), float(block_size), device=x.device, dtype=sums.dtype)
-    counts[-1] = block_size - pad
-    return sums / counts[:, None]
+    return sums / _block_counts(nb, block_size, block_size - pad, sums.device, sums.dtype)[:, None]
+
+
+@functools.lru_cache(maxsize=64)
+def _block_counts(nb: int, block_size: int, last: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Tokens per block [nb]: block_size, the last one `last` (cached: built by two launches, reused per layer)."""
+    counts = torch.full((nb,), float(block_size), device=device, dtype=dtype)
+    counts[-1] = last
+    return counts
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -31,14 +37,23 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     p = x.shape[-1]
     if p & (p - 1):
         raise ValueError(f"fwht needs a power-of-two last dim, got {p}")
+    # Butterfly stage h maps each pair (a, b) = (y[j], y[j + h]) to (a + b, a - b). One launch per
+    # stage: a + b * [1, -1] broadcast over the pair axis. b * ±1 is exact, so each output is
+    # a ± b rounded once, the same bits as separate additions and subtractions.
+    pair_signs = _pair_signs(x.device, x.dtype)
+    y = x.reshape(-1, p)  # native view calls only below: this runs per layer and decode step
     h = 1
-    y = x
     while h < p:
-        y = y.unflatten(-1, (p // (2 * h), 2, h))
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        a, b = y.view(-1, p // (2 * h), 2, h).chunk(2, dim=2)
+        y = torch.addcmul(a, b, pair_signs)
         h *= 2
-    return y / math.sqrt(p)
+    return y.view(x.shape) / math.sqrt(p)
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_signs(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[[1], [-1]]: the signs of the butterfly outputs (cached per device: no host-to-device copy per call)."""
+    return torch.tensor([[1.0], [-1.0]], dtype=dtype).to(device)
 
 
 def _next_pow2(d: int) -> int:
@@ -57,6 +72,13 @@ def _srht_params_cpu(head_dim: int, sketch_dim: int, seed: int, layer_idx: int) 
 
 def srht_params(head_dim: int, sketch_dim: int, seed: int, layer_idx: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ±1 signs [p] and the kept coordinate indices [sketch_dim] for one layer (p = head_dim padded to 2^k)."""
+    return _srht_params_on(head_dim, sketch_dim, seed, layer_idx, torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _srht_params_on(head_dim: int, sketch_dim: int, seed: int, layer_idx: int, device: torch.device,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per (layer, device, dtype): a host-to-device copy per call would synchronise the GPU.
     signs, coords = _srht_params_cpu(head_dim, sketch_dim, seed, layer_idx)
     return signs.to(device=device, dtype=dtype), coords.to(device=device)
 
@@ -74,4 +96,6 @@ def srht(x: torch.Tensor, sketch_dim: int, seed: int, layer_idx: int) -> torch.T
     if p != d:
         x = torch.nn.functional.pad(x, (0, p - d))
     y = fwht(x * signs)
+    if sketch_dim == p:  # all coordinates kept, in order (coords == arange(p)), scale 1: both are no-ops
+        return y
     return y.index_select(-1, coords) * math.sqrt(p / sketch_dim)
