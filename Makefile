@@ -27,12 +27,12 @@ model: venv
 test: venv model
 	$(PY) -m pytest -q
 
-# Until the sweep service lands (issue 5), the main job is the dense-vs-Sketch&Walk demo on the
-# CPU smoke suite. The essay haystack is used when it is beside the checkout (or ESSAYS=...);
-# without it, the smoke suite that needs no essays runs instead.
+# The main job: `sketchwalk sweep` on sweeps/default.yaml (bundled SmolLM2, CPU smoke suite, local
+# SQLite stores under runs/). The essay haystack is used when it is beside the checkout (or
+# ESSAYS=...); without it, the smoke suite that needs no essays runs instead.
 ESSAYS ?= $(wildcard ../shared/data/ruler/PaulGrahamEssays.json)
 sweep: venv model
-	$(VENV)/bin/sketchwalk demo $(if $(ESSAYS),--suite ruler-smoke --essays $(ESSAYS),--suite ruler-smoke-noise)
+	$(VENV)/bin/sketchwalk sweep $(if $(ESSAYS),--essays $(ESSAYS),--suite ruler-smoke-noise)
 
 info: venv
 	$(VENV)/bin/sketchwalk info

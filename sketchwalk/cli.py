@@ -223,16 +223,6 @@ def _prepare(console, args: argparse.Namespace, **plan_kwargs):
         return _input_error(console, exc)
 
 
-def _baseline_key(plan, samples, model):
-    from .evaluation import BaselineKey, suite_fingerprint
-    from .evaluation.harness import device_name
-    from .evaluation.model_facts import model_identity
-
-    param = next(model.parameters())
-    return BaselineKey(model_identity(plan.resolved), suite_fingerprint(plan.suite, samples, essays_path=plan.essays),
-                       str(param.dtype).replace("torch.", ""), device_name(param.device))
-
-
 @command("eval", arguments=_eval_arguments,
          help="evaluate one config (or dense) on a RULER suite: accuracy, speed, density -> JSON",
          description="Evaluate the model with one SketchWalk config (--config) or dense attention (--dense, the "
@@ -246,6 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .evaluation import dense_baseline, evaluate
+    from .evaluation.plan import baseline_key
     from .evaluation.report import accuracy_delta, result_table, summary_lines, write_result
 
     console = Console()
@@ -260,14 +251,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or _default_cache()
     if plan.config is None:
         # A dense run is its own baseline: served from the cache, and stored there for later sparse runs.
-        key = _baseline_key(plan, samples, model)
+        key = baseline_key(plan, samples, model)
         extra["from_cache"] = key.path(cache_dir).exists()
         if extra["from_cache"]:
             console.print(f"dense result from the cache ({key.path(cache_dir)})", highlight=False)
         result = dense_baseline(model, tokenizer, samples, key, cache_dir=cache_dir, model_name=args.model)
     else:
         if not args.no_baseline:
-            key = _baseline_key(plan, samples, model)
+            key = baseline_key(plan, samples, model)
             cached = key.path(cache_dir).exists()
             console.print(f"dense baseline: {'cached' if cached else 'computing'} ({key.path(cache_dir)})", highlight=False)
             baseline = dense_baseline(model, tokenizer, samples, key, cache_dir=cache_dir, model_name=args.model)
@@ -336,8 +327,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- entry point ------------------------------------------------------------------------------
 
+#: Packages that add subcommands (`sweep`, `pareto`, `export`, `ablate`, ...) register a module in
+#: this entry-point group; importing it runs its `@command` decorators. An entry point rather than
+#: an import keeps `sketchwalk` free of any dependency on the packages built on top of it.
+PLUGIN_GROUP = "sketchwalk.commands"
+
+
+def load_plugins() -> list[str]:
+    """Import every module registered under PLUGIN_GROUP; returns their names. A plugin that fails
+    to import is reported on stderr and skipped, so `info`/`eval` keep working on a broken install."""
+    loaded = []
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+            loaded.append(ep.name)
+        except Exception as exc:  # a broken optional package must not take the whole CLI down
+            print(f"sketchwalk: could not load subcommands from {ep.value}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+    return loaded
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per registered command."""
+    """The top-level parser with one subparser per registered command (plugins included)."""
+    load_plugins()
     parser = argparse.ArgumentParser(
         prog="sketchwalk",
         description="SketchWalk Tune: Sketch&Walk block-sparse attention (arXiv 2602.07397) "

@@ -432,11 +432,74 @@ def load(spec: Spec = BUNDLED_NAME, *, dtype: "torch.dtype | str | None" = None,
             register()
 
     with _quiet_transformers(not progress):
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), **model_kwargs)
+        converted = _converted_dir(resolved) if resolved.gguf_file else None
+        if converted is not None and not (converted / _CONVERTED_STAMP).is_file():
+            _convert_gguf(resolved, converted, kwargs)
+        if converted is not None and (converted / _CONVERTED_STAMP).is_file():
+            # Same weights, same tokenizer: the GGUF dequantised once and saved as safetensors.
+            kwargs, model_kwargs = {"local_files_only": True}, {k: v for k, v in model_kwargs.items() if k != "gguf_file"}
+            path = str(converted)
+        else:
+            path = str(resolved.path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+_CONVERTED_STAMP = ".sketchwalk-converted"
+
+
+def _converted_dir(resolved: ResolvedModel) -> "Path | None":
+    """Where the dequantised copy of a GGUF lives (keyed by the file's path, size and mtime), or None
+    when conversion is off (SKETCHWALK_CONVERT_GGUF=0). Dequantising a GGUF takes ~30 s on a CPU
+    for the bundled model; loading the saved safetensors takes about a second, and every sweep
+    worker, test and CLI call loads the model."""
+    if os.environ.get("SKETCHWALK_CONVERT_GGUF", "1") == "0":
+        return None
+    f = Path(resolved.file)
+    try:
+        st = f.stat()
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{f.stem}-{key}"
+
+
+def _convert_gguf(resolved: ResolvedModel, target: Path, kwargs: dict) -> None:
+    """Dequantise the GGUF once (fp32) and save model + tokenizer to `target` atomically; on any
+    failure the GGUF is simply loaded directly (conversion is only a cache)."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        tok = AutoTokenizer.from_pretrained(str(resolved.path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32, **kwargs)
+        # save_pretrained refuses models loaded from GGUF (it treats them as quantized) although
+        # the weights are fully dequantised; config + a safetensors state dict is the same format.
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        (tmp / _CONVERTED_STAMP).write_text(str(resolved.file))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:
+        import warnings
+
+        warnings.warn(f"could not cache a converted copy of {resolved.file} ({type(exc).__name__}: {exc}); "
+                      f"loading the GGUF directly", RuntimeWarning)
+        if "tmp" in locals():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_info(model) -> dict[str, Any]:

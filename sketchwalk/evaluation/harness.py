@@ -37,7 +37,8 @@ def _encode(tokenizer, sample: dict[str, Any], device: torch.device) -> torch.Te
 
 
 def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samples, *, model_name: str = "",
-             progress: bool = True, warmup: bool = True, attention_timing: bool = False) -> EvalResult:
+             progress: bool = True, warmup: bool = True, attention_timing: bool = False,
+             backend: str = "auto") -> EvalResult:
     """Greedy-generate every sample with SketchWalk attached (dense when `config` is None) and score it.
 
     samples: {(task, length in tokens): [RULER sample dicts with input, outputs, answer_prefix]}.
@@ -45,10 +46,11 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     a separate timed prefill would run the prompt twice and, with SketchWalk, double-count density.
     On CUDA a short warm-up generate runs first (kernels, allocator) and peak memory is reset after
     it. `attention_timing` adds per-layer attention-function times (slower: one sync per call on GPU).
+    backend: the attention backend passed to `attach` (`auto`: Triton kernels on CUDA, reference on CPU).
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    runtime = attach(model, config) if config is not None else None
+    runtime = attach(model, config, backend=backend) if config is not None else None
     if config is None:
         detach(model)
     flat = [(task, length, s) for (task, length), ss in samples.items() for s in ss]

@@ -133,3 +133,14 @@ def build_samples(plan: EvalPlan, tokenizer) -> dict[tuple[str, int], list[dict[
         return build_suite(plan.suite, tokenizer, essays_path=plan.essays, max_context=plan.max_context)
     except RulerError as e:
         raise EvalInputError(str(e)) from e
+
+
+def baseline_key(plan: EvalPlan, samples: dict, model):
+    """The dense-baseline cache key of this (model, suite, dtype, device) — see `evaluation.baseline`."""
+    from .baseline import BaselineKey, suite_fingerprint
+    from .harness import device_name
+    from .model_facts import model_identity
+
+    param = next(model.parameters())
+    return BaselineKey(model_identity(plan.resolved), suite_fingerprint(plan.suite, samples, essays_path=plan.essays),
+                       str(param.dtype).replace("torch.", ""), device_name(param.device))

@@ -1,0 +1,171 @@
+"""`sketchwalk sweep | pareto | export`: registered into the `sketchwalk` command through the
+`sketchwalk.commands` entry point, so `sketchwalk` itself never imports `search`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sketchwalk.cli import command
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _error(console, exc: Exception) -> int:
+    console.print(f"[red]error:[/red] {exc}", highlight=False)
+    return 2
+
+
+# -- sweep ------------------------------------------------------------------------------------
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", default=None, metavar="SWEEP.yaml",
+                   help="sweep definition (default: sweeps/default.yaml: the bundled SmolLM2 on the CPU smoke "
+                        "suite with local SQLite stores)")
+    p.add_argument("--resume", metavar="SWEEP_ID", default=None,
+                   help="resume an earlier sweep (its id is printed at start and is the directory name under "
+                        "runs/sweeps/): finished trials are kept, interrupted ones re-run, MLflow runs re-attached")
+    p.add_argument("--sweep-id", default=None, help="id for a new sweep (default: <name>-<UTC timestamp>)")
+    p.add_argument("--backend", choices=["optuna", "ray"], default=None, help="override the file's driver backend")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. ray-head:6379 or auto); default: start a local Ray")
+    p.add_argument("--trials", type=int, default=None, help="override budget.trials")
+    p.add_argument("--suite", default=None, help="override the RULER suite (name, name@4k,8k, or YAML path)")
+    p.add_argument("--samples", type=int, default=None, help="override samples per task per length")
+    p.add_argument("--essays", default=None, help="PaulGrahamEssays.json (default: $SKETCHWALK_ESSAYS)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: the file's tracking.uri, else sqlite:///runs/mlflow.db)")
+    p.add_argument("--workdir", default=".", help="where runs/ (stores, sweep outputs) lives (default: .)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+
+@command("sweep", arguments=_sweep_arguments,
+         help="search SketchWalk configs for the accuracy/speed Pareto front (Optuna or Ray Tune) -> MLflow",
+         description="Run a hyperparameter sweep over SketchWalkConfig fields: every trial evaluates the model "
+                     "with one config on a RULER suite; the dense baseline is evaluated once; every trial is an "
+                     "MLflow child run of the sweep's parent run. At the end the Pareto front is computed, "
+                     "plotted (PNG + HTML) and tabulated (markdown + CSV) under runs/sweeps/<id>/, and the config "
+                     "chosen by the file's export rule is written as best.yaml (loadable by `sketchwalk eval "
+                     "--config`). Kill it at any time and continue with --resume <id>. With no arguments, "
+                     "runs sweeps/default.yaml (CPU-friendly). All input is checked before any model loads.")
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`sketchwalk sweep`: exit 0 on success, 2 on bad input, 1 if no trial completed."""
+    from sketchwalk.evaluation.plan import EvalInputError
+
+    from .launch import prepare_sweep, run_sweep
+    from .spec import SweepSpecError
+
+    console = _console()
+    workdir = Path(args.workdir)
+    overrides = {"backend": args.backend, "budget.trials": args.trials, "suite": args.suite,
+                 "samples": args.samples, "essays": args.essays}
+    try:
+        spec, sweep_id, earlier = prepare_sweep(args.file, resume=args.resume, workdir=workdir, overrides=overrides)
+        if args.sweep_id:
+            if args.resume:
+                raise SweepSpecError("<cli>", "--sweep-id and --resume exclude each other")
+            sweep_id = args.sweep_id
+        outcome = run_sweep(spec, sweep_id, workdir=workdir, address=args.address, resume=bool(args.resume),
+                            progress=not args.no_progress,
+                            tracking_uri=args.tracking_uri or (earlier.tracking_uri if earlier else None))
+    except (SweepSpecError, EvalInputError, FileNotFoundError) as exc:
+        return _error(console, exc)
+    _print_outcome(console, outcome)
+    return 0 if outcome.analysis.records and any(r.state == "COMPLETE" for r in outcome.analysis.records) else 1
+
+
+def _print_outcome(console, outcome) -> None:
+    from rich.table import Table
+
+    a, s = outcome.analysis, outcome.session
+    table = Table(title=f"Pareto front of {s.sweep_id} ({len(a.front)} of "
+                        f"{sum(r.state == 'COMPLETE' for r in a.records)} complete trials)")
+    if a.table:
+        for col in a.table[0]:
+            table.add_column(str(col))
+        for row in a.table:
+            table.add_row(*[str(v) for v in row.values()])
+    console.print(table)
+    console.print(f"trials: {outcome.counts.get('complete')} complete, {outcome.counts.get('failed')} failed; "
+                  f"wall time {outcome.wall_s:.0f} s", highlight=False)
+    for f in a.files:
+        console.print(f"wrote {f}", highlight=False)
+    if a.exported:
+        console.print(f"best config (trial {a.chosen.number}): {a.exported}  ->  sketchwalk eval --config {a.exported}",
+                      highlight=False)
+    elif a.export_error:
+        console.print(f"[yellow]no export:[/yellow] {a.export_error}", highlight=False)
+    console.print(f"MLflow: mlflow ui --backend-store-uri {s.tracking_uri}", highlight=False)
+
+
+# -- pareto / export ----------------------------------------------------------------------------
+
+def _analysis_arguments(p: argparse.ArgumentParser, *, export: bool) -> None:
+    p.add_argument("sweep_id", metavar="SWEEP_ID", help="the sweep (directory name under runs/sweeps/)")
+    p.add_argument("--workdir", default=".", help="where runs/ lives (default: .)")
+    p.add_argument("--noise-aware", action="store_true", default=None,
+                   help="a trial dominates another on accuracy only when their 95%% intervals do not overlap")
+    if export:
+        p.add_argument("--rule", default=None,
+                       help="fastest-within-drop:POINTS | most-accurate-under:VALUE | knee (default: the sweep "
+                            "file's analysis.export_rule)")
+        p.add_argument("--out", default=None, help="YAML path (default: runs/sweeps/<id>/best.yaml)")
+
+
+@command("pareto", arguments=lambda p: _analysis_arguments(p, export=False),
+         help="recompute a sweep's Pareto front, table and plots from MLflow",
+         description="Read every trial of a sweep from MLflow, compute the non-dominated set on the sweep's "
+                     "objectives (optionally noise-aware), print the front table and write table (md, csv) and "
+                     "plots (png, html) under runs/sweeps/<id>/, logged to the sweep's parent run.")
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+    from .session import load_session
+
+    console = _console()
+    try:
+        session = load_session(args.sweep_id, Path(args.workdir))
+    except FileNotFoundError as exc:
+        return _error(console, exc)
+    a = analyze(session, noise_aware=args.noise_aware, export=False)
+    from types import SimpleNamespace
+
+    _print_outcome(console, SimpleNamespace(analysis=a, session=session, wall_s=0.0,
+                                            counts={"complete": sum(r.state == "COMPLETE" for r in a.records),
+                                                    "failed": sum(r.state == "FAIL" for r in a.records)}))
+    return 0
+
+
+@command("export", arguments=lambda p: _analysis_arguments(p, export=True),
+         help="export a config from a sweep's front as YAML (with provenance)",
+         description="Pick one config from a sweep's finished trials by a rule -- fastest-within-drop:POINTS "
+                     "(fastest trial at most POINTS below dense accuracy), most-accurate-under:VALUE (most "
+                     "accurate with the speed objective <= VALUE), knee (the front's knee point) -- and write "
+                     "it as YAML with its provenance. `sketchwalk eval --config` and SketchWalkConfig.from_yaml "
+                     "accept the file unchanged.")
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .analysis import analyze
+    from .session import load_session
+
+    console = _console()
+    try:
+        session = load_session(args.sweep_id, Path(args.workdir))
+        from .export import ExportRule
+
+        if args.rule:
+            ExportRule.parse(args.rule)
+    except (FileNotFoundError, ValueError) as exc:
+        return _error(console, exc)
+    a = analyze(session, noise_aware=args.noise_aware, rule=args.rule, export=True)
+    if a.exported is None:
+        return _error(console, LookupError(a.export_error or "no finished trial to export"))
+    path = a.exported
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(shutil.copyfile(a.exported, args.out))
+    console.print(f"trial {a.chosen.number} -> {path}", highlight=False)
+    return 0

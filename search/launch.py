@@ -1,0 +1,141 @@
+"""`run_sweep`: validate -> open the sweep (MLflow parent run) -> run a driver -> analyse -> export.
+
+Everything the user typed is checked before any weights load or GPU time is spent: the sweep
+YAML (`search.spec`), the model/suite/essays (`sketchwalk.evaluation.plan`), the tracking store
+(reachability) and, for Ray, whether the cluster has the GPUs a trial asks for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional
+
+from .records import Objective
+from .session import SweepSession, load_session, log_baseline, open_session
+from .space import resolve_objectives
+from .spec import SweepSpec, SweepSpecError, load_spec, new_sweep_id
+
+DEFAULT_SWEEP = Path("sweeps") / "default.yaml"
+
+
+def default_sweep_file() -> Path:
+    """`sweeps/default.yaml` in the working directory, else the one beside this source checkout."""
+    if DEFAULT_SWEEP.is_file():
+        return DEFAULT_SWEEP
+    beside = Path(__file__).resolve().parent.parent / DEFAULT_SWEEP
+    if beside.is_file():
+        return beside
+    raise SweepSpecError("<file>", f"no sweep file given and no {DEFAULT_SWEEP} here or in the source tree")
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+    session: SweepSession
+    counts: dict
+    analysis: object
+    wall_s: float
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir: Path = Path("."),
+                  overrides: Optional[dict] = None) -> tuple[SweepSpec, str, Optional[SweepSession]]:
+    """The validated spec and sweep id (new, or the resumed one with its stored spec); raises
+    SweepSpecError / EvalInputError before anything heavy runs."""
+    from .trial import plan_for
+
+    earlier = None
+    if resume:
+        earlier = load_session(resume, workdir)
+        spec, sweep_id = earlier.spec, resume
+        if path:
+            raise SweepSpecError("<file>", "--resume takes the sweep definition stored with the sweep; omit the file")
+    else:
+        spec = load_spec(path or default_sweep_file())
+        sweep_id = None
+    if overrides:
+        data = spec.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *head, last = dotted.split(".")
+            for h in head:
+                node = node.setdefault(h, {})
+            node[last] = value
+        from .spec import parse_spec
+
+        spec = parse_spec(data, source=str(path or "<resume>"))
+    plan_for(spec)  # model, suite, essays, lengths vs context: all before any weight is loaded
+    return spec, sweep_id or new_sweep_id(spec), earlier
+
+
+def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), address: Optional[str] = None,
+              resume: bool = False, progress: bool = True, tracking_uri: Optional[str] = None) -> SweepOutcome:
+    """Run (or resume) the sweep to its budget, then analyse and export; returns what happened."""
+    from .analysis import analyze
+    from .display import SweepDisplay
+
+    t0 = time.perf_counter()
+    if spec.backend == "ray":
+        cuda = spec.resources.gpus != 0 and _ray_has_gpus(address, spec)
+    else:
+        cuda = _cuda_available()
+    objectives = resolve_objectives(spec, cuda)
+    session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=tracking_uri,
+                           device="cuda" if cuda else "cpu")
+    display = SweepDisplay(objectives, spec.budget.trials, enabled=progress)
+    with display:
+        display.log(f"sweep [bold]{sweep_id}[/bold] ({spec.backend}, {'resumed' if resume else 'new'}): "
+                    f"objectives {_describe(objectives)}; MLflow {session.tracking_uri}")
+        if any(o.name == "density" for o in objectives) and "speed" in spec.objectives and not cuda:
+            display.log("no CUDA device: the speed objective is measured density (CPU latency of the reference "
+                        "path says nothing about GPU speed)")
+        if spec.backend == "optuna":
+            counts = _run_optuna(session, display)
+        else:
+            from .ray_driver import run_tune
+
+            counts = run_tune(session, address=address, resume=resume, on_result=display.trial_done,
+                              on_status=display.status)
+    analysis = analyze(session)
+    session.tracker().finish(session.parent_run_id, "FINISHED")
+    return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)
+
+
+def _run_optuna(session: SweepSession, display) -> dict:
+    from .optuna_driver import run_study
+    from .session import default_storage
+    from .trial import dense_result, load_workload
+
+    spec = session.spec
+    display.log("loading the model and building the RULER samples (once for the whole sweep)")
+    work = load_workload(spec)
+    display.log(f"loaded in {work.load_s:.1f} s on {work.device}; dense baseline ...")
+    baseline = dense_result(work, progress=False)
+    log_baseline(session, work, baseline)
+    display.log(f"dense baseline: accuracy {baseline.accuracy['overall']['mean']:.1f} "
+                f"[{baseline.accuracy['overall']['lo']:.1f}, {baseline.accuracy['overall']['hi']:.1f}]")
+    storage = spec.storage or default_storage(session.workdir)
+    return run_study(session, work, storage_url=storage, heartbeat_s=spec.heartbeat_s,
+                     on_result=display.trial_done, on_status=display.status)
+
+
+def _ray_has_gpus(address: Optional[str], spec: SweepSpec) -> bool:
+    import ray
+
+    if not ray.is_initialized():
+        import os
+
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({} if address else {"num_cpus": max(1, int(os.cpu_count() or 1))}))
+    return ray.cluster_resources().get("GPU", 0.0) >= 1 if spec.resources.gpus == "auto" else spec.resources.gpus > 0
+
+
+def _describe(objectives: list[Objective]) -> str:
+    return ", ".join(f"{o.direction} {o.name}" for o in objectives)

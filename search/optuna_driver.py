@@ -1,0 +1,192 @@
+"""The `optuna` backend: an in-process multi-objective study persisted in an Optuna RDB storage.
+
+Kill-safety, in three parts:
+- every trial runs inside `study.optimize` with a heartbeat, so a trial whose process died
+  (SIGKILL included) goes stale after `grace_s`, is marked FAIL and is re-queued with the same
+  params by the stale-trial callback (its MLflow run is marked KILLED, never deleted);
+- a trial's MLflow run is finished *before* Optuna is told, and a RUNNING trial whose run already
+  reads FINISHED is completed from MLflow's metrics on resume (nothing re-run, nothing lost);
+- MLflow child runs are keyed by (sweep id, trial number), so re-attaching never duplicates.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Optional
+
+from .records import Objective
+from .session import SweepSession, fail_trial, finish_trial, start_trial, trial_key
+from .space import CONSTRAINT_ATTR, make_sampler, suggest_params
+from .spec import SweepSpec, config_from_params
+from .trial import Workload, objective_values, result_metrics, run_trial
+
+
+class TrialFailed(RuntimeError):
+    """A trial finished without usable objective values (e.g. NaN); recorded as FAIL."""
+
+
+def open_study(session: SweepSession, *, storage_url: str, heartbeat_s: int = 10):
+    """Create or load the study named after the sweep, with heartbeats and stale-trial retry."""
+    import optuna
+
+    spec = session.spec
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = optuna.storages.RDBStorage(
+        storage_url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+        heartbeat_stale_trial_callback=_StaleTrialCallback(session),
+        engine_kwargs={"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else None)
+    study = optuna.create_study(study_name=session.sweep_id, storage=storage, sampler=make_sampler(spec),
+                                directions=[o.direction for o in session.objectives], load_if_exists=True)
+    study.set_metric_names([o.name for o in session.objectives])
+    study.set_user_attr("sweep_id", session.sweep_id)
+    return study
+
+
+class _StaleTrialCallback:
+    """Marks the dead trial's MLflow run KILLED, then re-queues its params (Optuna's retry callback)."""
+
+    def __init__(self, session: SweepSession, max_retry: int = 2):
+        import optuna
+
+        self.session = session
+        retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) \
+            or optuna.storages.RetryFailedTrialCallback  # renamed in Optuna 4.9
+        self.retry = retry_cls(max_retry=max_retry)
+
+    def __call__(self, study, frozen) -> None:
+        tracker = self.session.tracker()
+        run = tracker.find_child(trial_key(frozen.number))
+        if run is not None and run.status == "RUNNING":
+            tracker.finish(run.run_id, "KILLED", error=f"trial {frozen.number} was interrupted (its worker stopped "
+                                                        f"heartbeating); its params were re-queued as a new trial")
+        self.retry(study, frozen)  # the re-queued trial names this one in system_attrs["failed_trial"]
+
+
+def recover_finished(study, session: SweepSession) -> list[int]:
+    """Complete RUNNING trials whose MLflow run already reads FINISHED (the process died between
+    logging and telling Optuna); returns their numbers."""
+    import optuna
+
+    tracker, done = session.tracker(), []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        run = tracker.find_child(trial_key(t.number))
+        if run is None or run.status != "FINISHED":
+            continue
+        values = objective_values(run.metrics, session.objectives)
+        if values is None:
+            continue
+        if "accuracy_drop" in run.metrics and session.spec.constraints.max_accuracy_drop is not None:
+            study._storage.set_trial_user_attr(t._trial_id, CONSTRAINT_ATTR,
+                                               run.metrics["accuracy_drop"] - session.spec.constraints.max_accuracy_drop)
+        study.tell(t.number, values)
+        done.append(t.number)
+    return done
+
+
+def counted_trials(study) -> tuple[int, int, int]:
+    """(complete, failed, running) trials towards the budget; interrupted trials that were
+    re-queued do not count (their retry does)."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    complete = sum(t.state == S.COMPLETE for t in trials)
+    failed = sum(t.state == S.FAIL and t.number not in retried for t in trials)
+    running = sum(t.state == S.RUNNING for t in trials)
+    return complete, failed, running
+
+
+def make_objective(session: SweepSession, work: Workload, on_result: Optional[Callable] = None):
+    """The define-by-run objective: sample -> config -> evaluate -> MLflow -> objective values."""
+    spec: SweepSpec = session.spec
+    objectives: list[Objective] = session.objectives
+    tracker = session.tracker()
+
+    def objective(trial):
+        run = None
+        try:
+            params = suggest_params(trial, spec)
+            config = config_from_params(spec, params)
+            retry_of = _retry_of(trial)
+            run = start_trial(session, trial.number, config, tracker,
+                              extra_tags={"sketchwalk.retry_of": "" if retry_of is None else retry_of})
+            trial.set_user_attr("mlflow_run_id", run.run_id)
+            trial.set_user_attr("config_hash", config.short_hash())
+            config.validate_for_model(work.model.config.num_hidden_layers, _head_dim(work.model))
+            result = run_trial(work, config)
+            metrics = result_metrics(result, model=work.model, baseline=work.baseline)
+            values = objective_values(metrics, objectives)
+            if values is None:
+                bad = [o.metric for o in objectives if objective_values(metrics, [o]) is None]
+                raise TrialFailed(f"objective metric(s) {bad} missing or not finite: {[metrics.get(b) for b in bad]}")
+        except BaseException as exc:
+            error = fail_trial(tracker, run, exc)
+            trial.set_user_attr("error", error[-2000:])
+            _free_cuda()
+            if on_result:
+                on_result(trial.number, None, error)
+            raise
+        if spec.constraints.max_accuracy_drop is not None:
+            trial.set_user_attr(CONSTRAINT_ATTR, metrics["accuracy_drop"] - spec.constraints.max_accuracy_drop)
+        finish_trial(session, tracker, run, result, metrics, work.device)
+        if on_result:
+            on_result(trial.number, metrics, None)
+        return values
+
+    return objective
+
+
+def _retry_of(trial) -> Optional[int]:
+    """The number of the interrupted trial this one re-runs (set by the stale-trial callback), or None."""
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    return frozen.system_attrs.get("failed_trial")
+
+
+def run_study(session: SweepSession, work: Workload, *, storage_url: str, heartbeat_s: int = 10,
+              on_result: Optional[Callable] = None, on_status: Optional[Callable] = None) -> dict:
+    """Run trials until the budget (finished trials and/or wall time) is spent; returns counts."""
+    import optuna
+
+    spec = session.spec
+    study = open_study(session, storage_url=storage_url, heartbeat_s=heartbeat_s)
+    recovered = recover_finished(study, session)
+    optuna.storages.fail_stale_trials(study)
+    objective = make_objective(session, work, on_result)
+    deadline = time.monotonic() + spec.budget.wall_time_s if spec.budget.wall_time_s else None
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own display reports each trial
+    waited = 0.0
+    while True:
+        complete, failed, running = counted_trials(study)
+        if on_status:
+            on_status(complete, failed, running)
+        if spec.budget.trials is not None and complete + failed >= spec.budget.trials:
+            if running and waited <= 3 * heartbeat_s:
+                # RUNNING trials left by a dead process go stale after the grace period; wait that
+                # long so they end FAIL (interrupted) rather than RUNNING. A live worker's trial
+                # keeps heartbeating and is left to it.
+                time.sleep(heartbeat_s)
+                waited += heartbeat_s
+                optuna.storages.fail_stale_trials(study)
+                continue
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+    complete, failed, running = counted_trials(study)
+    return {"complete": complete, "failed": failed, "running": running, "recovered": recovered}
+
+
+def _head_dim(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass

@@ -1,0 +1,240 @@
+"""The `ray` backend: Ray Tune with `OptunaSearch`, one GPU per trial, actors reused across trials.
+
+- The multi-objective metric/mode lists go to `OptunaSearch` (TuneConfig takes one metric only).
+- `SweepTrainable` loads model + tokenizer + samples once per worker process (`_workload`) and
+  keeps them across trials: `reuse_actors=True` + `reset_config` returning True.
+- The dense baseline is evaluated once, in a Ray task with a trial's resources, before the Tuner
+  starts, and handed to every worker.
+- Trials that raise (CUDA OOM included) are recorded FAILED in MLflow, then re-raised so Ray marks
+  them ERROR and OptunaSearch tells Optuna FAIL; NaN objectives are turned into such failures,
+  never reported (Optuna would leave the trial RUNNING).
+- `--resume`: `Tuner.restore` on `runs/ray/<sweep id>`; finished trials are kept, unfinished ones
+  re-run, and their MLflow runs re-attached by key (Ray's MLflowLoggerCallback keeps its map in
+  memory only, so it is not used).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, Optional
+
+from ray import tune
+
+from sketchwalk.evaluation import EvalResult
+
+from .records import Objective
+from .session import SweepSession, fail_trial, finish_trial, start_trial
+from .space import make_sampler, suggest_params
+from .spec import CONFIG_FIELDS, SweepSpec, SweepSpecError, config_from_params
+from .trial import Workload, dense_result, load_workload, objective_values, result_metrics, run_trial
+
+_WORKLOADS: dict[str, Workload] = {}  # per worker process: spec json -> loaded workload
+MODEL_LOADS = {"count": 0}
+
+
+def _workload(spec: SweepSpec) -> Workload:
+    """The worker's workload for `spec`, loaded on first use in this process and kept."""
+    key = spec.model_dump_json()
+    if key not in _WORKLOADS:
+        _WORKLOADS[key] = load_workload(spec)
+        MODEL_LOADS["count"] += 1
+    return _WORKLOADS[key]
+
+
+TRIAL_NUMBER_KEY = "optuna_trial_number"
+
+
+def trial_number(config: dict) -> int:
+    """The trial's number: the Optuna trial number OptunaSearch sampled it in, which the
+    define-by-run space returns as a constant into the trial's config. It is stored with the
+    trial, so it survives `Tuner.restore` (Ray's own trial ids are random)."""
+    return int(config[TRIAL_NUMBER_KEY])
+
+
+class SweepTrainable(tune.Trainable):
+    """One trial = one `step`: evaluate the sampled config, log to MLflow, report objectives."""
+
+    def setup(self, config: dict, session: Optional[dict] = None, baseline: Optional[dict] = None):
+        self.session = SweepSession.from_dict(session)
+        self.work = _workload(self.session.spec)
+        self.work.baseline = EvalResult.from_dict(baseline) if baseline else None
+        self.tracker = self.session.tracker()
+
+    def step(self) -> dict[str, Any]:
+        spec, objectives = self.session.spec, self.session.objectives
+        number = trial_number(self.config)
+        params = {k: v for k, v in self.config.items() if k in CONFIG_FIELDS}
+        config = config_from_params(spec, params)
+        run = start_trial(self.session, number, config, self.tracker,
+                          extra_tags={"sketchwalk.ray_trial_id": self.trial_id})
+        t0 = time.perf_counter()
+        try:
+            result = run_trial(self.work, config)
+            metrics = result_metrics(result, model=self.work.model, baseline=self.work.baseline)
+            values = objective_values(metrics, objectives)
+            if values is None:
+                raise RuntimeError(f"objective metrics missing or not finite: "
+                                   f"{ {o.metric: metrics.get(o.metric) for o in objectives} }")
+        except BaseException as exc:
+            fail_trial(self.tracker, run, exc)
+            _free_cuda()
+            raise
+        metrics["eval_s"] = time.perf_counter() - t0
+        finish_trial(self.session, self.tracker, run, result, metrics, self.work.device)
+        out = {o.name: v for o, v in zip(objectives, values)}
+        out.update(trial_number=number, eval_s=metrics["eval_s"], load_s=self.work.load_s,
+                   worker_pid=os.getpid(), model_loads=MODEL_LOADS["count"], done=True)
+        return out
+
+    def save_checkpoint(self, checkpoint_dir: str) -> dict:
+        # A trial is a single evaluation: nothing to resume mid-way; its results live in MLflow.
+        return {}
+
+    def load_checkpoint(self, checkpoint) -> None:
+        pass
+
+    def reset_config(self, new_config: dict) -> bool:
+        self.config = new_config  # model, tokenizer and samples stay loaded
+        return True
+
+
+def _baseline_task(session_dict: dict) -> dict:
+    """Ray task: the dense baseline of the sweep's workload (disk-cached per model/suite/dtype/device)."""
+    session = SweepSession.from_dict(session_dict)
+    work = load_workload(session.spec)
+    result = dense_result(work, progress=False)
+    from .trial import attention_tflop
+
+    return {"result": result.to_dict(), "attention_tflop": attention_tflop(result, work.model)}
+
+
+def resolve_gpus(spec: SweepSpec, cluster_gpus: float) -> float:
+    """GPUs per trial: `auto` -> 1 if the cluster has any, else 0. Requests the cluster cannot meet
+    are refused here: such trials would sit PENDING forever."""
+    g = spec.resources.gpus
+    if g == "auto":
+        return 1.0 if cluster_gpus >= 1 else 0.0
+    if g > cluster_gpus:
+        raise SweepSpecError("resources.gpus", f"{g} GPU(s) per trial requested but the Ray cluster has "
+                                               f"{cluster_gpus:g}; trials would hang PENDING. Use 0 on CPU-only clusters")
+    return float(g)
+
+
+def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bool = False,
+             on_result: Optional[Callable] = None, on_status: Optional[Callable] = None) -> dict:
+    """Run the sweep on Ray Tune; returns counts and the per-trial worker facts."""
+    import ray
+
+    spec = session.spec
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({} if address else {"num_cpus": max(1, int(os.cpu_count() or 1))}))
+    gpus = resolve_gpus(spec, ray.cluster_resources().get("GPU", 0.0))
+    resources = {"cpu": spec.resources.cpus, "gpu": gpus}
+    session_dict = session.to_dict()
+
+    # The dense baseline: once per sweep, in a task with a trial's resources.
+    task = ray.remote(num_cpus=spec.resources.cpus, num_gpus=gpus)(_baseline_task)
+    base = ray.get(task.remote(session_dict))
+    baseline = EvalResult.from_dict(base["result"])
+    _log_baseline_run(session, baseline, base["attention_tflop"])
+
+    storage_path = str((session.workdir / "runs" / "ray").resolve())
+    exp_dir = os.path.join(storage_path, session.sweep_id)
+    trainable = tune.with_resources(
+        tune.with_parameters(SweepTrainable, session=session_dict, baseline=baseline.to_dict()), resources)
+    callbacks = [_progress_callback(session.objectives, on_result, on_status)]
+    if resume and tune.Tuner.can_restore(exp_dir):
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(space=functools.partial(_define_by_run, spec=spec),  # picklable: Tune checkpoints it
+                                metric=[o.name for o in session.objectives],
+                                mode=["max" if o.maximize else "min" for o in session.objectives],
+                                sampler=make_sampler(spec))  # seeded sampler: OptunaSearch ignores seed= then
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
+                                        num_samples=spec.budget.trials or -1, reuse_actors=True,
+                                        time_budget_s=spec.budget.wall_time_s),
+            run_config=tune.RunConfig(name=session.sweep_id, storage_path=storage_path, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=spec.trial_retries, fail_fast=False),
+                                      callbacks=callbacks))
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        rows.append({"trial_number": m.get("trial_number"), "worker_pid": m.get("worker_pid"),
+                     "model_loads": m.get("model_loads"), "eval_s": m.get("eval_s"), "load_s": m.get("load_s"),
+                     "error": str(r.error)[:300] if r.error else None})
+    return {"complete": sum(r["error"] is None and r["trial_number"] is not None for r in rows),
+            "failed": sum(r["error"] is not None for r in rows), "trials": rows, "gpus_per_trial": gpus}
+
+
+def _log_baseline_run(session: SweepSession, baseline, tflop: float) -> None:
+    tracker = session.tracker()
+    from .session import BASELINE_KEY
+
+    run = tracker.child_run(BASELINE_KEY, role="baseline", name="dense baseline",
+                            params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite})
+    if run.status != "FINISHED":
+        metrics = result_metrics(baseline)
+        metrics["attention_tflop"] = tflop
+        tracker.log_metrics(run.run_id, metrics)
+        tracker.log_text(run.run_id, baseline.to_json(), "eval.json")
+        tracker.finish(run.run_id)
+
+
+def _define_by_run(trial, spec: SweepSpec) -> dict:
+    suggest_params(trial, spec)
+    return {TRIAL_NUMBER_KEY: trial.number}
+
+
+def _progress_callback(objectives: list[Objective], on_result, on_status):
+    """A Tune callback feeding the sweep display: each finished/errored trial, and the counts."""
+    from ray.tune import Callback
+
+    class ProgressCallback(Callback):
+        def __init__(self, on_result, on_status):
+            self.done = self.failed = 0
+            self.on_result, self.on_status = on_result, on_status
+
+        def __getstate__(self):
+            # Tune pickles its callbacks with the experiment state; the display (locks, a console)
+            # stays with this process.
+            return {"done": self.done, "failed": self.failed}
+
+        def __setstate__(self, state):
+            self.__dict__.update(state, on_result=None, on_status=None)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            if self.on_result:
+                self.on_result(trial_number(trial.config), trial.last_result or {}, None)
+            self._status(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.failed += 1
+            if self.on_result:
+                self.on_result(trial_number(trial.config), None, "error (see the trial's MLflow run)")
+            self._status(trials)
+
+        def _status(self, trials):
+            if self.on_status:
+                self.on_status(self.done, self.failed, sum(t.status == "RUNNING" for t in trials))
+
+    return ProgressCallback(on_result, on_status)
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass

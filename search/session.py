@@ -1,0 +1,186 @@
+"""What both drivers share around the trial function: the sweep's directory, MLflow parent run,
+dense-baseline run, per-trial child runs (keyed by sweep id + trial number, so a resumed sweep
+re-attaches instead of duplicating), and the analysis at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.evaluation import EvalResult
+from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
+
+from .records import Objective, TrialRecord
+from .spec import SweepSpec, spec_to_yaml
+from .trial import Workload, result_metrics
+
+BASELINE_KEY = "baseline-dense"
+
+
+def trial_key(number: int) -> str:
+    """The MLflow key of trial `number` within its sweep (zero-padded so keys sort by number)."""
+    return f"trial-{number:05d}"
+
+
+def default_storage(workdir: Path) -> str:
+    """The embedded Optuna RDB storage: a SQLite file next to the MLflow store."""
+    path = (workdir / "runs" / "optuna.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+@dataclasses.dataclass
+class SweepSession:
+    """One sweep's identity and stores, shared by its driver and (serialised) by its workers."""
+
+    spec: SweepSpec
+    sweep_id: str
+    workdir: Path
+    tracking_uri: str
+    experiment_id: str
+    objectives: list[Objective]
+    parent_run_id: Optional[str] = None
+
+    @property
+    def sweep_dir(self) -> Path:
+        """`runs/sweeps/<sweep id>/`: the resolved spec, the Pareto table/plots, the export."""
+        return self.workdir / "runs" / "sweeps" / self.sweep_id
+
+    def tracker(self) -> SweepTracker:
+        """A tracker for this sweep (cheap; make one per process or thread)."""
+        return SweepTracker(self.tracking_uri, self.experiment_id, self.sweep_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for handing the session to Ray workers."""
+        return {"spec": self.spec.model_dump(mode="json"), "sweep_id": self.sweep_id, "workdir": str(self.workdir),
+                "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
+                "objectives": [dataclasses.asdict(o) for o in self.objectives], "parent_run_id": self.parent_run_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepSession":
+        return cls(SweepSpec.model_validate(d["spec"]), d["sweep_id"], Path(d["workdir"]), d["tracking_uri"],
+                   d["experiment_id"], [Objective(**o) for o in d["objectives"]], d.get("parent_run_id"))
+
+
+def open_session(spec: SweepSpec, sweep_id: str, objectives: list[Objective], *, workdir: Path,
+                 tracking_uri: Optional[str] = None, device: str = "cpu") -> SweepSession:
+    """Initialise the MLflow store and experiment once (here, before any worker starts), find or
+    create the sweep's parent run, and write the resolved spec into the sweep directory."""
+    uri = resolve_tracking_uri(tracking_uri or spec.tracking.uri, workdir)
+    exp = init_store(uri, spec.tracking.experiment)
+    session = SweepSession(spec, sweep_id, workdir.resolve(), uri, exp, objectives)
+    session.sweep_dir.mkdir(parents=True, exist_ok=True)
+    (session.sweep_dir / "sweep.yaml").write_text(spec_to_yaml(spec))
+    tracker = session.tracker()
+    params = {"model": spec.model, "suite": spec.suite, "samples": spec.samples, "backend": spec.backend,
+              "sampler": spec.sampler, "seed": spec.seed, "attention_backend": spec.attention_backend,
+              "budget.trials": spec.budget.trials, "budget.wall_time_s": spec.budget.wall_time_s,
+              "concurrency": spec.concurrency, "max_accuracy_drop": spec.constraints.max_accuracy_drop}
+    tags = {"sketchwalk.objectives": ",".join(f"{o.name}:{o.direction}" for o in objectives),
+            "sketchwalk.device": device, "sketchwalk.backend": spec.backend,
+            "mlflow.note.content": f"Sketch&Walk sweep `{sweep_id}`: objectives "
+                                   + ", ".join(f"{o.direction} {o.name} ({o.unit})" for o in objectives)}
+    session.parent_run_id = tracker.parent_run(sweep_id, params=params, tags=tags)
+    tracker.log_text(session.parent_run_id, spec_to_yaml(spec), "sweep.yaml")
+    write_json(session.sweep_dir / SESSION_FILE, session.to_dict())
+    return session
+
+
+SESSION_FILE = "session.json"
+
+
+def load_session(sweep_id: str, workdir: Path) -> SweepSession:
+    """The session of an earlier sweep from `runs/sweeps/<id>/session.json` (for resume, pareto, export)."""
+    path = workdir / "runs" / "sweeps" / sweep_id / SESSION_FILE
+    if not path.is_file():
+        known = sorted(p.parent.name for p in (workdir / "runs" / "sweeps").glob(f"*/{SESSION_FILE}"))
+        raise FileNotFoundError(f"no sweep {sweep_id!r} under {workdir / 'runs' / 'sweeps'} (known: {known or 'none'})")
+    return SweepSession.from_dict(json.loads(path.read_text()))
+
+
+def log_baseline(session: SweepSession, work: Workload, baseline: EvalResult) -> str:
+    """Log the dense baseline as its own child run (once per sweep; re-attached on resume)."""
+    tracker = session.tracker()
+    run = tracker.child_run(BASELINE_KEY, role="baseline", name="dense baseline",
+                            params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite})
+    if run.status != "FINISHED":
+        tracker.log_metrics(run.run_id, result_metrics(baseline, model=work.model))
+        tracker.log_text(run.run_id, baseline.to_json(), "eval.json")
+        tracker.finish(run.run_id)
+    return run.run_id
+
+
+def start_trial(session: SweepSession, number: int, config: SketchWalkConfig, tracker: SweepTracker,
+                extra_tags: Optional[dict[str, Any]] = None) -> ChildRun:
+    """The trial's MLflow child run (created, or re-attached on resume), with the full config as params."""
+    tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": config.short_hash(), **(extra_tags or {})}
+    run = tracker.child_run(trial_key(number), role="trial", name=f"trial {number}", params=config.to_dict(),
+                            tags=tags)
+    tracker.log_text(run.run_id, config.to_yaml(), "config.yaml")
+    return run
+
+
+def finish_trial(session: SweepSession, tracker: SweepTracker, run: ChildRun, result: EvalResult,
+                 metrics: dict[str, float], device: str) -> None:
+    """Metrics and the evaluation JSON to the trial's run, then FINISHED (the last write: a run that
+    reads FINISHED holds everything, which is what resume relies on)."""
+    tracker.log_metrics(run.run_id, metrics)
+    tracker.log_text(run.run_id, result.to_json(), "eval.json")
+    tracker.set_tags(run.run_id, {"sketchwalk.device": device, "sketchwalk.dtype": result.dtype})
+    tracker.finish(run.run_id, "FINISHED")
+
+
+def fail_trial(tracker: SweepTracker, run: Optional[ChildRun], exc: BaseException, status: str = "FAILED") -> str:
+    """Record a failed trial in MLflow (status + error text); returns the error text."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if run is not None:
+        tracker.finish(run.run_id, status, error=text)
+    return text
+
+
+def load_records(session: SweepSession) -> tuple[list[TrialRecord], Optional[TrialRecord]]:
+    """All trials of the sweep from MLflow as TrialRecords, plus the dense baseline (or None)."""
+    tracker = session.tracker()
+    records, baseline = [], None
+    for run in tracker.children():
+        state = {"FINISHED": "COMPLETE", "FAILED": "FAIL"}.get(run.status, run.status)
+        if run.role == "baseline":
+            baseline = TrialRecord(-1, state, None, dict(run.metrics), run.run_id)
+            continue
+        number = int(run.tags.get("sketchwalk.trial_number", run.key.rsplit("-", 1)[-1]))
+        config = _config_from_params(run.params)
+        records.append(TrialRecord(number, state, config, dict(run.metrics), run.run_id,
+                                   run.tags.get("sketchwalk.error")))
+    records.sort(key=lambda r: r.number)
+    return records, baseline
+
+
+def _config_from_params(params: dict[str, str]) -> Optional[dict[str, Any]]:
+    """Rebuild the config dict from MLflow's string params via the dataclass field types."""
+    import yaml
+
+    fields = {f.name for f in dataclasses.fields(SketchWalkConfig)}
+    data = {k: yaml.safe_load(v) if v != "None" else None for k, v in params.items() if k in fields}
+    try:
+        return SketchWalkConfig.from_dict(data).to_dict()
+    except Exception:
+        return None
+
+
+def feasible(record: TrialRecord, spec: SweepSpec) -> bool:
+    """Whether a finished trial meets the spec's constraints (accuracy drop vs dense)."""
+    limit = spec.constraints.max_accuracy_drop
+    if limit is None:
+        return True
+    drop = record.metrics.get("accuracy_drop")
+    return drop is not None and drop <= limit + 1e-9
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path

@@ -1,0 +1,78 @@
+"""The search space as an Optuna define-by-run function, and the objectives a sweep optimises.
+
+Both drivers sample through `suggest_params`: the Optuna backend calls it on its own trials,
+the Ray backend hands it to `OptunaSearch` as the define-by-run space. Conditional parameters
+(`when: {walk: damped}`) are only sampled when their condition holds, so TPE never models a
+value that had no effect.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .records import OBJECTIVES, Objective
+from .spec import SPEED_AUTO, CategoricalParam, FloatParam, IntParam, SweepSpec
+
+
+def suggest_params(trial, spec: SweepSpec) -> dict[str, Any]:
+    """Sample the spec's space on an `optuna.Trial`; returns {config field: value} of the sampled
+    (active) parameters only. Parameters are visited in file order, so a `when` condition may
+    refer to any parameter listed before it."""
+    params: dict[str, Any] = {}
+    for name, p in spec.space.items():
+        if p.when and any(params.get(k, spec.base.get(k)) != v for k, v in p.when.items()):
+            continue
+        if isinstance(p, CategoricalParam):
+            params[name] = trial.suggest_categorical(name, p.values)
+        elif isinstance(p, IntParam):
+            params[name] = trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
+        elif isinstance(p, FloatParam):
+            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+    return params
+
+
+def resolve_objectives(spec: SweepSpec, cuda: bool) -> list[Objective]:
+    """The spec's objectives with `speed` resolved: prefill latency on a CUDA device, measured
+    density on a CPU (where the reference path's latency says nothing about GPU speed)."""
+    out = []
+    for name in spec.objectives:
+        if name == SPEED_AUTO:
+            name = "prefill_latency" if cuda else "density"
+        out.append(Objective(name, OBJECTIVES[name][1]))
+    return out
+
+
+def make_sampler(spec: SweepSpec):
+    """The Optuna sampler named by `spec.sampler`, seeded.
+
+    TPE (default) handles categorical and conditional parameters and multiple objectives and
+    leaves random search after `n_startup_trials` (here a quarter of the trial budget, at least 3,
+    at most 10); NSGA-II would stay random for its whole first population of 50, longer than our
+    budgets. GP suits small, mostly continuous spaces.
+    """
+    import optuna
+
+    n = spec.budget.trials or 20
+    startup = max(3, min(10, n // 4))
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup, multivariate=True,
+                                          group=True, constraints_func=_constraints_func(spec))
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=spec.seed, n_startup_trials=startup,
+                                         constraints_func=_constraints_func(spec))
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+CONSTRAINT_ATTR = "accuracy_drop_excess"
+
+
+def _constraints_func(spec: SweepSpec):
+    """Optuna constraint (<= 0 is feasible): accuracy drop vs dense minus the allowed drop."""
+    return None if spec.constraints.max_accuracy_drop is None else _AccuracyDropConstraint()
+
+
+class _AccuracyDropConstraint:
+    """Reads the trial's excess accuracy drop (set by the driver before it tells Optuna). A class,
+    not a closure, so the sampler pickles (Ray Tune checkpoints its searcher)."""
+
+    def __call__(self, frozen_trial) -> tuple[float]:
+        return (float(frozen_trial.user_attrs.get(CONSTRAINT_ATTR, 0.0)),)

@@ -1,0 +1,298 @@
+"""`SweepSpec`: a sweep definition (YAML), validated before anything runs.
+
+A sweep file holds the model, the RULER suite, the search space over `SketchWalkConfig` fields,
+the objectives, constraints, budget, driver backend and tracking settings. Every error names the
+field (as a dotted path, e.g. `space.density.low`) and what is allowed. See `sweeps/default.yaml`
+for an annotated example.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sketchwalk.config import ConfigError, SketchWalkConfig
+
+from .records import OBJECTIVES
+
+SPEED_AUTO = "speed"  # resolves to prefill_latency on CUDA, density on CPU (see resolve_objectives)
+BACKENDS = ("optuna", "ray")
+SAMPLERS = ("tpe", "gp", "random")
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SketchWalkConfig))
+
+
+class SweepSpecError(ValueError):
+    """Invalid sweep definition; `field` is the dotted path of the offending entry."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"sweep.{field}: {message}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CategoricalParam(_Strict):
+    """Pick one of `values`."""
+
+    type: Literal["categorical"]
+    values: list[Union[int, float, str, bool, None]] = Field(min_length=1)
+    when: Optional[dict[str, Any]] = None
+
+
+class IntParam(_Strict):
+    """An integer in [low, high] (inclusive), with `step`, or log-uniform."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+    when: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        if self.log and (self.low <= 0 or self.step != 1):
+            raise ValueError("log: true needs low > 0 and step 1")
+        return self
+
+
+class FloatParam(_Strict):
+    """A float in [low, high], uniform or log-uniform (optionally quantised by `step`)."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: Optional[float] = None
+    when: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _range(self):
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high < self.low:
+            raise ValueError(f"need finite low <= high, got [{self.low}, {self.high}]")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: true needs low > 0 and no step")
+        return self
+
+
+Param = Annotated[Union[CategoricalParam, IntParam, FloatParam], Field(discriminator="type")]
+
+
+class Budget(_Strict):
+    """Stop after `trials` finished trials (COMPLETE or FAIL) and/or `wall_time_s` seconds."""
+
+    trials: Optional[int] = Field(default=None, ge=1)
+    wall_time_s: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.trials is None and self.wall_time_s is None:
+            raise ValueError("set trials and/or wall_time_s")
+        return self
+
+
+class Constraints(_Strict):
+    """`max_accuracy_drop`: points of accuracy below the dense baseline a trial may lose and still be
+    feasible (infeasible trials are recorded but never on the front nor exported)."""
+
+    max_accuracy_drop: Optional[float] = Field(default=None, ge=0)
+
+
+class Resources(_Strict):
+    """Per trial: `gpus` ('auto' = 1 if the driver sees a CUDA GPU, else 0) and `cpus`."""
+
+    gpus: Union[Literal["auto"], float] = "auto"
+    cpus: float = Field(default=1, gt=0)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if v != "auto" and (v < 0 or (v > 1 and v != int(v))):
+            raise ValueError("gpus must be 'auto', 0, a fraction in (0, 1] or a whole number")
+        return v
+
+
+class Tracking(_Strict):
+    """MLflow: `uri` (None = sqlite file runs/mlflow.db under the working directory; http(s)://
+    for a server) and the `experiment` name."""
+
+    uri: Optional[str] = None
+    experiment: str = "sketchwalk"
+
+
+class Analysis(_Strict):
+    """Pareto analysis and export at the end of the sweep."""
+
+    noise_aware: bool = False
+    export_rule: str = "knee"
+
+
+class SweepSpec(_Strict):
+    """A validated sweep definition (see the module docstring and sweeps/*.yaml)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model: str = "smollm2-135m"
+    suite: str = "ruler-smoke"
+    samples: Optional[int] = Field(default=None, ge=1)
+    essays: Optional[str] = None
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    attention_backend: Literal["auto", "triton", "torch"] = "auto"
+    backend: Literal["optuna", "ray"] = "optuna"
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
+    seed: int = Field(default=0, ge=0)
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Param] = Field(min_length=1)
+    objectives: list[str] = Field(default_factory=lambda: ["accuracy", SPEED_AUTO], min_length=1)
+    constraints: Constraints = Field(default_factory=Constraints)
+    budget: Budget = Field(default_factory=lambda: Budget(trials=8))
+    concurrency: int = Field(default=1, ge=1)
+    trial_retries: int = Field(default=0, ge=0)  # ray: FailureConfig.max_failures (worker crashes)
+    heartbeat_s: int = Field(default=10, ge=1)  # optuna: a trial silent for 3x this is stale -> re-queued
+    resources: Resources = Field(default_factory=Resources)
+    tracking: Tracking = Field(default_factory=Tracking)
+    storage: Optional[str] = None  # Optuna RDB URL; None = sqlite:///<workdir>/runs/optuna.db
+    analysis: Analysis = Field(default_factory=Analysis)
+
+    @field_validator("space")
+    @classmethod
+    def _space_fields(cls, space):
+        for name, p in space.items():
+            if name not in CONFIG_FIELDS:
+                raise ValueError(f"{name!r} is not a SketchWalkConfig field; allowed: {list(CONFIG_FIELDS)}")
+            if p.when:
+                for cond in p.when:
+                    if cond not in CONFIG_FIELDS:
+                        raise ValueError(f"{name}.when refers to {cond!r}, which is not a SketchWalkConfig field")
+        if "top_k" in space and "density" in space:
+            raise ValueError("search either top_k or density, not both (they are two ways to set τ)")
+        return space
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, objs):
+        allowed = ["accuracy", SPEED_AUTO, *[o for o in OBJECTIVES if o != "accuracy"]]
+        for o in objs:
+            if o not in allowed:
+                raise ValueError(f"unknown objective {o!r}; allowed: {allowed}")
+        if len(set(objs)) != len(objs):
+            raise ValueError("objectives must be distinct")
+        return objs
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, base):
+        unknown = sorted(set(base) - set(CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a SketchWalkConfig field; allowed: {list(CONFIG_FIELDS)}")
+        return base
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.backend == "optuna" and self.concurrency != 1:
+            raise ValueError("concurrency > 1 needs backend: ray (the optuna backend runs one trial at a time "
+                             "per process; start more workers with `sketchwalk sweep --resume ID` to share its study)")
+        return self
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def _field_path(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("categorical", "int", "float")
+                                         or p in ("CategoricalParam", "IntParam", "FloatParam"))]
+    return ".".join(parts) or "<root>"
+
+
+def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
+    """Validate a mapping into a SweepSpec; raises SweepSpecError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise SweepSpecError("<root>", f"{source} must hold a mapping, got {type(data).__name__}")
+    data = dict(data)
+    data.setdefault("name", Path(source).stem if source != "<dict>" else "sweep")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err.get("type") == "union_tag_invalid" or "discriminator" in err.get("type", ""):
+            msg += " (param type must be categorical, int or float)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise SweepSpecError(_field_path(err["loc"]), f"{msg} (got {err.get('input')!r})") from None
+    check_space_values(spec)
+    return spec
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a sweep YAML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SweepSpecError("<file>", f"{path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SweepSpecError("<file>", f"{path}: invalid YAML: {exc}") from None
+    return parse_spec(data, source=str(p))
+
+
+def spec_to_yaml(spec: SweepSpec) -> str:
+    """The spec as YAML (all defaults filled in), loadable by `load_spec`."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def check_space_values(spec: SweepSpec) -> None:
+    """Every value the space can produce must be a valid SketchWalkConfig value: probe the bounds
+    and each categorical value on top of `base`, so a bad range fails before any trial runs."""
+    try:
+        base = SketchWalkConfig.from_dict(_base_with_tau(spec.base, spec.space))
+    except ConfigError as exc:
+        raise SweepSpecError(f"base.{exc.field}", str(exc)) from None
+    for name, p in spec.space.items():
+        probes = p.values if isinstance(p, CategoricalParam) else [p.low, p.high]
+        for v in probes:
+            try:
+                base.replace(**{name: v})
+            except ConfigError as exc:
+                where = "values" if isinstance(p, CategoricalParam) else ("low" if v == p.low else "high")
+                raise SweepSpecError(f"space.{name}.{where}", f"{v!r} is invalid: allowed {exc.allowed}") from None
+            except TypeError as exc:
+                raise SweepSpecError(f"space.{name}", str(exc)) from None
+
+
+def _base_with_tau(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+    """`base` with τ expressed the way the space searches it (top_k xor density)."""
+    out = dict(base)
+    if "top_k" in space and "density" not in out:
+        out["density"] = None
+        out.setdefault("top_k", 1)
+    return out
+
+
+def config_from_params(spec: SweepSpec, params: dict[str, Any]) -> SketchWalkConfig:
+    """The trial's SketchWalkConfig: `base`, then the sampled `params` (ConfigError if invalid)."""
+    data = _base_with_tau(spec.base, spec.space)
+    data.update(params)
+    if "top_k" in params:
+        data["density"] = None
+    if "density" in params:
+        data["top_k"] = None
+    return SketchWalkConfig.from_dict(data)
+
+
+def new_sweep_id(spec: SweepSpec, now: Optional[_dt.datetime] = None) -> str:
+    """`<name>-<UTC timestamp>`: unique per launch, readable, and safe as a study/run/dir name."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return f"{spec.name}-{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+SWEEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")

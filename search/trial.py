@@ -1,0 +1,134 @@
+"""The one trial function both drivers call: build config -> evaluate -> metrics.
+
+A `Workload` is what a worker loads once (model, tokenizer, RULER samples, dense baseline) and
+reuses for every trial it runs; `run_trial` evaluates one `SketchWalkConfig` on it and returns
+the flat metrics that go to MLflow and, through the objectives, to the sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Optional
+
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.evaluation import EvalResult, evaluate
+from sketchwalk.evaluation.plan import EvalPlan, baseline_key, build_samples, load_model, prepare_run
+
+from .records import Objective
+from .spec import SweepSpec
+
+
+def plan_for(spec: SweepSpec) -> EvalPlan:
+    """Validate the spec's model/suite/essays/dtype without loading weights (EvalInputError if bad)."""
+    return prepare_run(spec.model, spec.suite, essays=spec.essays, samples=spec.samples, dtype=spec.dtype)
+
+
+@dataclasses.dataclass
+class Workload:
+    """What one worker holds for the whole sweep: loaded once, reused by every trial it runs."""
+
+    spec: SweepSpec
+    plan: EvalPlan
+    model: Any
+    tokenizer: Any
+    samples: dict
+    load_s: float  # seconds spent loading the model and building the samples
+    baseline: Optional[EvalResult] = None
+
+    @property
+    def device(self) -> str:
+        return str(next(self.model.parameters()).device)
+
+
+def load_workload(spec: SweepSpec, *, device: Optional[str] = None) -> Workload:
+    """Load the model and build the samples of `spec` (seconds spent in `load_s`)."""
+    from sketchwalk import models
+
+    t0 = time.perf_counter()
+    plan = plan_for(spec)
+    if device is None:
+        model, tokenizer = load_model(plan)
+    else:
+        model, tokenizer = models.load(plan.model_spec, dtype=plan.dtype, device=device)
+    samples = build_samples(plan, tokenizer)
+    return Workload(spec, plan, model, tokenizer, samples, time.perf_counter() - t0)
+
+
+def dense_result(work: Workload, *, cache_dir=None, progress: bool = True) -> EvalResult:
+    """The dense baseline of this workload (disk-cached per model, suite, dtype and device)."""
+    from sketchwalk.evaluation import dense_baseline
+
+    key = baseline_key(work.plan, work.samples, work.model)
+    work.baseline = dense_baseline(work.model, work.tokenizer, work.samples, key, cache_dir=cache_dir,
+                                   model_name=work.spec.model, progress=progress)
+    return work.baseline
+
+
+def run_trial(work: Workload, config: SketchWalkConfig, *, progress: bool = False) -> EvalResult:
+    """Evaluate `config` on the workload's samples with the spec's attention backend."""
+    return evaluate(work.model, work.tokenizer, config, work.samples, model_name=work.spec.model,
+                    progress=progress, backend=work.spec.attention_backend)
+
+
+def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalResult] = None) -> dict[str, float]:
+    """Flat MLflow metrics of one evaluation.
+
+    accuracy / accuracy_lo / accuracy_hi (x100, 95% bootstrap), acc.<task>.<len>[.lo|.hi];
+    prefill_s (mean over lengths of the per-length median TTFT, s) and prefill_s.<len>;
+    decode_ms_per_token (mean over lengths of 1000 / median tokens/s) and decode_tok_s.<len>;
+    density (prefill, all layers), density_decode, density_sparse_layers; attention_tflop
+    (prefill attention FLOPs per sample at the measured density, mean over samples; needs `model`);
+    peak_memory_mb (CUDA only); accuracy_drop (points below `baseline`, when given).
+    """
+    m: dict[str, float] = {}
+    for key, acc in result.accuracy.items():
+        if key == "overall":
+            m["accuracy"], m["accuracy_lo"], m["accuracy_hi"] = acc["mean"], acc["lo"], acc["hi"]
+        else:
+            task, length = key.rsplit("@", 1)
+            base = f"acc.{task}.{length}"
+            m[base], m[base + ".lo"], m[base + ".hi"] = acc["mean"], acc["lo"], acc["hi"]
+    prefill = [v for v in result.prefill_s.values() if not _nan(v)]
+    for n, v in result.prefill_s.items():
+        m[f"prefill_s.{n}"] = v
+    m["prefill_s"] = sum(prefill) / len(prefill) if prefill else math.nan
+    rates = [v for v in result.decode_tokens_per_s.values() if not _nan(v) and v > 0]
+    for n, v in result.decode_tokens_per_s.items():
+        m[f"decode_tok_s.{n}"] = v
+    m["decode_ms_per_token"] = sum(1000.0 / r for r in rates) / len(rates) if rates else math.nan
+    dens = result.density or {}
+    m["density"] = float(dens.get("prefill", math.nan))
+    m["density_decode"] = float(dens.get("decode", math.nan))
+    m["density_sparse_layers"] = float((dens.get("sparse_layers") or {}).get("prefill", math.nan))
+    if model is not None and result.samples:
+        m["attention_tflop"] = attention_tflop(result, model)
+    if result.peak_memory_bytes is not None:
+        m["peak_memory_mb"] = result.peak_memory_bytes / 2**20
+    if baseline is not None:
+        m["accuracy_drop"] = baseline.accuracy["overall"]["mean"] - m["accuracy"]
+        m["dense_accuracy"] = baseline.accuracy["overall"]["mean"]
+    return m
+
+
+def attention_tflop(result: EvalResult, model) -> float:
+    """Prefill attention FLOPs per sample (TFLOP) at the measured prefill density: QK^T and PV over
+    the causal pairs, 4 * n(n+1)/2 * head_dim * q_heads per layer, times density, mean over samples."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    density = float((result.density or {}).get("prefill", 1.0))
+    per = [4.0 * n * (n + 1) / 2 * head_dim * heads * cfg.num_hidden_layers * density
+           for n in (s.prompt_tokens for s in result.samples)]
+    return sum(per) / len(per) / 1e12
+
+
+def objective_values(metrics: dict[str, float], objectives: list[Objective]) -> Optional[list[float]]:
+    """The objectives' values in order, or None if any is missing or not finite (such a trial is
+    told FAIL: a NaN reported to Optuna would leave it RUNNING)."""
+    vals = [metrics.get(o.metric, math.nan) for o in objectives]
+    return None if any(_nan(v) for v in vals) else [float(v) for v in vals]
+
+
+def _nan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and not math.isfinite(v))

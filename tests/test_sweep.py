@@ -1,0 +1,320 @@
+"""The sweep service (search/): spec validation, the search space, trial metrics, and end to end on
+the bundled model: the Optuna backend with failing trials, kill -9 and resume, the Ray backend
+with gpus: 0, and the export -> eval round trip."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.records import Objective
+from search.spec import SweepSpecError, config_from_params, load_spec, parse_spec
+from search.space import resolve_objectives, suggest_params
+from sketchwalk.config import SketchWalkConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SPACE = {"density": {"type": "float", "low": 0.1, "high": 0.6}}
+
+
+# -- spec ---------------------------------------------------------------------------------------
+
+def test_shipped_sweeps_validate():
+    for name in ("default", "gpu"):
+        spec = load_spec(REPO / "sweeps" / f"{name}.yaml")
+        assert spec.name == name and spec.space and spec.budget.trials
+    assert load_spec(REPO / "sweeps" / "default.yaml").backend == "optuna"
+
+
+@pytest.mark.parametrize("patch, field, needle", [
+    ({"space": {"block_size": {"type": "categorical", "values": [48]}}}, "space.block_size.values", "[16, 32, 64, 128]"),
+    ({"space": {"density": {"type": "float", "low": 0.0, "high": 0.5}}}, "space.density.low", "(0, 1]"),
+    ({"space": {"skip_layers": {"type": "int", "low": -1, "high": 3}}}, "space.skip_layers.low", ">= 0"),
+    ({"space": {"nope": {"type": "int", "low": 0, "high": 1}}}, "space", "not a SketchWalkConfig field"),
+    ({"space": {"density": {"type": "flot", "low": 0.1, "high": 0.2}}}, "space.density", "categorical, int or float"),
+    ({"objectives": ["acc"]}, "objectives", "allowed"),
+    ({"budget": {"trials": 0}}, "budget.trials", "greater than or equal to 1"),
+    ({"backend": "dask"}, "backend", "optuna"),
+    ({"concurrency": 2}, "<root>", "backend: ray"),
+    ({"base": {"walk": "zigzag"}}, "base.walk", "product"),
+    ({"resources": {"gpus": -1}}, "resources.gpus", "auto"),
+    ({"extra_key": 1}, "extra_key", "unknown key"),
+])
+def test_spec_errors_name_the_field(patch, field, needle):
+    data = {"name": "t", "space": SPACE}
+    data.update(patch)
+    with pytest.raises(SweepSpecError) as err:
+        parse_spec(data)
+    assert err.value.field == field and needle in str(err.value), str(err.value)
+
+
+def test_space_is_define_by_run_with_conditions():
+    import optuna
+
+    spec = parse_spec({"name": "t", "space": {
+        "walk": {"type": "categorical", "values": ["product", "damped", "none"]},
+        "damping": {"type": "float", "low": 0.05, "high": 0.5, "when": {"walk": "damped"}},
+        "block_size": {"type": "categorical", "values": [32, 64]},
+        "top_k": {"type": "int", "low": 1, "high": 8}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(30):
+        t = study.ask()
+        p = suggest_params(t, spec)
+        assert ("damping" in p) == (p["walk"] == "damped")
+        cfg = config_from_params(spec, p)
+        assert cfg.top_k == p["top_k"] and cfg.density is None and cfg.block_size == p["block_size"]
+        seen.add(p["walk"])
+        study.tell(t, 0.0)
+    assert seen == {"product", "damped", "none"}
+
+
+def test_speed_objective_resolves_by_device():
+    spec = parse_spec({"name": "t", "space": SPACE})
+    assert [o.name for o in resolve_objectives(spec, cuda=False)] == ["accuracy", "density"]
+    cuda = resolve_objectives(spec, cuda=True)
+    assert [(o.name, o.direction) for o in cuda] == [("accuracy", "maximize"), ("prefill_latency", "minimize")]
+
+
+def test_result_metrics_and_nan_objectives():
+    from search.trial import objective_values, result_metrics
+    from sketchwalk.evaluation import EvalResult, SampleResult
+
+    def result(acc, prefill, density):
+        s = SampleResult("niah_single_1", 1024, 0, 1000, "1", ["1"], acc / 100, prefill, 1.0, 5, 0.4)
+        return EvalResult("m", None, "cpu", "float32",
+                          {"niah_single_1@1024": {"mean": acc, "lo": acc - 5, "hi": acc + 5, "n": 1},
+                           "overall": {"mean": acc, "lo": acc - 5, "hi": acc + 5, "n": 1}},
+                          {"1024": prefill}, {"1024": 10.0}, {"prefill": density, "decode": 0.5,
+                                                              "sparse_layers": {"prefill": density / 2}},
+                          None, [s])
+
+    m = result_metrics(result(80.0, 0.25, 0.4), baseline=result(100.0, 0.5, 1.0))
+    assert m["accuracy"] == 80 and m["accuracy_lo"] == 75 and m["acc.niah_single_1.1024.hi"] == 85
+    assert m["prefill_s"] == 0.25 and m["decode_ms_per_token"] == pytest.approx(100.0)
+    assert m["density"] == 0.4 and m["density_sparse_layers"] == 0.2 and m["accuracy_drop"] == 20
+    objs = [Objective("accuracy", "maximize"), Objective("density", "minimize")]
+    assert objective_values(m, objs) == [80.0, 0.4]
+    assert objective_values(dict(m, density=math.nan), objs) is None
+    assert objective_values({"accuracy": 1.0}, objs) is None
+
+
+def test_ray_refuses_gpus_the_cluster_lacks():
+    from search.ray_driver import resolve_gpus
+
+    spec = parse_spec({"name": "t", "space": SPACE, "backend": "ray", "resources": {"gpus": 1}})
+    with pytest.raises(SweepSpecError) as err:
+        resolve_gpus(spec, 0.0)
+    assert err.value.field == "resources.gpus" and "PENDING" in str(err.value)
+    assert resolve_gpus(parse_spec({"name": "t", "space": SPACE, "backend": "ray"}), 0.0) == 0.0
+    assert resolve_gpus(parse_spec({"name": "t", "space": SPACE, "backend": "ray"}), 2.0) == 1.0
+
+
+def test_bad_model_or_suite_fails_before_loading(tmp_path):
+    from search.launch import prepare_sweep
+    from sketchwalk.evaluation.plan import EvalInputError
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"name": "t", "space": SPACE, "suite": "ruler-smoke-noise",
+                                 "model": str(tmp_path / "missing.gguf")}))
+    with pytest.raises(EvalInputError, match="missing.gguf"):
+        prepare_sweep(str(f), workdir=tmp_path)
+    f.write_text(yaml.safe_dump({"name": "t", "space": SPACE, "suite": "ruler-nope"}))
+    with pytest.raises(EvalInputError, match="ruler-nope"):
+        prepare_sweep(str(f), workdir=tmp_path)
+
+
+# -- end to end on the bundled model (slow) ------------------------------------------------------
+
+def _write_sweep(tmp_path: Path, name: str, **over) -> Path:
+    suite = tmp_path / "tiny-suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "tiny", "tasks": ["niah_single_1"], "lengths": [1024], "samples": 2,
+                                     "seed": 7}))
+    data = {"name": name, "model": "smollm2-135m", "suite": str(suite), "seed": 3,
+            "space": {"density": {"type": "float", "low": 0.15, "high": 0.6},
+                      "skip_layers": {"type": "int", "low": 1, "high": 4},
+                      "sketch_dim": {"type": "categorical", "values": [32, 64]}},
+            "objectives": ["accuracy", "speed"], "budget": {"trials": 3},
+            "tracking": {"experiment": f"test-{name}"}, "analysis": {"export_rule": "knee"}}
+    data.update(over)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _mlflow_children(workdir: Path, sweep_id: str):
+    from tracking import SweepTracker, init_store, resolve_tracking_uri
+    from search.session import load_session
+
+    s = load_session(sweep_id, workdir)
+    return SweepTracker(s.tracking_uri, s.experiment_id, sweep_id).children()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_records_failures_and_exports(tmp_path, monkeypatch):
+    """4 trials: one raises a CUDA OOM, one yields a NaN objective; both are FAILED in Optuna and
+    MLflow and the sweep goes on; the front, plots and best.yaml exist; best.yaml evaluates."""
+    import optuna
+    import torch
+
+    import search.optuna_driver as drv
+    from sketchwalk import cli
+
+    real_run, real_metrics = drv.run_trial, drv.result_metrics
+    calls = {"n": 0}
+
+    def flaky_run(work, config):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(work, config)
+
+    def nan_metrics(result, **kw):
+        m = real_metrics(result, **kw)
+        if calls["n"] == 3:
+            m["accuracy"] = math.nan
+        return m
+
+    monkeypatch.setattr(drv, "run_trial", flaky_run)
+    monkeypatch.setattr(drv, "result_metrics", nan_metrics)
+    f = _write_sweep(tmp_path, "e2e", budget={"trials": 4})
+    rc = cli.main(["sweep", str(f), "--sweep-id", "e2e", "--workdir", str(tmp_path), "--no-progress"])
+    assert rc == 0
+
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path}/runs/optuna.db")
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"], states
+    assert "OutOfMemoryError" in study.trials[1].user_attrs["error"]
+    children = _mlflow_children(tmp_path, "e2e")
+    by_role = {}
+    for c in children:
+        by_role.setdefault(c.role, []).append(c)
+    assert len(by_role["baseline"]) == 1 and by_role["baseline"][0].status == "FINISHED"
+    trials = sorted(by_role["trial"], key=lambda c: c.key)
+    assert [c.status for c in trials] == ["FINISHED", "FAILED", "FAILED", "FINISHED"]
+    assert "OutOfMemoryError" in trials[1].tags["sketchwalk.error"]
+    assert "not finite" in trials[2].tags["sketchwalk.error"]
+    for c in (trials[0], trials[3]):
+        assert 0 <= c.metrics["accuracy"] <= 100 and 0 < c.metrics["density"] < 1
+        assert c.metrics["accuracy_lo"] <= c.metrics["accuracy"] <= c.metrics["accuracy_hi"]
+        assert c.params["density"] and c.params["block_size"] == "64"
+    out = tmp_path / "runs" / "sweeps" / "e2e"
+    for name in ("front.png", "front.html", "front.md", "front.csv", "parallel.png", "best.yaml", "summary.json"):
+        assert (out / name).is_file(), name
+    best = SketchWalkConfig.from_yaml(out / "best.yaml")
+    prov = yaml.safe_load((out / "best.yaml").read_text())["provenance"]
+    assert prov["sweep_id"] == "e2e" and prov["trial"] in (0, 3)
+    chosen = trials[0] if prov["trial"] == 0 else trials[3]
+    assert best.density == pytest.approx(float(chosen.params["density"]))
+
+    # export -> eval round trip: the exported file is accepted unchanged.
+    res = tmp_path / "eval"
+    rc = cli.main(["eval", "--config", str(out / "best.yaml"), "--suite", str(tmp_path / "tiny-suite.yaml"),
+                   "--out", str(res), "--no-baseline"])
+    assert rc == 0
+    import json
+
+    (result_file,) = list(res.glob("*.json"))
+    assert SketchWalkConfig.from_dict(json.loads(result_file.read_text())["config"]) == best
+
+    # `sketchwalk export` with another rule re-picks from MLflow.
+    rc = cli.main(["export", "e2e", "--workdir", str(tmp_path), "--rule", "fastest-within-drop:100",
+                   "--out", str(tmp_path / "fast.yaml")])
+    assert rc == 0 and SketchWalkConfig.from_yaml(tmp_path / "fast.yaml").density is not None
+
+
+def _sweep_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sketchwalk", "sweep", *args, "--no-progress"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+    """SIGKILL a real sweep process in the middle of a trial, resume it: finished trials are not
+    re-run, the interrupted one is re-queued, MLflow holds one run per trial key."""
+    import optuna
+
+    f = _write_sweep(tmp_path, "kr", budget={"trials": 3}, heartbeat_s=1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_sweep_cmd(str(f), "--sweep-id", "kr", "--workdir", str(tmp_path)), env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    storage = f"sqlite:///{tmp_path}/runs/optuna.db"
+    deadline = time.time() + 600
+    killed_during = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="kr", storage=storage).trials
+            except Exception:
+                continue
+            done = [t for t in trials if t.state.name == "COMPLETE"]
+            running = [t for t in trials if t.state.name == "RUNNING"]
+            if done and running:
+                killed_during = running[0].number
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None and killed_during is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_during is not None, (tmp_path / "first.log").read_text()[-3000:]
+    before = {c.key: c for c in _mlflow_children(tmp_path, "kr") if c.role == "trial"}
+    finished_before = {k: c.run_id for k, c in before.items() if c.status == "FINISHED"}
+    assert finished_before
+
+    rc = subprocess.run(_sweep_cmd("--resume", "kr", "--workdir", str(tmp_path)), env=env,
+                        capture_output=True, text=True, timeout=900)
+    assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
+
+    study = optuna.load_study(study_name="kr", storage=storage)
+    states = {t.number: t.state.name for t in study.trials}
+    assert sum(s == "COMPLETE" for s in states.values()) == 3, states
+    assert states[killed_during] == "FAIL"
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_during]
+    assert len(retry) == 1 and retry[0].params == study.trials[killed_during].params
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+
+    after = [c for c in _mlflow_children(tmp_path, "kr") if c.role == "trial"]
+    keys = [c.key for c in after]
+    assert len(keys) == len(set(keys)) == len(study.trials)
+    status = {c.key: c.status for c in after}
+    assert sum(s == "FINISHED" for s in status.values()) == 3
+    assert status[f"trial-{killed_during:05d}"] == "KILLED"
+    for key, run_id in finished_before.items():  # kept, not re-run
+        again = next(c for c in after if c.key == key)
+        assert again.run_id == run_id and again.metrics == before[key].metrics
+    baselines = [c for c in _mlflow_children(tmp_path, "kr") if c.role == "baseline"]
+    assert len(baselines) == 1
+
+
+@pytest.mark.slow
+def test_ray_backend_on_cpu_reuses_the_worker(tmp_path):
+    """Ray Tune + OptunaSearch with gpus: 0: every trial lands in MLflow, and the worker loads the
+    model once for all its trials (actor reuse)."""
+    from search.launch import prepare_sweep, run_sweep
+
+    f = _write_sweep(tmp_path, "rayt", backend="ray", budget={"trials": 3}, resources={"gpus": 0, "cpus": 1})
+    spec, sweep_id, _ = prepare_sweep(str(f), workdir=tmp_path)
+    try:
+        outcome = run_sweep(spec, "rayt", workdir=tmp_path, progress=False)
+    finally:
+        import ray
+
+        ray.shutdown()
+    rows = outcome.counts["trials"]
+    assert outcome.counts["complete"] == 3 and outcome.counts["gpus_per_trial"] == 0.0
+    assert all(r["model_loads"] == 1 for r in rows), rows
+    assert len({r["worker_pid"] for r in rows}) == 1, rows  # one actor ran them all
+    children = _mlflow_children(tmp_path, "rayt")
+    trials = [c for c in children if c.role == "trial"]
+    assert sorted(c.key for c in trials) == [f"trial-{n:05d}" for n in sorted(r["trial_number"] for r in rows)]
+    assert all(c.status == "FINISHED" and "accuracy" in c.metrics for c in trials)
+    assert sum(c.role == "baseline" for c in children) == 1
+    assert (tmp_path / "runs" / "sweeps" / "rayt" / "front.png").is_file()

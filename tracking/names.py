@@ -1,0 +1,59 @@
+"""Names the tracking package writes: tag keys, metric/param keys, search-filter literals."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+# Tags that make sweep runs findable again after a driver restart (idempotent re-attach).
+TAG_SWEEP_ID = "sketchwalk.sweep_id"
+TAG_KEY = "sketchwalk.key"
+TAG_ROLE = "sketchwalk.role"
+TAG_ERROR = "sketchwalk.error"
+TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI uses to nest child runs
+
+ROLE_SWEEP = "sweep"
+CHILD_ROLES = ("trial", "baseline")
+
+# Same character class MLflow validates metric/param/tag names with on POSIX
+# (mlflow.utils.validation.validate_param_and_metric_name): \w is Unicode-aware there too.
+_REJECTED = re.compile(r"[^/\w.\- :]")
+
+
+def sanitize_key(key: object) -> str:
+    """str(key) with every character MLflow rejects in metric/param/tag names replaced by "_"."""
+    return _REJECTED.sub("_", str(key))
+
+
+def metric_key(*parts: object) -> str:
+    """Join `parts` (str()-ed) with "." and sanitise, e.g. ("acc", "niah_single_1", 4096) ->
+    "acc.niah_single_1.4096" and ("acc", "a@b") -> "acc.a_b". Raises ValueError if empty."""
+    key = sanitize_key(".".join(str(p) for p in parts))
+    if not key:
+        raise ValueError("metric_key needs at least one non-empty part")
+    return key
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> one level, keys joined with "." ({"a": {"b": 1}} -> {"a.b": 1}).
+    Leaf values are returned unchanged; keys are not sanitised here."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, name))
+        else:
+            out[name] = v
+    return out
+
+
+def filter_literal(value: str, field: str) -> str:
+    """`value` as a single-quoted literal for an MLflow search filter string.
+
+    MLflow's filter grammar has no escape for quotes, so a value containing a single quote (or a
+    backslash, which the SQL backends may interpret) is rejected with ValueError naming `field`
+    rather than silently matching the wrong runs."""
+    value = str(value)
+    if "'" in value or "\\" in value:
+        raise ValueError(f"{field} must not contain a single quote or backslash: {value!r}")
+    return f"'{value}'"

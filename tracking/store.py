@@ -1,0 +1,203 @@
+"""Where runs are recorded: resolving the tracking URI and preparing the store once per sweep."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from tracking.retry import TrackingError, retrying
+
+_log = logging.getLogger(__name__)
+
+_SQLITE = "sqlite:///"
+_PASS_THROUGH = ("http://", "https://", "postgresql://", "postgresql+psycopg2://")
+_ALLOWED_FORMS = (
+    "unset (-> sqlite:///<workdir>/runs/mlflow.db), sqlite:///<path>.db, a file path ending in "
+    ".db, http(s)://<host>[:port], postgresql[+psycopg2]://..."
+)
+# INFO lines MLflow/alembic print while creating a fresh SQLite schema: pure noise for a sweep.
+# Only their INFO is muted; warnings and errors still get through.
+_NOISY_INIT_LOGGERS = ("mlflow.store.db.utils", "alembic")
+
+
+def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike = ".") -> str:
+    """Config value `tracking.uri` -> the URI every process of the sweep uses.
+
+    None (or blank) -> "sqlite:///<absolute workdir>/runs/mlflow.db", creating runs/. Relative
+    SQLite paths (``sqlite:///rel.db`` or a bare ``*.db`` path) are made absolute against
+    `workdir`, because Ray workers run in other directories and would otherwise open a different
+    database. http(s) and postgresql URIs pass through unchanged. Anything else (including
+    in-memory SQLite, which each process would see empty) -> TrackingError naming `tracking.uri`.
+    """
+    base = Path(workdir).expanduser().resolve()
+    if uri is None or not str(uri).strip():
+        runs = base / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        return _SQLITE + str(runs / "mlflow.db")
+    uri = str(uri).strip()
+    if uri.startswith(_PASS_THROUGH):
+        return uri
+    if uri.startswith(_SQLITE):
+        path, sep, query = uri[len(_SQLITE):].partition("?")
+    elif "://" not in uri and uri.split("?")[0].endswith(".db"):
+        path, sep, query = uri.partition("?")
+    else:
+        raise TrackingError(
+            f"tracking.uri {uri!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
+        )
+    if not path or path == ":memory:":
+        raise TrackingError(
+            f"tracking.uri {uri!r}: an in-memory SQLite store is private to one process and cannot "
+            f"hold a sweep; allowed forms: {_ALLOWED_FORMS}"
+        )
+    full = Path(path).expanduser()
+    if not full.is_absolute():
+        full = base / full
+    return _SQLITE + os.path.normpath(full) + sep + query
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other schemes). Raises TrackingError
+    for a relative path: every process must open the same file, whatever its cwd."""
+    if not uri.startswith(_SQLITE):
+        return None
+    path = Path(uri[len(_SQLITE):].partition("?")[0])
+    if not path.is_absolute():
+        raise TrackingError(
+            f"tracking URI {uri!r} has a relative SQLite path; pass it through "
+            "resolve_tracking_uri() first so that all workers open the same database"
+        )
+    return path
+
+
+def check_supported(uri: str) -> None:
+    """Raise TrackingError unless `uri` is one resolve_tracking_uri() can return."""
+    if not (uri.startswith(_PASS_THROUGH) or sqlite_path(uri) is not None):
+        raise TrackingError(
+            f"tracking URI {uri!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_schema_init() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_INIT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.getEffectiveLevel() < logging.WARNING:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        resp = requests.get(url, timeout=timeout_s)
+    except requests.exceptions.RequestException as exc:
+        raise TrackingError(
+            f"MLflow tracking server at {uri} is unreachable: GET {url} failed within "
+            f"{timeout_s:g} s: {type(exc).__name__}: {exc}"
+        ) from exc
+    if resp.status_code != 200:
+        raise TrackingError(
+            f"MLflow tracking server at {uri} is unreachable: GET {url} returned HTTP "
+            f"{resp.status_code}: {resp.text[:200]!r}"
+        )
+
+
+def _check_sqlite(uri: str, db: Path) -> None:
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(
+            f"SQLite tracking store {uri}: cannot create directory {db.parent}: {exc}"
+        ) from exc
+    if not os.access(db.parent, os.W_OK | os.X_OK):
+        # SQLite writes journal/WAL files beside the database, so the directory must be writable.
+        raise TrackingError(f"SQLite tracking store {uri}: directory {db.parent} is not writable")
+    if db.exists() and not os.access(db, os.W_OK):
+        raise TrackingError(f"SQLite tracking store {uri}: database file {db} is not writable")
+
+
+def _artifact_location(db: Path | None, artifact_root: str | None) -> str | None:
+    if artifact_root is not None:
+        if "://" in artifact_root:
+            return artifact_root
+        return Path(artifact_root).expanduser().resolve().as_uri()
+    if db is not None:
+        return (db.parent / "artifacts").as_uri()
+    return None  # server / database default
+
+
+def init_store(
+    uri: str,
+    experiment: str,
+    *,
+    artifact_root: str | None = None,
+    timeout_s: float = 10.0,
+) -> str:
+    """Prepare the store once, in the sweep driver, before any worker starts; returns the
+    experiment id (a string). Idempotent.
+
+    Parallel first writers race on SQLite's schema migration, hence a single call up front.
+    Checks reachability (http(s): GET <uri>/health within `timeout_s` seconds; sqlite: the
+    database directory exists or can be created and is writable), creates the schema and the
+    experiment if missing (a deleted experiment of that name is restored). For sqlite the
+    experiment's artifact location defaults to the file URI of "<dir of the db>/artifacts";
+    `artifact_root` (path or URI) overrides it. It applies only when the experiment is created.
+    Raises TrackingError naming `uri` on failure.
+    """
+    check_supported(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        _check_sqlite(uri, db)
+    elif uri.startswith(("http://", "https://")):
+        _check_http(uri, timeout_s)
+    try:
+        with _quiet_schema_init():
+            client = retrying(MlflowClient, tracking_uri=uri, what=f"opening MLflow store {uri}")
+        location = _artifact_location(db, artifact_root)
+        return _ensure_experiment(client, uri, experiment, location)
+    except TrackingError:
+        raise
+    except Exception as exc:
+        raise TrackingError(
+            f"preparing MLflow store {uri} (experiment {experiment!r}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _ensure_experiment(client: MlflowClient, uri: str, name: str, location: str | None) -> str:
+    what = f"get experiment {name!r} at {uri}"
+    exp = retrying(client.get_experiment_by_name, name, what=what)
+    if exp is None:
+        try:
+            return retrying(
+                client.create_experiment, name, artifact_location=location,
+                what=f"create experiment {name!r} at {uri}",
+            )
+        except MlflowException as exc:
+            # Another driver created it between our lookup and create: use theirs.
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            exp = retrying(client.get_experiment_by_name, name, what=what)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        _log.warning("experiment %r at %s was deleted; restoring it", name, uri)
+        retrying(client.restore_experiment, exp.experiment_id,
+                 what=f"restore experiment {name!r} at {uri}")
+    if location is not None and exp.artifact_location != location:
+        _log.info("experiment %r keeps its artifact location %s (requested %s)",
+                  name, exp.artifact_location, location)
+    return exp.experiment_id
