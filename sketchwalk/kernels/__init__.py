@@ -6,9 +6,12 @@ Importing this package never imports Triton: each kernel is compiled on its firs
 
 - `block_sparse_prefill`: causal prefill attention over the selected key blocks of each query block.
 - `block_sparse_decode`: one query token per sequence over selected KV-cache blocks (split-KV).
+- `block_sketch`: the fused mean_qk selection front end (head average, block means, SRHT) in one pass.
 """
 from ._triton import TritonUnavailableError, triton_available
+from .block_sketch import BlockSketch, block_sketch
 from .block_sparse_decode import block_sparse_decode
 from .block_sparse_prefill import block_sparse_prefill
 
-__all__ = ["block_sparse_prefill", "block_sparse_decode", "TritonUnavailableError", "triton_available"]
+__all__ = ["block_sparse_prefill", "block_sparse_decode", "block_sketch", "BlockSketch", "TritonUnavailableError",
+           "triton_available"]

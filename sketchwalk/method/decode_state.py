@@ -37,20 +37,51 @@ class LayerDecodeState:
 
         w is not copied (the prefill's walk may alias it); the first write in place clones it.
         """
-        self.cfg, self.layer_idx, self.head_dim = cfg, layer_idx, head_dim
         B = cfg.block_size
         g, m, d = qf.shape
         nb = -(-m // B)
-        cap = max(16, 2 * nb)
-        self.qsum = qf.new_zeros(cap, g, d)
-        self.ksum = kf.new_zeros(cap, g, d)
+        qsum = qf.new_zeros(_capacity(nb), g, d)
+        ksum = kf.new_zeros(_capacity(nb), g, d)
         # index_add_ accumulates in token order, as the decode steps then continue (`+=`).
         blk = torch.arange(m, device=qf.device) // B
-        self.qsum.index_add_(0, blk, qf.transpose(0, 1))
-        self.ksum.index_add_(0, blk, kf.transpose(0, 1))
+        qsum.index_add_(0, blk, qf.transpose(0, 1))
+        ksum.index_add_(0, blk, kf.transpose(0, 1))
+        window_q = qf[:, m - min(m, cfg.decode_window):] if cfg.decode_query == "window" else None
+        self._seed(cfg, layer_idx, head_dim, qsum, ksum, m, window_q, w)
+
+    @classmethod
+    def from_block_sums(cls, cfg: SketchWalkConfig, layer_idx: int, head_dim: int, q_sums: torch.Tensor,
+                        k_sums: torch.Tensor, m: int, window_q: Optional[torch.Tensor],
+                        w: torch.Tensor) -> "LayerDecodeState":
+        """Seed from a prefill's block sums (the fused front end's), without per-token features.
+
+        q_sums, k_sums: [nb, d] (G = 1) or [nb, G, d], per block the sum of its tokens' group
+        features, nb = ceil(m / block_size); m: real tokens; window_q: [G, min(m, decode_window), d]
+        the last queries' group features (decode_query == "window"; else ignored, may be None);
+        w: [nb, nb] transition matrix (not copied, as in __init__).
+        """
+        if q_sums.dim() == 2:
+            q_sums, k_sums = q_sums[:, None], k_sums[:, None]
+        nb, g, d = q_sums.shape
+        qsum = q_sums.new_zeros(_capacity(nb), g, d)
+        ksum = k_sums.new_zeros(_capacity(nb), g, d)
+        qsum[:nb], ksum[:nb] = q_sums, k_sums
+        if cfg.decode_query == "window" and (window_q is None or window_q.shape[1] != min(m, cfg.decode_window)):
+            raise ValueError(f"decode_query = window needs the last min(m, decode_window) = "
+                             f"{min(m, cfg.decode_window)} query features as window_q")
+        state = cls.__new__(cls)
+        state._seed(cfg, layer_idx, head_dim, qsum, ksum, m, window_q, w)
+        return state
+
+    def _seed(self, cfg: SketchWalkConfig, layer_idx: int, head_dim: int, qsum: torch.Tensor, ksum: torch.Tensor,
+              m: int, window_q: Optional[torch.Tensor], w: torch.Tensor) -> None:
+        """Common seeding: block sums qsum, ksum [cap, G, d] of m tokens, window queries [G, keep, d] or None."""
+        self.cfg, self.layer_idx, self.head_dim = cfg, layer_idx, head_dim
+        B = cfg.block_size
+        self.qsum, self.ksum = qsum, ksum
         # Token counts 0..B as device scalars: dividing by a device tensor keeps true division
         # (a Python divisor would be turned into a multiplication by its reciprocal on CUDA).
-        self._count_values = torch.arange(B + 1, device=qf.device, dtype=qf.dtype)
+        self._count_values = torch.arange(B + 1, device=qsum.device, dtype=qsum.dtype)
         self.w = w
         self._w_owned = False
         self.final_rows = m // B  # rows of complete query blocks are final
@@ -58,9 +89,9 @@ class LayerDecodeState:
         self.n_tokens = m
         self._window: Optional[torch.Tensor] = None
         if cfg.decode_query == "window":
-            keep = min(m, cfg.decode_window)
-            self._window = qf.new_empty(g, 2 * cfg.decode_window, d)
-            self._window[:, :keep] = qf[:, m - keep:]
+            g, keep, d = window_q.shape
+            self._window = qsum.new_empty(g, 2 * cfg.decode_window, d)
+            self._window[:, :keep] = window_q
             self._window_end = keep
 
     # -- storage ------------------------------------------------------------------------
@@ -161,3 +192,8 @@ class LayerDecodeState:
             self.w, self._w_owned = self.w.clone(), True
         self.w[i] = row[0]
         return self.w
+
+
+def _capacity(nb: int) -> int:
+    """Initial block capacity of the running sums for a prefill of nb blocks (room to decode as many)."""
+    return max(16, 2 * nb)
