@@ -84,6 +84,7 @@ INVALID = [
     ("seed", -1, {}, [">= 0"]),
     ("seed", 1.5, {}, [">= 0"]),
     ("seed", True, {}, [">= 0"]),
+    ("selector", "quest", {}, ["sketchwalk", "oracle", "random", "streaming"]),
 ]
 
 
@@ -314,7 +315,7 @@ CHANGES = [
     {"block_size": 32}, {"sketch_dim": 32}, {"top_k": 4}, {"density": 0.3}, {"sparsity_exponent": 4.0},
     {"skip_layers": 1}, {"sink_blocks": 2}, {"local_blocks": 2}, {"walk": "damped"}, {"damping": 0.5},
     {"degree": 2}, {"sketch": "exact"}, {"head_aggregation": "sum_probs"}, {"phases": "prefill"},
-    {"decode_query": "window"}, {"decode_window": 16}, {"seed": 1},
+    {"decode_query": "window"}, {"decode_window": 16}, {"seed": 1}, {"selector": "oracle"},
 ]
 
 

@@ -21,8 +21,9 @@ import torch
 
 from ..config import SketchWalkConfig
 from .attention import sparse_attention
+from .baselines import decode_scores, prefill_scores
 from .decode_state import LayerDecodeState
-from .scores import group_features, sketch_features, transition_rows
+from .scores import compute_dtype, group_features, sketch_features, transition_rows
 from .selection import BlockSelection, BlockSelector
 from .sketch import block_means
 from .walk import walk_update
@@ -144,9 +145,9 @@ class SketchWalkRuntime:
             if ks.shape[-2] == 0:
                 selections.append(None)
             elif phase == "prefill":
-                selections.append(self._prefill_select(layer_idx, b, qs, ks, sparse_layer, sparse))
+                selections.append(self._prefill_select(layer_idx, b, qs, ks, sparse_layer, sparse, scale))
             else:
-                selections.append(self._decode_select(layer_idx, b, qs, ks, sparse))
+                selections.append(self._decode_select(layer_idx, b, qs, ks, sparse, scale))
         return self._attend(q, k, v, pads, selections, scale)
 
     def uses_triton(self, device: torch.device) -> bool:
@@ -179,28 +180,40 @@ class SketchWalkRuntime:
         return out
 
     # -- one sequence -----------------------------------------------------------------
-    def _prefill_select(self, layer: int, b: int, q, k, sparse_layer: bool, sparse: bool) -> Optional[BlockSelection]:
+    def _prefill_select(self, layer: int, b: int, q, k, sparse_layer: bool, sparse: bool,
+                        scale: float) -> Optional[BlockSelection]:
         """Selection for a prefill of one sequence (q: [Hq, m, d], k: [Hkv, m, d]); None = dense. Seeds decode state."""
         cfg = self.config
         m, d = k.shape[-2], k.shape[-1]
         nb = -(-m // cfg.block_size)
         causal_pairs = nb * (nb + 1) // 2
-        needs_state = sparse_layer and cfg.sparse_decode
+        needs_state = sparse_layer and cfg.sparse_decode and cfg.selector == "sketchwalk"  # baselines keep none
         if not sparse and not needs_state:
             self._count("prefill", layer, causal_pairs, causal_pairs, dense=True)
             return None
-        qf, kf = group_features(q.detach(), k.detach(), cfg)
-        w = self._prefill_transition(layer, qf, kf, d)
+        if cfg.selector != "sketchwalk":  # a baseline's scores (method/baselines.py): no sketch, no walk
+            scores = prefill_scores(q.detach(), k.detach(), cfg, layer, scale)
+            return self._select_prefill(layer, b, scores, causal_pairs)
+        if self.uses_triton(q.device) and _fused_front_end_applies(q, cfg):
+            w, state = self._prefill_transition_fused(layer, q.detach(), k.detach(), needs_state)
+        else:
+            qf, kf = group_features(q.detach(), k.detach(), cfg)
+            w = self._prefill_transition(layer, qf, kf, d)
+            state = LayerDecodeState(cfg, layer, d, qf, kf, w) if needs_state else None
         if needs_state:
-            self._states[layer][b] = LayerDecodeState(cfg, layer, d, qf, kf, w)
+            self._states[layer][b] = state
         if not sparse:
             self._count("prefill", layer, causal_pairs, causal_pairs, dense=True)
             return None
         r = walk_update(self._walk[b], w, None, cfg)
         self._walk[b] = r
-        sel = self.selector.prefill(r, self._index_dtype(q.device))
+        return self._select_prefill(layer, b, r, causal_pairs)
+
+    def _select_prefill(self, layer: int, b: int, scores: torch.Tensor, causal_pairs: int) -> BlockSelection:
+        """Selection of every row of a prefill from its scores [nb, nb] (walk rows or a baseline's), counted."""
+        sel = self.selector.prefill(scores, self._index_dtype(scores.device))
         self._record(layer, b, sel)
-        self._count("prefill", layer, self.selector.pairs(nb), causal_pairs, dense=False)
+        self._count("prefill", layer, self.selector.pairs(scores.shape[0]), causal_pairs, dense=False)
         return sel
 
     def _prefill_transition(self, layer: int, qf: torch.Tensor, kf: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -210,11 +223,32 @@ class SketchWalkRuntime:
         nb = qm.shape[-2]
         # One SRHT call for both (rows are independent, so the values are those of two calls).
         sk = sketch_features(torch.cat([qm, km], dim=-2), cfg, layer)
-        causal = self.selector.prefill_causal(nb, qf.device)
-        return transition_rows(sk[:, :nb], sk[:, nb:], self.selector.arange(nb, qf.device), head_dim, cfg,
-                               causal=causal)
+        return self._transition_of_sketches(sk[:, :nb], sk[:, nb:], head_dim)
 
-    def _decode_select(self, layer: int, b: int, q, k, sparse: bool) -> Optional[BlockSelection]:
+    def _prefill_transition_fused(self, layer: int, q, k, needs_state: bool
+                                  ) -> tuple[torch.Tensor, Optional[LayerDecodeState]]:
+        """W [nb, nb] (and the seeded decode state, if needed) from q: [Hq, m, d], k: [Hkv, m, d]
+        through the fused Triton front end (mean_qk): Q and K are read once, no per-token features."""
+        from ..kernels import block_sketch
+
+        cfg = self.config
+        m, d = k.shape[-2], k.shape[-1]
+        fe = block_sketch(q, k, cfg, layer)
+        w = self._transition_of_sketches(fe.q_sk, fe.k_sk, d)
+        if not needs_state:
+            return w, None
+        window_q = None
+        if cfg.decode_query == "window":  # only the last decode_window queries' features, as group_features has them
+            window_q = q[:, m - min(m, cfg.decode_window):].to(compute_dtype(q.dtype)).mean(0, keepdim=True)
+        return w, LayerDecodeState.from_block_sums(cfg, layer, d, fe.q_sums, fe.k_sums, m, window_q, w)
+
+    def _transition_of_sketches(self, q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """W [nb, nb] of a prefill from its sketched block means q_sk, k_sk: [G, nb, r]."""
+        nb, device = q_sk.shape[-2], q_sk.device
+        causal = self.selector.prefill_causal(nb, device)
+        return transition_rows(q_sk, k_sk, self.selector.arange(nb, device), head_dim, self.config, causal=causal)
+
+    def _decode_select(self, layer: int, b: int, q, k, sparse: bool, scale: float) -> Optional[BlockSelection]:
         """Selection for one decode step of one sequence (q: [Hq, 1, d], k: [Hkv, m, d]); None = dense."""
         cfg = self.config
         m = k.shape[-2]
@@ -222,6 +256,8 @@ class SketchWalkRuntime:
         if not sparse:
             self._count("decode", layer, i + 1, i + 1, dense=True)
             return None
+        if cfg.selector != "sketchwalk":
+            return self._select_decode(layer, b, decode_scores(q.detach(), k.detach(), cfg, layer, scale), i)
         states = self._states.get(layer)
         state = states[b] if states is not None and b < len(states) else None
         if state is None or state.n_tokens != m - 1:
@@ -233,7 +269,11 @@ class SketchWalkRuntime:
         w = state.transition_with_current_row(qf[:, 0])
         r = walk_update(self._walk[b], w, slice(i, i + 1), cfg)
         self._walk[b] = r
-        sel = self.selector.decode(r, i, self._index_dtype(q.device))
+        return self._select_decode(layer, b, r, i)
+
+    def _select_decode(self, layer: int, b: int, scores: torch.Tensor, i: int) -> BlockSelection:
+        """Selection of query-block row i of a decode step from its scores [1, >= i+1], counted."""
+        sel = self.selector.decode(scores, i, self._index_dtype(scores.device))
         self._record(layer, b, sel)
         self._count("decode", layer, self.selector.row_count(i), i + 1, dense=False)
         return sel
@@ -241,6 +281,14 @@ class SketchWalkRuntime:
     def _record(self, layer: int, b: int, sel: BlockSelection) -> None:
         if self.keep_selections:
             self.last_selection[layer][b] = sel
+
+
+def _fused_front_end_applies(q: torch.Tensor, cfg: SketchWalkConfig) -> bool:
+    """Whether `block_sketch` covers this prefill: mean_qk, a kernel dtype, head_dim <= 256, a device it runs on."""
+    from ..kernels._triton import interpreting
+
+    return (cfg.head_aggregation == "mean_qk" and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[-1] <= 256 and (q.device.type == "cuda" or interpreting()))
 
 
 def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], kv_len: int, selector: BlockSelector,

@@ -1,0 +1,189 @@
+"""Replay block selectors on recorded Q, K, V, layer by layer, beside exact dense attention.
+
+One `SketchWalkRuntime` per config and prompt runs the recorded layers in order (batch 1, no
+padding), so the walk is carried across the recorded layers exactly as in a forward pass;
+layers below skip_layers run dense. When only some layers were recorded, the walk steps from
+one recorded layer to the next (R^k = R^k' W^k for the previous recorded layer k').
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from ..config import SketchWalkConfig
+from ..method.attention import sparse_attention
+from ..method.baselines import block_attention_mass, query_block_sizes
+from ..method.runtime import SketchWalkRuntime
+from .record import Recording, load_recording
+
+
+@dataclasses.dataclass
+class SelectorStep:
+    """One config's result on one recorded layer of one prompt.
+
+    out: [Hq, n, d] its attention output; mask: [nb, nb] bool, the selected (query-block, key-block)
+    pairs (every causal pair when the layer ran dense); density: the runtime's measured density;
+    dense: whether the layer ran dense (below skip_layers, or sparse prefill off).
+    """
+
+    out: torch.Tensor
+    mask: torch.Tensor
+    density: float
+    dense: bool
+
+
+@dataclasses.dataclass
+class LayerStep:
+    """Everything replayed for one (prompt, layer): the exact reference and each config's step.
+
+    mass: [nb, nb] dense block attention mass (mean over heads and the block's queries, rows sum to
+    1); weights: [nb] queries per block row; dense_out: [Hq, n, d] dense causal attention;
+    steps: label -> SelectorStep.
+    """
+
+    prompt: int
+    layer: int
+    length: int
+    mass: torch.Tensor
+    weights: torch.Tensor
+    dense_out: torch.Tensor
+    steps: dict[str, SelectorStep]
+
+
+def as_recording(record: Union[str, Path, Recording]) -> Recording:
+    """A Recording from a directory path (or the Recording itself)."""
+    return record if isinstance(record, Recording) else load_recording(record)
+
+
+def default_device() -> torch.device:
+    """Where replays run by default: the GPU if there is one (the Triton path), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def replay(record: Union[str, Path, Recording], configs: dict[str, SketchWalkConfig], *,
+           device: Union[str, torch.device, None] = None, backend: str = "auto") -> Iterator[LayerStep]:
+    """Yield one LayerStep per recorded (prompt, layer), prompts in order, layers ascending.
+
+    configs: label -> config; all must share one block_size (their masks and the mass are on one
+    block grid). Each config is checked against the recorded model (ConfigError). backend: the
+    runtime's attention backend (`auto`: Triton on CUDA).
+    """
+    rec = as_recording(record)
+    block_sizes = {c.block_size for c in configs.values()}
+    if len(block_sizes) != 1:
+        raise ValueError(f"replayed configs must share one block_size, got {sorted(block_sizes)}")
+    block_size = block_sizes.pop()
+    num_layers, head_dim = rec.meta["num_layers"], rec.meta["head_dim"]
+    for cfg in configs.values():
+        cfg.validate_for_model(num_layers, head_dim)
+    device = torch.device(device) if device is not None else default_device()
+    layers = sorted(rec.layers)
+    replay_cfgs = {label: _replay_config(cfg, layers) for label, cfg in configs.items()}
+    for prompt in rec.prompts:
+        runtimes = {label: _runtime(cfg, num_layers, head_dim, backend) for label, cfg in replay_cfgs.items()}
+        for layer in layers:
+            e = rec.entry(prompt, layer)
+            q, k, v = _gqa_inputs(rec, *rec.load(prompt, layer, device))
+            n = q.shape[-2]
+            pos = torch.arange(n, device=device)
+            steps = {label: _step(rt, configs[label], layer, q, k, v, e.scale) for label, rt in runtimes.items()}
+            yield LayerStep(prompt, layer, n, block_attention_mass(q, k, e.scale, block_size),
+                            query_block_sizes(0, n, block_size, device),
+                            sparse_attention(q, k, v, pos, None, e.scale), steps)
+
+
+def _replay_config(cfg: SketchWalkConfig, layers: Sequence[int]) -> SketchWalkConfig:
+    """The config the runtime replays with: the runtime starts its walk at layer == skip_layers, so
+    when that layer was not recorded, skip_layers moves to the first recorded sparse layer (the same
+    layers run dense: none was recorded in between)."""
+    sparse = [layer for layer in layers if layer >= cfg.skip_layers]
+    return cfg.replace(skip_layers=sparse[0]) if sparse and sparse[0] != cfg.skip_layers else cfg
+
+
+def _runtime(cfg: SketchWalkConfig, num_layers: int, head_dim: int, backend: str) -> SketchWalkRuntime:
+    rt = SketchWalkRuntime(cfg, num_layers, head_dim, backend=backend)
+    rt.keep_selections = True
+    return rt
+
+
+def _gqa_inputs(rec: Recording, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(q, k, v) with a uniform GQA grouping: a head subset whose query heads do not split evenly over
+    its KV heads gets one KV head per query head (the same pairs, no grouping to infer)."""
+    q_to_kv = rec.meta["q_to_kv"]
+    hq, hkv = q.shape[0], k.shape[0]
+    uniform = hq % hkv == 0 and q_to_kv == [h // (hq // hkv) for h in range(hq)]
+    if uniform:
+        return q, k, v
+    idx = torch.tensor(q_to_kv, device=k.device)
+    return q, k.index_select(0, idx), v.index_select(0, idx)
+
+
+def _step(rt: SketchWalkRuntime, cfg: SketchWalkConfig, layer: int, q, k, v, scale: float) -> SelectorStep:
+    out = rt.attention(layer, q[None], k[None], v[None], None, scale)[0]
+    nb = -(-q.shape[-2] // cfg.block_size)
+    sel = rt.last_selection[layer][0]
+    if sel is None:
+        mask = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+    else:
+        mask = sel.dense_block_mask(nb)
+    density = rt.density().per_layer["prefill"][layer]
+    return SelectorStep(out, mask, density, dense=sel is None)
+
+
+def mass_recall(mass: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of the dense softmax mass (mean over heads and query tokens) inside the selected blocks.
+
+    mass: [nb, nb] per-row mean mass; weights: [nb] queries per row; mask: [nb, nb] bool selection.
+    """
+    w = weights.to(mass.dtype)
+    return float(((mass * mask).sum(-1) * w).sum() / w.sum())
+
+
+def output_errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Errors of out vs ref (equal shapes, e.g. [Hq, n, d]): cosine (flattened, fp64),
+    rel_error = ||out - ref|| / ||ref||, max_abs_error."""
+    o, r = out.double().flatten(), ref.double().flatten()
+    diff = o - r
+    return {"cosine": float(torch.dot(o, r) / (o.norm() * r.norm()).clamp_min(1e-300)),
+            "rel_error": float(diff.norm() / r.norm().clamp_min(1e-300)),
+            "max_abs_error": float(diff.abs().max()) if diff.numel() else 0.0}
+
+
+def summarize(rows: list[dict], metrics: Sequence[str], worst: Sequence[str] = (),
+              group: Sequence[str] = ("layer",)) -> tuple[list[dict], dict[str, float]]:
+    """Per-group aggregates over prompts, then overall aggregates over the sparse groups.
+
+    rows: dicts with the `group` keys, `dense` (bool) and each metric. A metric is averaged, except
+    those in `worst`, which take the max (errors). Overall: over groups that ran sparse (all groups
+    when none did). Returns (per-group rows in first-seen order, overall {metric: value}).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[g] for g in group), []).append(r)
+    per_group = []
+    for key, rs in groups.items():
+        agg = dict(zip(group, key), dense=all(r["dense"] for r in rs), prompts=len(rs))
+        agg.update({m: _reduce([r[m] for r in rs], m in worst) for m in metrics})
+        per_group.append(agg)
+    sparse = [g for g in per_group if not g["dense"]] or per_group
+    overall = {m: _reduce([g[m] for g in sparse], m in worst) for m in metrics}
+    return per_group, overall
+
+
+def _reduce(values: list[float], take_max: bool) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return float("nan")
+    return max(finite) if take_max else sum(finite) / len(finite)
+
+
+def config_label(cfg: SketchWalkConfig, taken: Optional[set] = None) -> str:
+    """A short label for a config in tables and metric names: its selector, plus its hash if that is taken."""
+    label = cfg.selector
+    if taken is not None and label in taken:
+        label = f"{cfg.selector}-{cfg.short_hash()}"
+    return label
