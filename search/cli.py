@@ -33,6 +33,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. ray-head:6379 or auto); default: start a local Ray")
     p.add_argument("--trials", type=int, default=None, help="override budget.trials")
+    p.add_argument("--wall-time", type=float, default=None, metavar="SECONDS",
+                   help="override budget.wall_time_s (no new trial starts after it; a running one finishes)")
     p.add_argument("--suite", default=None, help="override the RULER suite (name, name@4k,8k, or YAML path)")
     p.add_argument("--samples", type=int, default=None, help="override samples per task per length")
     p.add_argument("--essays", default=None, help="PaulGrahamEssays.json (default: $SKETCHWALK_ESSAYS)")
@@ -60,7 +62,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     console = _console()
     workdir = Path(args.workdir)
-    overrides = {"backend": args.backend, "budget.trials": args.trials, "suite": args.suite,
+    overrides = {"backend": args.backend, "budget.trials": args.trials, "budget.wall_time_s": args.wall_time,
+                 "suite": args.suite,
                  "samples": args.samples, "essays": args.essays}
     try:
         spec, sweep_id, earlier = prepare_sweep(args.file, resume=args.resume, workdir=workdir, overrides=overrides)
@@ -77,6 +80,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if outcome.analysis.records and any(r.state == "COMPLETE" for r in outcome.analysis.records) else 1
 
 
+def _cell(value) -> str:
+    """Table cell text: floats to 4 significant digits (the CSV keeps full precision)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _print_outcome(console, outcome) -> None:
     from rich.table import Table
 
@@ -87,7 +95,7 @@ def _print_outcome(console, outcome) -> None:
         for col in a.table[0]:
             table.add_column(str(col))
         for row in a.table:
-            table.add_row(*[str(v) for v in row.values()])
+            table.add_row(*[_cell(v) for v in row.values()])
     console.print(table)
     console.print(f"trials: {outcome.counts.get('complete')} complete, {outcome.counts.get('failed')} failed; "
                   f"wall time {outcome.wall_s:.0f} s", highlight=False)

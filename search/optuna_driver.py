@@ -15,10 +15,10 @@ import warnings
 from typing import Callable, Optional
 
 from .records import Objective
-from .session import SweepSession, fail_trial, finish_trial, start_trial, trial_key
+from .session import SweepSession, config_hash, fail_trial, finish_trial, start_trial, trial_key
 from .space import CONSTRAINT_ATTR, make_sampler, suggest_params
-from .spec import SweepSpec, config_from_params
-from .trial import Workload, objective_values, result_metrics, run_trial
+from .spec import VARIANT_PARAM, SweepSpec, config_from_params
+from .trial import Workload, free_cuda_cache, objective_values, result_metrics, run_trial
 
 
 class TrialFailed(RuntimeError):
@@ -26,11 +26,15 @@ class TrialFailed(RuntimeError):
 
 
 def open_study(session: SweepSession, *, storage_url: str, heartbeat_s: int = 10):
-    """Create or load the study named after the sweep, with heartbeats and stale-trial retry."""
+    """Create or load the study named after the sweep, with heartbeats and stale-trial retry; a
+    fixed-variant sweep's variants are enqueued in order, once (a resumed study skips those it has)."""
     import optuna
 
     spec = session.spec
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Optuna 5 prefers Trial.set_constraint, which Ray Tune's OptunaSearch cannot call; the
+    # sampler's constraints_func serves both drivers and works until Optuna 7.
+    warnings.filterwarnings("ignore", message=".*constraints_func.* has been deprecated", category=FutureWarning)
     storage = optuna.storages.RDBStorage(
         storage_url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
         heartbeat_stale_trial_callback=_StaleTrialCallback(session),
@@ -39,6 +43,8 @@ def open_study(session: SweepSession, *, storage_url: str, heartbeat_s: int = 10
                                 directions=[o.direction for o in session.objectives], load_if_exists=True)
     study.set_metric_names([o.name for o in session.objectives])
     study.set_user_attr("sweep_id", session.sweep_id)
+    for name in spec.variants:
+        study.enqueue_trial({VARIANT_PARAM: name}, skip_if_exists=True)
     return study
 
 
@@ -112,8 +118,9 @@ def make_objective(session: SweepSession, work: Workload, on_result: Optional[Ca
             run = start_trial(session, trial.number, config, tracker,
                               extra_tags={"sketchwalk.retry_of": "" if retry_of is None else retry_of})
             trial.set_user_attr("mlflow_run_id", run.run_id)
-            trial.set_user_attr("config_hash", config.short_hash())
-            config.validate_for_model(work.model.config.num_hidden_layers, _head_dim(work.model))
+            trial.set_user_attr("config_hash", config_hash(config))
+            if config is not None:  # None: a dense variant
+                config.validate_for_model(work.model.config.num_hidden_layers, _head_dim(work.model))
             result = run_trial(work, config)
             metrics = result_metrics(result, model=work.model, baseline=work.baseline)
             values = objective_values(metrics, objectives)
@@ -123,7 +130,7 @@ def make_objective(session: SweepSession, work: Workload, on_result: Optional[Ca
         except BaseException as exc:
             error = fail_trial(tracker, run, exc)
             trial.set_user_attr("error", error[-2000:])
-            _free_cuda()
+            free_cuda_cache()
             if on_result:
                 on_result(trial.number, None, error)
             raise
@@ -172,6 +179,14 @@ def run_study(session: SweepSession, work: Workload, *, storage_url: str, heartb
             break
         if deadline is not None and time.monotonic() >= deadline:
             break
+        if spec.variants and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            # A fixed-variant sweep never samples (that would repeat a variant): with nothing queued,
+            # wait for the RUNNING trials, a dead worker's goes stale and its variant is re-queued.
+            if not running:
+                break
+            time.sleep(heartbeat_s)
+            optuna.storages.fail_stale_trials(study)
+            continue
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
     complete, failed, running = counted_trials(study)
     return {"complete": complete, "failed": failed, "running": running, "recovered": recovered}
@@ -181,12 +196,3 @@ def _head_dim(model) -> int:
     cfg = model.config
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
-
-def _free_cuda() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass

@@ -26,8 +26,9 @@ from sketchwalk.evaluation import EvalResult
 from .records import Objective
 from .session import SweepSession, fail_trial, finish_trial, start_trial
 from .space import make_sampler, suggest_params
-from .spec import CONFIG_FIELDS, SweepSpec, SweepSpecError, config_from_params
-from .trial import Workload, dense_result, load_workload, objective_values, result_metrics, run_trial
+from .spec import CONFIG_FIELDS, VARIANT_PARAM, SweepSpec, SweepSpecError, config_from_params
+from .trial import (Workload, dense_result, free_cuda_cache, load_workload, objective_values, result_metrics,
+                    run_trial)
 
 _WORKLOADS: dict[str, Workload] = {}  # per worker process: spec json -> loaded workload
 MODEL_LOADS = {"count": 0}
@@ -64,7 +65,7 @@ class SweepTrainable(tune.Trainable):
     def step(self) -> dict[str, Any]:
         spec, objectives = self.session.spec, self.session.objectives
         number = trial_number(self.config)
-        params = {k: v for k, v in self.config.items() if k in CONFIG_FIELDS}
+        params = {k: v for k, v in self.config.items() if k in CONFIG_FIELDS or k == VARIANT_PARAM}
         config = config_from_params(spec, params)
         run = start_trial(self.session, number, config, self.tracker,
                           extra_tags={"sketchwalk.ray_trial_id": self.trial_id})
@@ -78,7 +79,7 @@ class SweepTrainable(tune.Trainable):
                                    f"{ {o.metric: metrics.get(o.metric) for o in objectives} }")
         except BaseException as exc:
             fail_trial(self.tracker, run, exc)
-            _free_cuda()
+            free_cuda_cache()
             raise
         metrics["eval_s"] = time.perf_counter() - t0
         finish_trial(self.session, self.tracker, run, result, metrics, self.work.device)
@@ -155,7 +156,9 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
         searcher = OptunaSearch(space=functools.partial(_define_by_run, spec=spec),  # picklable: Tune checkpoints it
                                 metric=[o.name for o in session.objectives],
                                 mode=["max" if o.maximize else "min" for o in session.objectives],
-                                sampler=make_sampler(spec))  # seeded sampler: OptunaSearch ignores seed= then
+                                sampler=make_sampler(spec),  # seeded sampler: OptunaSearch ignores seed= then
+                                # fixed-variant sweep: each variant enqueued once, in order
+                                points_to_evaluate=[{VARIANT_PARAM: n} for n in spec.variants] or None)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
@@ -229,12 +232,3 @@ def _progress_callback(objectives: list[Objective], on_result, on_status):
 
     return ProgressCallback(on_result, on_status)
 
-
-def _free_cuda() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass

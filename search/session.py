@@ -114,13 +114,23 @@ def log_baseline(session: SweepSession, work: Workload, baseline: EvalResult) ->
     return run.run_id
 
 
-def start_trial(session: SweepSession, number: int, config: SketchWalkConfig, tracker: SweepTracker,
+DENSE = "dense"  # config hash and `attention` param of a dense trial (a fixed variant with config None)
+
+
+def config_hash(config: Optional[SketchWalkConfig]) -> str:
+    """A trial's dedup key: `config.short_hash()`, or "dense" for dense attention (config None)."""
+    return DENSE if config is None else config.short_hash()
+
+
+def start_trial(session: SweepSession, number: int, config: Optional[SketchWalkConfig], tracker: SweepTracker,
                 extra_tags: Optional[dict[str, Any]] = None) -> ChildRun:
-    """The trial's MLflow child run (created, or re-attached on resume), with the full config as params."""
-    tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": config.short_hash(), **(extra_tags or {})}
-    run = tracker.child_run(trial_key(number), role="trial", name=f"trial {number}", params=config.to_dict(),
-                            tags=tags)
-    tracker.log_text(run.run_id, config.to_yaml(), "config.yaml")
+    """The trial's MLflow child run (created, or re-attached on resume), with the full config as params
+    (config None: a dense variant, logged as param attention=dense)."""
+    tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": config_hash(config), **(extra_tags or {})}
+    params = config.to_dict() if config is not None else {"attention": DENSE}
+    run = tracker.child_run(trial_key(number), role="trial", name=f"trial {number}", params=params, tags=tags)
+    tracker.log_text(run.run_id, config.to_yaml() if config is not None else "sketchwalk: null  # dense attention\n",
+                     "config.yaml")
     return run
 
 
@@ -152,7 +162,7 @@ def load_records(session: SweepSession) -> tuple[list[TrialRecord], Optional[Tri
             baseline = TrialRecord(-1, state, None, dict(run.metrics), run.run_id)
             continue
         number = int(run.tags.get("sketchwalk.trial_number", run.key.rsplit("-", 1)[-1]))
-        config = _config_from_params(run.params)
+        config = None if run.params.get("attention") == DENSE else _config_from_params(run.params)
         records.append(TrialRecord(number, state, config, dict(run.metrics), run.run_id,
                                    run.tags.get("sketchwalk.error")))
     records.sort(key=lambda r: r.number)

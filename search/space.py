@@ -10,13 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from .records import OBJECTIVES, Objective
-from .spec import SPEED_AUTO, CategoricalParam, FloatParam, IntParam, SweepSpec
+from .spec import SPEED_AUTO, VARIANT_PARAM, CategoricalParam, FloatParam, IntParam, SweepSpec
 
 
 def suggest_params(trial, spec: SweepSpec) -> dict[str, Any]:
     """Sample the spec's space on an `optuna.Trial`; returns {config field: value} of the sampled
     (active) parameters only. Parameters are visited in file order, so a `when` condition may
-    refer to any parameter listed before it."""
+    refer to any parameter listed before it. A fixed-variant sweep has one parameter, `variant`
+    (its trials are enqueued, so the value is fixed, never sampled)."""
+    if spec.variants:
+        return {VARIANT_PARAM: trial.suggest_categorical(VARIANT_PARAM, list(spec.variants))}
     params: dict[str, Any] = {}
     for name, p in spec.space.items():
         if p.when and any(params.get(k, spec.base.get(k)) != v for k, v in p.when.items()):

@@ -24,6 +24,8 @@ from .records import OBJECTIVES
 
 SPEED_AUTO = "speed"  # resolves to prefill_latency on CUDA, density on CPU (see resolve_objectives)
 BACKENDS = ("optuna", "ray")
+VARIANT_PARAM = "variant"  # the one parameter of a fixed-variant sweep; its values are the variant names
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=@,+-]{0,127}$")  # safe in MLflow filters and file names
 SAMPLERS = ("tpe", "gp", "random")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SketchWalkConfig))
 
@@ -145,6 +147,8 @@ class SweepSpec(_Strict):
     model: str = "smollm2-135m"
     suite: str = "ruler-smoke"
     samples: Optional[int] = Field(default=None, ge=1)
+    batch_size: int = Field(default=1, ge=1)  # samples per generate() call (latency still timed at batch 1)
+    timing_samples: int = Field(default=2, ge=1)  # with batch_size > 1: samples per task x length timed at batch 1
     essays: Optional[str] = None
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
@@ -152,7 +156,11 @@ class SweepSpec(_Strict):
     sampler: Literal["tpe", "gp", "random"] = "tpe"
     seed: int = Field(default=0, ge=0)
     base: dict[str, Any] = Field(default_factory=dict)
-    space: dict[str, Param] = Field(min_length=1)
+    space: dict[str, Param] = Field(default_factory=dict)
+    # Fixed trials instead of a search (set exactly one of space, variants): {name: SketchWalkConfig
+    # overrides on `base`, or null = dense attention}. Each is evaluated exactly once, enqueued in file
+    # order as the categorical parameter `variant`; budget.trials defaults to (and must equal) their number.
+    variants: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
     objectives: list[str] = Field(default_factory=lambda: ["accuracy", SPEED_AUTO], min_length=1)
     constraints: Constraints = Field(default_factory=Constraints)
     budget: Budget = Field(default_factory=lambda: Budget(trials=8))
@@ -178,6 +186,25 @@ class SweepSpec(_Strict):
             raise ValueError("search either top_k or density, not both (they are two ways to set τ)")
         return space
 
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, variants):
+        for name, over in variants.items():
+            if not VARIANT_NAME.match(name):
+                raise ValueError(f"variant name {name!r} must match {VARIANT_NAME.pattern}")
+            unknown = sorted(set(over or {}) - set(CONFIG_FIELDS))
+            if unknown:
+                raise ValueError(f"{name}: {unknown[0]!r} is not a SketchWalkConfig field; allowed: {list(CONFIG_FIELDS)}")
+        return variants
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_budget(cls, data):
+        # A fixed-variant sweep runs each variant once: its natural budget is their number.
+        if isinstance(data, dict) and data.get("variants") and "budget" not in data and isinstance(data["variants"], dict):
+            data = {**data, "budget": {"trials": len(data["variants"])}}
+        return data
+
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, objs):
@@ -199,6 +226,11 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
+        if bool(self.space) == bool(self.variants):
+            raise ValueError("set exactly one of `space` (a search) and `variants` (fixed configs, each run once)")
+        if self.variants and self.budget.trials != len(self.variants):
+            raise ValueError(f"budget.trials must equal the number of variants ({len(self.variants)}), or be "
+                             f"omitted: each variant is evaluated exactly once")
         if self.backend == "optuna" and self.concurrency != 1:
             raise ValueError("concurrency > 1 needs backend: ray (the optuna backend runs one trial at a time "
                              "per process; start more workers with `sketchwalk sweep --resume ID` to share its study)")
@@ -233,16 +265,21 @@ def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
     return spec
 
 
-def load_spec(path: str | os.PathLike) -> SweepSpec:
-    """Read and validate a sweep YAML file."""
+def read_yaml_file(path: str | os.PathLike, error=SweepSpecError):
+    """The parsed content of a YAML file ({} when empty); `error("<file>", message)` is raised when
+    the file is missing or not valid YAML (sweep files and ablation plans share this)."""
     p = Path(path)
     if not p.is_file():
-        raise SweepSpecError("<file>", f"{path}: no such file")
+        raise error("<file>", f"{path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise SweepSpecError("<file>", f"{path}: invalid YAML: {exc}") from None
-    return parse_spec(data, source=str(p))
+        raise error("<file>", f"{path}: invalid YAML: {exc}") from None
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a sweep YAML file."""
+    return parse_spec(read_yaml_file(path), source=str(Path(path)))
 
 
 def spec_to_yaml(spec: SweepSpec) -> str:
@@ -267,6 +304,16 @@ def check_space_values(spec: SweepSpec) -> None:
                 raise SweepSpecError(f"space.{name}.{where}", f"{v!r} is invalid: allowed {exc.allowed}") from None
             except TypeError as exc:
                 raise SweepSpecError(f"space.{name}", str(exc)) from None
+    seen: dict[str, str] = {}
+    for name in spec.variants:
+        try:
+            config = variant_config(spec, name)
+        except ConfigError as exc:
+            raise SweepSpecError(f"variants.{name}.{exc.field}", str(exc)) from None
+        key = "dense" if config is None else config.short_hash()
+        if key in seen:
+            raise SweepSpecError(f"variants.{name}", f"same config as variant {seen[key]!r}: each config runs once")
+        seen[key] = name
 
 
 def _base_with_tau(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
@@ -278,8 +325,11 @@ def _base_with_tau(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def config_from_params(spec: SweepSpec, params: dict[str, Any]) -> SketchWalkConfig:
-    """The trial's SketchWalkConfig: `base`, then the sampled `params` (ConfigError if invalid)."""
+def config_from_params(spec: SweepSpec, params: dict[str, Any]) -> Optional[SketchWalkConfig]:
+    """The trial's SketchWalkConfig: `base`, then the sampled `params` (ConfigError if invalid).
+    In a fixed-variant sweep `params` is {"variant": name}: that variant's config (None = dense)."""
+    if spec.variants:
+        return variant_config(spec, params[VARIANT_PARAM])
     data = _base_with_tau(spec.base, spec.space)
     data.update(params)
     if "top_k" in params:
@@ -287,6 +337,15 @@ def config_from_params(spec: SweepSpec, params: dict[str, Any]) -> SketchWalkCon
     if "density" in params:
         data["top_k"] = None
     return SketchWalkConfig.from_dict(data)
+
+
+def variant_config(spec: SweepSpec, name: str) -> Optional[SketchWalkConfig]:
+    """Variant `name` of a fixed-variant sweep: `base` with its overrides (switching between top_k and
+    density as `SketchWalkConfig.replace` does), or None for a dense variant. KeyError if unknown."""
+    overrides = spec.variants[name]
+    if overrides is None:
+        return None
+    return SketchWalkConfig.from_dict(dict(spec.base)).replace(**overrides)
 
 
 def new_sweep_id(spec: SweepSpec, now: Optional[_dt.datetime] = None) -> str:

@@ -59,7 +59,8 @@ def dense_result(work: Workload, *, cache_dir=None, progress: bool = True) -> Ev
     """The dense baseline of this workload (disk-cached per model, suite, dtype and device)."""
     from sketchwalk.evaluation import dense_baseline
 
-    key = baseline_key(work.plan, work.samples, work.model)
+    key = baseline_key(work.plan, work.samples, work.model, batch_size=work.spec.batch_size,
+                       timing_samples=work.spec.timing_samples)
     work.baseline = dense_baseline(work.model, work.tokenizer, work.samples, key, cache_dir=cache_dir,
                                    model_name=work.spec.model, progress=progress)
     return work.baseline
@@ -68,7 +69,8 @@ def dense_result(work: Workload, *, cache_dir=None, progress: bool = True) -> Ev
 def run_trial(work: Workload, config: SketchWalkConfig, *, progress: bool = False) -> EvalResult:
     """Evaluate `config` on the workload's samples with the spec's attention backend."""
     return evaluate(work.model, work.tokenizer, config, work.samples, model_name=work.spec.model,
-                    progress=progress, backend=work.spec.attention_backend)
+                    progress=progress, backend=work.spec.attention_backend, batch_size=work.spec.batch_size,
+                    timing_samples=work.spec.timing_samples)
 
 
 def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalResult] = None) -> dict[str, float]:
@@ -128,6 +130,17 @@ def objective_values(metrics: dict[str, float], objectives: list[Objective]) -> 
     told FAIL: a NaN reported to Optuna would leave it RUNNING)."""
     vals = [metrics.get(o.metric, math.nan) for o in objectives]
     return None if any(_nan(v) for v in vals) else [float(v) for v in vals]
+
+
+def free_cuda_cache() -> None:
+    """Return cached CUDA blocks after a failed trial (an OOM leaves them allocated); no-op without CUDA."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # cleanup must never mask the trial's own error
+        pass
 
 
 def _nan(v: Any) -> bool:
