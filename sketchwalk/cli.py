@@ -203,6 +203,24 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --config: skip the dense baseline and the accuracy difference")
     p.add_argument("--attention-timing", action="store_true",
                    help="also time the attention function per layer (slower on GPU: events per call)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="answer N samples of one task x length per generate() call (left-padded); latency then "
+                        "comes from a separate batch-1 pass over --timing-samples samples per task x length "
+                        "(default: %(default)s = every sample timed at batch 1)")
+    p.add_argument("--timing-samples", type=_positive_int, default=2, metavar="N",
+                   help="with --batch-size > 1: samples per task x length timed at batch 1 (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="attention backend: auto = Triton kernels on CUDA, PyTorch reference on CPU (default: auto)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
 
 
 def _input_error(console, exc: Exception) -> int:
@@ -249,23 +267,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     title = f"{plan.resolved.name} on {plan.suite.name}, {'dense' if plan.config is None else 'SketchWalk ' + config_tag}"
     baseline, extra = None, {"suite": dataclasses.asdict(plan.suite)}
     cache_dir = args.cache_dir or _default_cache()
+    batching = {"batch_size": args.batch_size, "timing_samples": args.timing_samples}
     if plan.config is None:
         # A dense run is its own baseline: served from the cache, and stored there for later sparse runs.
-        key = baseline_key(plan, samples, model)
+        key = baseline_key(plan, samples, model, **batching)
         extra["from_cache"] = key.path(cache_dir).exists()
         if extra["from_cache"]:
             console.print(f"dense result from the cache ({key.path(cache_dir)})", highlight=False)
         result = dense_baseline(model, tokenizer, samples, key, cache_dir=cache_dir, model_name=args.model)
     else:
         if not args.no_baseline:
-            key = baseline_key(plan, samples, model)
+            key = baseline_key(plan, samples, model, **batching)
             cached = key.path(cache_dir).exists()
             console.print(f"dense baseline: {'cached' if cached else 'computing'} ({key.path(cache_dir)})", highlight=False)
             baseline = dense_baseline(model, tokenizer, samples, key, cache_dir=cache_dir, model_name=args.model)
             extra["dense_baseline"] = {"accuracy": baseline.accuracy, "prefill_s": baseline.prefill_s,
                                        "decode_tokens_per_s": baseline.decode_tokens_per_s, "cached": cached}
         result = evaluate(model, tokenizer, plan.config, samples, model_name=args.model,
-                          attention_timing=args.attention_timing)
+                          attention_timing=args.attention_timing, backend=args.backend, **batching)
     if baseline is not None:
         extra["accuracy_delta_vs_dense"] = accuracy_delta(result, baseline)
     console.print(result_table(result, title=title, baseline=baseline))
@@ -323,6 +342,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
         json.dump(out, fh, indent=2, default=str)
     console.print(f"wrote {args.out}", highlight=False)
     return 0
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench import add_kernel_arguments  # light: no torch until a benchmark runs
+
+    p.add_argument("what", choices=["kernels"],
+                   help="what to benchmark: 'kernels' = the Triton block-sparse prefill and decode kernels "
+                        "against dense SDPA (flash, cuDNN), FlexAttention and the reference")
+    add_kernel_arguments(p)
+
+
+@command("bench", arguments=_bench_arguments,
+         help="benchmark the block-sparse kernels against dense and sparse baselines (needs a CUDA GPU)",
+         description="Time the Sketch&Walk Triton kernels on Llama-3.1-8B and SmolLM2 attention shapes (bf16, "
+                     "4K-128K tokens, densities 1.0/0.5/0.2/0.1). Prefill: dense SDPA on the FlashAttention and "
+                     "cuDNN backends, FlexAttention dense and on the same block mask, our dense path, our sparse "
+                     "kernel, the PyTorch reference and the selection front end (SketchWalkRuntime), on the "
+                     "runtime's own selections and on random ones. Decode (batch 1 and 8): block_sparse_decode "
+                     "against the fastest dense SDPA, plain and from CUDA graphs. Prints speedups, efficiency, "
+                     "TFLOP/s, the front end's share and decode GB/s per shape; --out writes every row as JSON. "
+                     "The full run takes about 3 minutes on an H200. Without a GPU only --dry-run works.")
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`sketchwalk bench kernels`: exit 0, or 2 without CUDA (unless --dry-run) or on bad input."""
+    from .bench import run_kernels
+
+    return run_kernels(args)
 
 
 # -- entry point ------------------------------------------------------------------------------

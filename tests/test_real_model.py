@@ -56,3 +56,24 @@ def test_full_density_reproduces_dense_logits(smollm2):
     detach(model)
     rel = (sparse - dense).norm() / dense.norm()
     assert rel < 1e-5, rel.item()
+
+
+def test_batched_evaluation_matches_batch_one(smollm2):
+    """Left-padded batched answers equal the batch-1 answers (fp32, the selection is per sequence),
+    the density counters cover the same samples, and only the timed samples carry latencies."""
+    from sketchwalk.evaluation import evaluate
+
+    model, tokenizer = smollm2
+    config = SketchWalkConfig(density=0.5)
+    # Three samples of different prompt lengths: a batch of 2 is padded, the last batch holds one.
+    samples = {("niah_single_1", 1024): generate_task("niah_single_1", 1024, 3, tokenizer, seed=11, max_context=8192)}
+    single = evaluate(model, tokenizer, config, samples, progress=False)
+    batched = evaluate(model, tokenizer, config, samples, progress=False, batch_size=2, timing_samples=1)
+    assert [s.prediction for s in batched.samples] == [s.prediction for s in single.samples]
+    assert [s.new_tokens for s in batched.samples] == [s.new_tokens for s in single.samples]
+    assert batched.accuracy == single.accuracy
+    assert batched.density["prefill"] == pytest.approx(single.density["prefill"])
+    assert batched.density["decode"] == pytest.approx(single.density["decode"], rel=1e-6)
+    timed = [s.prefill_s == s.prefill_s for s in batched.samples]  # not NaN
+    assert timed == [True, False, False]
+    assert batched.prefill_s["1024"] > 0 and "batch-1 pass" in batched.timing

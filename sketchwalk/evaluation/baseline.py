@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from .result import EvalResult
 
-CACHE_FORMAT = 1  # bump when EvalResult or the harness changes what a cached number means
+CACHE_FORMAT = 2  # bump when EvalResult or the harness changes what a cached number means
 
 
 def default_cache_dir() -> Path:
@@ -72,9 +72,18 @@ class BaselineKey:
     suite: dict[str, Any]
     dtype: str
     device: str
+    batch_size: int = 1  # batched answers may differ from batch-1 answers by numerics: part of the key
+    timing_samples: int = 2  # only meaningful with batch_size > 1
+
+    def eval_options(self) -> dict[str, int]:
+        """The `evaluate` keyword arguments this key was computed with."""
+        return {"batch_size": self.batch_size, "timing_samples": self.timing_samples}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": CACHE_FORMAT, "model": self.model, "suite": self.suite, "dtype": self.dtype, "device": self.device}
+        d = {"format": CACHE_FORMAT, "model": self.model, "suite": self.suite, "dtype": self.dtype, "device": self.device}
+        if self.batch_size > 1:  # batch-1 keys stay what they were, so existing cache entries still hit
+            d["run"] = self.eval_options()
+        return d
 
     def digest(self) -> str:
         """sha256 (first 16 hex digits) of the whole key."""
@@ -138,6 +147,7 @@ def dense_baseline(model, tokenizer, samples: dict, key: BaselineKey, *, cache_d
         return cached
     if evaluate_fn is None:
         from .harness import evaluate as evaluate_fn
-    result = evaluate_fn(model, tokenizer, None, samples, model_name=model_name, progress=progress)
+    result = evaluate_fn(model, tokenizer, None, samples, model_name=model_name, progress=progress,
+                         **key.eval_options())
     store_baseline(key, result, cache_dir)
     return result

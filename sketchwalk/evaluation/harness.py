@@ -4,6 +4,7 @@ The one evaluation entry point: sweep trials, ablations and the CLI all call it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from typing import Any, Optional, Sequence
@@ -20,12 +21,16 @@ from .timing import AttentionTimer, TokenClock, synchronize
 
 __all__ = ["EvalResult", "SampleResult", "evaluate", "TIMING_METHOD"]
 
-TIMING_METHOD = ("one greedy generate() per sample, timed by a streamer that synchronises the device "
-                 "at every new token: prefill_s = start to first new token (time to first token); "
+TIMING_METHOD = ("SDPA (dense layers, dense baseline) pinned to FlashAttention first; "
+                 "one greedy generate() per sample at batch 1, timed by a streamer that synchronises the "
+                 "device at every new token: prefill_s = start to first new token (time to first token); "
                  "decode tokens/s = (new_tokens - 1) / (last token - first token), per length the "
-                 "median over samples; GPU runs are warmed up and synchronised; attention_s "
+                 "median over the timed samples; GPU runs are warmed up and synchronised; attention_s "
                  "(optional) wraps the registered attention function (CUDA events on GPU, wall "
                  "time on CPU)")
+BATCHED_TIMING = ("; with batch_size > 1 the answers come from left-padded batched generate() calls "
+                  "(untimed), and the speed numbers and peak memory from a separate batch-1 pass over the "
+                  "first timing_samples samples of each task x length")
 
 Samples = dict[tuple[str, int], Sequence[dict[str, Any]]]
 
@@ -38,7 +43,7 @@ def _encode(tokenizer, sample: dict[str, Any], device: torch.device) -> torch.Te
 
 def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samples, *, model_name: str = "",
              progress: bool = True, warmup: bool = True, attention_timing: bool = False,
-             backend: str = "auto") -> EvalResult:
+             backend: str = "auto", batch_size: int = 1, timing_samples: int = 2) -> EvalResult:
     """Greedy-generate every sample with SketchWalk attached (dense when `config` is None) and score it.
 
     samples: {(task, length in tokens): [RULER sample dicts with input, outputs, answer_prefix]}.
@@ -47,7 +52,13 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     On CUDA a short warm-up generate runs first (kernels, allocator) and peak memory is reset after
     it. `attention_timing` adds per-layer attention-function times (slower: one sync per call on GPU).
     backend: the attention backend passed to `attach` (`auto`: Triton kernels on CUDA, reference on CPU).
+    batch_size > 1: answers come from greedy generate() over left-padded batches of one task x length
+    (SketchWalk selects per sequence on its real tokens, so batching changes no selection); latency
+    and peak memory then come from a batch-1 pass over the first `timing_samples` samples of each
+    task x length, run first (so the density counters cover exactly the answered samples).
     """
+    if batch_size < 1 or timing_samples < 1:
+        raise ValueError(f"batch_size and timing_samples must be >= 1, got {batch_size} and {timing_samples}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     runtime = attach(model, config, backend=backend) if config is not None else None
@@ -55,6 +66,8 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         detach(model)
     flat = [(task, length, s) for (task, length), ss in samples.items() for s in ss]
     try:
+        stack = contextlib.ExitStack()
+        stack.enter_context(prefer_flash_sdpa(device))
         if warmup and flat and device.type == "cuda":
             _warm_up(model, tokenizer, flat[0][2], device)
         if runtime is not None:
@@ -62,14 +75,20 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         attn = AttentionTimer(model, device) if attention_timing else None
-        if attn is not None:
-            with attn:
-                results = _run_samples(model, tokenizer, flat, device, progress, attn)
-        else:
-            results = _run_samples(model, tokenizer, flat, device, progress, None)
-        density = _density(runtime)
+        timed_flat = flat if batch_size == 1 else _first_per_group(flat, timing_samples)
+        with attn if attn is not None else contextlib.nullcontext():
+            timed = _run_samples(model, tokenizer, timed_flat, device, progress, attn,
+                                 label="evaluating" if batch_size == 1 else "timing (batch 1)")
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if batch_size == 1:
+            results, density = timed, _density(runtime)
+        else:
+            if runtime is not None:
+                runtime.reset_stats()
+            results = _run_batched(model, tokenizer, flat, device, progress, batch_size, timed)
+            density = _density(runtime)
     finally:
+        stack.close()
         if config is not None:
             detach(model)
     return EvalResult(
@@ -78,7 +97,27 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         prefill_s=_median_by_length(results, lambda r: r.prefill_s),
         decode_tokens_per_s=_median_by_length(results, _decode_rate),
         density=density, peak_memory_bytes=peak, samples=results,
-        attention_s=attn.medians() if attn is not None else {}, timing=TIMING_METHOD)
+        attention_s=attn.medians() if attn is not None else {},
+        timing=TIMING_METHOD + (BATCHED_TIMING if batch_size > 1 else ""))
+
+
+def prefer_flash_sdpa(device: torch.device):
+    """Context in which SDPA tries FlashAttention first (then memory-efficient, cuDNN, math) on CUDA.
+
+    The dense baseline (and the dense layers of a SketchWalk model) must be FlashAttention, the
+    paper's baseline. Left to its default order, PyTorch on Hopper can pick cuDNN attention, which
+    builds an execution plan per new sequence length: every decode step (one more key) and every
+    prompt of a new length pays it, which would inflate dense latency and flatter SketchWalk.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch < 2.6 has no priority order: allow all but cuDNN
+        return sdpa_kernel(order[:2] + order[3:])
 
 
 def _warm_up(model, tokenizer, sample, device) -> None:
@@ -93,13 +132,25 @@ def _pad_id(tokenizer) -> Optional[int]:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[AttentionTimer]) -> list[SampleResult]:
+def _first_per_group(flat, n: int):
+    """The first n samples of each (task, length) group, in order."""
+    seen: dict[tuple[str, int], int] = {}
+    out = []
+    for task, length, sample in flat:
+        if seen.get((task, length), 0) < n:
+            seen[(task, length)] = seen.get((task, length), 0) + 1
+            out.append((task, length, sample))
+    return out
+
+
+def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[AttentionTimer],
+                 label: str = "evaluating") -> list[SampleResult]:
     from rich.progress import Progress
 
     results = []
     clock = TokenClock(device)
     with Progress(disable=not progress, transient=False) as bar:
-        job = bar.add_task("evaluating", total=len(flat))
+        job = bar.add_task(label, total=len(flat))
         for task, length, sample in flat:
             ids = _encode(tokenizer, sample, device)
             with torch.no_grad():
@@ -118,6 +169,65 @@ def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[
                                         clock.decode_s))
             bar.advance(job)
     return results
+
+
+def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int,
+                 timed: Sequence[SampleResult]) -> list[SampleResult]:
+    """Answer every sample with greedy generate() over left-padded batches of one (task, length).
+
+    Per-sample speed fields are copied from the batch-1 timing pass where that sample was timed,
+    NaN otherwise (a batched call says nothing about one sample's latency).
+    """
+    from rich.progress import Progress
+
+    timing = {(r.task, r.length, r.index): r for r in timed}
+    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for task, length, sample in flat:
+        groups.setdefault((task, length), []).append(sample)
+    results = []
+    with Progress(disable=not progress, transient=False) as bar:
+        job = bar.add_task(f"answering (batch {batch_size})", total=len(flat))
+        for (task, length), group in groups.items():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                encoded = [_encode(tokenizer, s, device)[0] for s in chunk]
+                ids, mask = _left_pad(encoded, pad if pad is not None else 0)
+                with torch.no_grad():
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=tokens_to_generate(task),
+                                         do_sample=False, pad_token_id=pad)
+                for j, sample in enumerate(chunk):
+                    new = _until_eos(out[j, ids.shape[1]:], eos)
+                    pred = postprocess(tokenizer.decode(new, skip_special_tokens=True))
+                    score = metric_for_task(task)([pred], [sample["outputs"]]) / 100.0
+                    index = int(sample.get("index", len(results)))
+                    t = timing.get((task, length, index))
+                    nan = float("nan")
+                    results.append(SampleResult(task, length, index, int(encoded[j].numel()), pred,
+                                                list(sample["outputs"]), score, t.prefill_s if t else nan,
+                                                t.generate_s if t else nan, int(new.numel()),
+                                                t.decode_s if t else nan))
+                bar.advance(job, len(chunk))
+    return results
+
+
+def _left_pad(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n] token tensors -> (ids, attention_mask): [batch, longest], padding on the left."""
+    longest = max(int(s.numel()) for s in seqs)
+    ids = seqs[0].new_full((len(seqs), longest), pad_id)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, longest - s.numel():] = s
+        mask[b, longest - s.numel():] = 1
+    return ids, mask
+
+
+def _until_eos(new: torch.Tensor, eos: Optional[int]) -> torch.Tensor:
+    """New tokens up to and including the first EOS (what a batch-1 generate() would have returned)."""
+    if eos is None:
+        return new
+    hits = (new == eos).nonzero()
+    return new[:int(hits[0, 0]) + 1] if hits.numel() else new
 
 
 def _decode_rate(r: SampleResult) -> float:
