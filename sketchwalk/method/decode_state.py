@@ -124,6 +124,14 @@ class LayerDecodeState:
         self._window[:, self._window_end] = qf_t
         self._window_end += 1
 
+    def recent_queries(self) -> torch.Tensor:
+        """The queries `_window_mean` averages, in token order: [G, min(decode_window, n_tokens), d] (a view).
+
+        decode_query = window only (the batched decode state is seeded from it).
+        """
+        end = self._window_end
+        return self._window[:, max(0, end - self.cfg.decode_window):end]
+
     def _window_mean(self) -> torch.Tensor:
         """Mean of the last decode_window queries in token order: [G, d]."""
         end = self._window_end

@@ -4,7 +4,9 @@ One runtime per attached model. It owns the walk state of the current forward pa
 the first sparse layer), the per-layer decode states of each sequence (reset at every new
 prefill) and the measured density counters. Batches are processed one sequence at a time on
 its real (non-padded) tokens, so block boundaries follow real token positions and padded keys
-can never be selected or attended.
+can never be selected or attended. The exception is a decode step of a batch (bsz > 1) of the
+method itself with mean_qk features: one vectorised front end for all sequences
+(`batched_decode.py`; same selections, `batched_decode = False` switches it off).
 
 The selection front end issues no device->host synchronisation per layer: selected-pair counts
 and selection widths are known on the host from the config (`BlockSelector`), the left-padding
@@ -15,13 +17,15 @@ only yields block indices, through which no gradient flows; attention keeps the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ..config import SketchWalkConfig
 from .attention import sparse_attention
 from .baselines import decode_scores, prefill_scores
+from .batched_decode import BatchedSelection, DecodeBatch, batched_walk, dense_rows, select_rows
+from .batched_decode import applies as batched_decode_applies
 from .decode_state import LayerDecodeState
 from .scores import compute_dtype, group_features, sketch_features, transition_rows
 from .selection import BlockSelection, BlockSelector
@@ -48,7 +52,13 @@ class DensityReport:
 
 
 class SketchWalkRuntime:
-    """Per-model Sketch&Walk state and the batched attention entry point."""
+    """Per-model Sketch&Walk state and the batched attention entry point.
+
+    `batched_decode` (default True): decode steps of batches take the vectorised front end
+    where it applies (see `batched_decode.applies`); False keeps them on the per-sequence path.
+    Switch it between generations: once a batch decodes batched, its per-sequence states are
+    gone, and the per-sequence path would refuse to continue it.
+    """
 
     def __init__(self, config: SketchWalkConfig, num_layers: Optional[int] = None, head_dim: Optional[int] = None,
                  backend: str = "auto"):
@@ -67,6 +77,9 @@ class SketchWalkRuntime:
         self.keep_selections = False
         self._selector = BlockSelector(config)
         self._pads = _PadCache()
+        self.batched_decode = True
+        self._batch: Optional[DecodeBatch] = None  # the batched decode state since the last prefill
+        self._walk_rows: Optional[torch.Tensor] = None  # [batch, cap] walk rows of the batched decode path
 
     @property
     def selector(self) -> BlockSelector:
@@ -79,6 +92,7 @@ class SketchWalkRuntime:
     def reset(self) -> None:
         """Forget all sequence state and density counters."""
         self._walk, self._states = [], {}
+        self._batch, self._walk_rows = None, None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -132,10 +146,14 @@ class SketchWalkRuntime:
         sparse = sparse_layer and (cfg.sparse_prefill if phase == "prefill" else cfg.sparse_decode)
         if layer_idx == cfg.skip_layers:
             self._walk = [None] * bsz  # a new forward pass starts its walk here
+            self._walk_rows = None
         if phase == "prefill":
             self._states[layer_idx] = [None] * bsz
+            self._batch = None
         if self.keep_selections:
             self.last_selection[layer_idx] = [None] * bsz
+        if phase == "decode" and self._batched_decode_applies(bsz, kv_len, offsets):
+            return self._decode_batched(layer_idx, q, k, v, pads, sparse, scale)
 
         # Selection (and decode state) per sequence on its real tokens; then one attention call.
         selections: list[Optional[BlockSelection]] = []
@@ -150,6 +168,39 @@ class SketchWalkRuntime:
                 selections.append(self._decode_select(layer_idx, b, qs, ks, sparse, scale))
         return self._attend(q, k, v, pads, selections, scale)
 
+    def _batched_decode_applies(self, bsz: int, kv_len: int, offsets: list[int]) -> bool:
+        """Whether a decode step takes the batched front end: a batch, a covered config, no empty sequence."""
+        return self.batched_decode and bsz > 1 and batched_decode_applies(self.config) and max(offsets) < kv_len
+
+    def _decode_batched(self, layer: int, q, k, v, pads: "_Pads", sparse: bool, scale: float) -> torch.Tensor:
+        """One decode step of a batch with one vectorised front end (q: [batch, Hq, 1, d], k, v: the cache).
+
+        Selections, outputs and density counters are the per-sequence path's (`_decode_select` per sequence).
+        """
+        cfg = self.config
+        n = tuple(k.shape[-2] - off for off in pads.host)  # real tokens per sequence, the new one included
+        if not sparse:
+            for m in n:
+                nb = -(-m // cfg.block_size)
+                self._count("decode", layer, nb, nb, dense=True)
+            return self._attend(q, k, v, pads, [None] * len(n), scale)
+        if self._batch is None or self._batch.bsz != len(n):
+            self._batch = DecodeBatch(self.selector, len(n))
+        plan = self._batch.plan(n, q.device, compute_dtype(q.dtype), self._index_dtype(q.device))
+        state = self._batch.layers.get(layer)
+        if state is None:
+            state = self._batch.seed(layer, self._states.get(layer), plan)
+            self._states[layer] = [None] * len(n)  # superseded: free the per-sequence copies
+        # Heads averaged per sequence: the batch is a row axis of group_features' inputs.
+        qf, kf = group_features(q.detach().transpose(0, 1), k[:, :, -1:].detach().transpose(0, 1), cfg)
+        w, row = state.step(plan, qf[0, :, 0], kf[0, :, 0])
+        self._walk_rows = batched_walk(self._walk_rows, w, row, cfg)
+        sel = select_rows(plan, self._walk_rows)
+        self._count("decode", layer, plan.selected_pairs, plan.causal_pairs, dense=False)
+        if self.keep_selections:
+            self.last_selection[layer] = sel.per_sequence()
+        return self._attend(q, k, v, pads, sel, scale)
+
     def uses_triton(self, device: torch.device) -> bool:
         """Whether attention runs in the Triton kernels: `triton`, or `auto` on a CUDA device."""
         return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
@@ -158,13 +209,17 @@ class SketchWalkRuntime:
         """Selections are built in the dtype their attention reads: int32 for the kernels, int64 for SDPA."""
         return torch.int32 if self.uses_triton(device) else torch.long
 
-    def _attend(self, q, k, v, pads: "_Pads", selections: list[Optional[BlockSelection]], scale: float) -> torch.Tensor:
+    def _attend(self, q, k, v, pads: "_Pads", selections: Union[list[Optional[BlockSelection]], BatchedSelection],
+                scale: float) -> torch.Tensor:
         """Attention of each sequence's real queries over its selected blocks (None = dense causal).
 
         q: [batch, Hq, q_len, d]; k, v: [batch, Hkv, kv_len, d] -> [batch, Hq, q_len, d].
+        selections: one per sequence, or a decode step's `BatchedSelection`.
         """
         if self.uses_triton(q.device):
             return _attend_triton(q, k, v, pads, selections, self.selector, scale)
+        if isinstance(selections, BatchedSelection):
+            selections = selections.per_sequence()
         offsets = pads.host
         q_len, kv_len = q.shape[-2], k.shape[-2]
         past = kv_len - q_len
@@ -331,19 +386,27 @@ def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], k
     return (indices[:, 0], counts[:, 0]) if decode else (indices, counts)
 
 
-def _attend_triton(q, k, v, pads: "_Pads", selections: list[Optional[BlockSelection]], selector: BlockSelector,
-                   scale: float) -> torch.Tensor:
+def _attend_triton(q, k, v, pads: "_Pads", selections: Union[list[Optional[BlockSelection]], BatchedSelection],
+                   selector: BlockSelector, scale: float) -> torch.Tensor:
     """The same attention as the reference path through the Triton kernels (one launch per layer)."""
     from ..kernels import block_sparse_decode, block_sparse_prefill
 
     kv_len, q_len = k.shape[-2], q.shape[-2]
     offsets = pads.host
-    if q_len == kv_len and not pads.any and all(s is None for s in selections):
+    batched_rows = isinstance(selections, BatchedSelection)
+    if q_len == kv_len and not pads.any and not batched_rows and all(s is None for s in selections):
         # A dense layer without padding: FlashAttention is the fastest exact kernel.
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                 enable_gqa=q.shape[1] != k.shape[1])
     decode = q_len == 1 and kv_len > 1
-    indices, counts = _pack_rows(selections, offsets, kv_len, selector, decode, q.device)
+    if batched_rows:  # already in the kernel's layout
+        indices, counts = selections.indices, selections.counts
+    elif decode and len(selections) > 1 and all(s is None for s in selections):
+        # A dense decode layer of a batch: all rows at once from the device offsets (no per-sequence packing).
+        max_blocks = -(-(kv_len - min(offsets)) // selector.cfg.block_size)
+        indices, counts = dense_rows(pads.on(q.device), kv_len, max_blocks, selector)
+    else:
+        indices, counts = _pack_rows(selections, offsets, kv_len, selector, decode, q.device)
     if decode:  # the decode launcher takes the offsets as a device tensor as they are (no copy)
         return block_sparse_decode(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts,
                                    pads.on(q.device), selector.cfg.block_size, scale)

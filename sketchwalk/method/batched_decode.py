@@ -1,0 +1,382 @@
+"""The decode front end for a whole left-padded batch at once (method.md, Decode / Algorithm 2).
+
+The per-sequence path (`LayerDecodeState` + `walk_update` + `BlockSelector.decode`, driven by
+`SketchWalkRuntime._decode_select`) issues a fixed set of ~70 small launches per layer *and
+sequence*: a batch of B sequences pays B times that. Here one layer's decode step for the whole
+batch is one set of launches whose number does not depend on B. Sequences keep their own real
+lengths (left padding: sequence b has n_b real tokens, its current query block is
+i_b = (n_b - 1) // block_size), so every row is padded to a common block capacity `cap` and
+masked to its own causal blocks 0..i_b.
+
+- `DecodeBatch` (one per batch, rebuilt by every prefill): the capacity, the `StepPlan` of the
+  current step and each layer's `BatchedDecodeState`.
+- `StepPlan`: everything of a step that depends on the sequence lengths alone, shared by all
+  layers of the step: host lists (i_b, tokens in block i_b, row counts) and their device
+  tensors and masks (one host->device copy per step, non-blocking from pinned memory on CUDA;
+  no device->host synchronisation at all).
+- `BatchedDecodeState`: one layer's running statistics, padded: block sums [B, cap, 2, d],
+  sketched key-block means [B, cap, r], W [B, cap, cap], the decode_window queries [B, 2W, d];
+  seeded from the prefill's per-sequence `LayerDecodeState`s at the first decode step.
+- `batched_walk`, `select_rows`: the walk row and the selection of every sequence at once;
+  `BatchedSelection` carries what the Triton decode kernel takes (indices [B, max_count],
+  counts [B]) and per-sequence `BlockSelection` views for the reference attention.
+
+Equivalence with the per-sequence path: each step performs the same operations in the same
+order (sums in token order, the same divisors, the same SRHT, `transition_rows`, the walk
+formulas, a stable descending sort with ties to the lower block), only on padded rows.
+Elementwise work (sums, means, sketches) is bit-identical. Softmax and the matmuls run over
+`cap` columns instead of i_b + 1, and CPU vector units / BLAS / GPU kernels group the terms of
+a sum by the width, so W and walk values can differ from the per-sequence ones in the last bit;
+selections then agree unless two candidate blocks tie to the last bit (on a GPU the model's own
+batched matmuls already differ from batch-1 runs by more).
+
+Applies to the method itself with `head_aggregation = mean_qk` (`applies`); `sum_probs` and the
+baseline selectors stay on the per-sequence path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import SketchWalkConfig
+from .decode_state import LayerDecodeState
+from .scores import sketch_features, transition_rows
+from .selection import BlockSelection, BlockSelector
+
+
+def applies(cfg: SketchWalkConfig) -> bool:
+    """Whether the batched front end covers this config: Sketch&Walk scores with mean_qk features (G = 1)."""
+    return cfg.selector == "sketchwalk" and cfg.head_aggregation == "mean_qk"
+
+
+def batch_capacity(blocks: int) -> int:
+    """Block capacity for `blocks` blocks: some room to decode into (W is [B, cap, cap], so no doubling)."""
+    return blocks + max(16, blocks // 8)
+
+
+def _out_of_sync(layer_idx: int, cache_tokens, state_tokens) -> RuntimeError:
+    """The per-sequence path's error for a decode step whose state does not match the KV cache."""
+    return RuntimeError(f"SketchWalk decode state of layer {layer_idx} is out of sync with the KV cache (cache has "
+                        f"{cache_tokens} earlier tokens, state has {state_tokens}); start sequences with a prefill")
+
+
+def _device_ints(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Host ints -> int64 tensor on `device` without a synchronising copy (pinned + non_blocking on CUDA)."""
+    host = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------
+# One step of the batch
+# --------------------------------------------------------------------------------------
+
+class StepPlan:
+    """What one decode step of the batch needs that depends only on the sequence lengths.
+
+    n: real tokens per sequence, the new one included. Host: `blocks` (i_b), `in_block` (tokens
+    of block i_b), `counts` (blocks the row selects), `started` (the new token opens block i_b).
+    Device (B = batch, cap = block capacity): `batch` [B] arange, `block` [B] i_b, `divisor` [B]
+    tokens of block i_b as floats, `count_values` [block_size + 1] counts as floats (dividing by
+    a device tensor keeps true division, as `LayerDecodeState` does), `causal` [B, cap]
+    (block <= i_b), `free` [B, cap] (causal, neither sink nor local: competes on its score),
+    `fill` [B, cap] (+inf forced, -inf not causal), `drop` [B, max_count] (slot >= count),
+    `row_counts` [B] in the index dtype.
+    """
+
+    def __init__(self, selector: BlockSelector, n: tuple[int, ...], cap: int, device: torch.device,
+                 dtype: torch.dtype, index_dtype: torch.dtype):
+        cfg = selector.cfg
+        bs = cfg.block_size
+        self.key = (n, cap, device, dtype, index_dtype)
+        self.selector, self.n, self.cap, self.dtype, self.index_dtype = selector, n, cap, dtype, index_dtype
+        self.blocks = [(m - 1) // bs for m in n]
+        self.in_block = [m - i * bs for m, i in zip(n, self.blocks)]
+        self.started = [c == 1 for c in self.in_block]
+        self.counts = [selector.row_count(i) for i in self.blocks]
+        self.max_count = max(self.counts)
+        self.selected_pairs = sum(self.counts)
+        self.causal_pairs = sum(i + 1 for i in self.blocks)
+
+        dev = _device_ints([self.blocks, self.in_block, self.counts], device)
+        self.batch = selector.arange(len(n), device)
+        self.block = dev[0]
+        self.count_values = selector.arange(bs + 1, device, dtype)
+        self.divisor = self.count_values[dev[1]]
+        self.row_counts = dev[2].to(index_dtype)
+        cols = selector.arange(cap, device)
+        self.causal = cols[None, :] <= self.block[:, None]
+        # Forced = sinks [0, sink) and locals (i - local, i]: the free blocks are [sink, i - local].
+        self.free = (cols >= cfg.sink_blocks)[None, :] & (cols[None, :] <= (self.block - cfg.local_blocks)[:, None])
+        self.fill = torch.full((len(n), cap), float("inf"), dtype=dtype, device=device).masked_fill_(
+            ~self.causal, float("-inf"))
+        self.drop = selector.arange(self.max_count, device)[None, :] >= self.row_counts[:, None]
+        self._previous: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
+
+    def previous(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(j [B], causal [B, cap]): the block before i_b (clamped at 0) and its causal columns (cached)."""
+        if self._previous is None:
+            j = (self.block - 1).clamp_min(0)
+            self._previous = (j, self.selector.arange(self.cap, j.device)[None, :] <= j[:, None])
+        return self._previous
+
+    def mask(self, flags: Sequence[bool]) -> torch.Tensor:
+        """A [B] bool device mask of host flags; the common one (flags == started) costs no copy."""
+        flags = tuple(flags)
+        m = self._masks.get(flags)
+        if m is None:
+            if list(flags) == self.started:
+                m = self.divisor == 1  # tokens in block i_b == 1: the block just started
+            else:
+                m = _device_ints([list(flags)], self.block.device)[0].bool()
+            self._masks[flags] = m
+        return m
+
+
+# --------------------------------------------------------------------------------------
+# One layer's state
+# --------------------------------------------------------------------------------------
+
+class BatchedDecodeState:
+    """Running block statistics and W of one layer for a batch, padded to the block capacity.
+
+    sums: [B, cap, 2, d], per block the sum of the group query (slot 0) and key (slot 1) features
+    of its real tokens; k_sk: [B, cap, r] sketched key-block means (final for blocks < i_b, block
+    i_b re-sketched every step, the rest unused); w: [B, cap, cap] W of each sequence over its
+    blocks 0..i_b (rows < final_rows[b] final, row i_b the current row, everything else zero, so
+    a walk row that is zero past i_b stays so); window: [B, 2W, d] the last decode_window queries
+    of each sequence, right-aligned at the shared `window_end` (decode_query = window only).
+    n, final_rows: host lists per sequence.
+    """
+
+    def __init__(self, cfg: SketchWalkConfig, layer_idx: int, head_dim: int, sums: torch.Tensor,
+                 k_sk: torch.Tensor, w: torch.Tensor, n: tuple[int, ...], final_rows: list[int],
+                 window: Optional[torch.Tensor]):
+        self.cfg, self.layer_idx, self.head_dim = cfg, layer_idx, head_dim
+        self.sums, self.k_sk, self.w = sums, k_sk, w
+        self.n, self.final_rows = n, final_rows
+        self.window = window
+        self.window_end = cfg.decode_window
+
+    @classmethod
+    def from_states(cls, states: Sequence[LayerDecodeState], plan: StepPlan) -> "BatchedDecodeState":
+        """Gather the per-sequence states of one layer (as the prefill left them, or later) into one.
+
+        A one-off per batch and layer: a few copies per sequence.
+        """
+        first = states[0]
+        cfg, bs, cap = first.cfg, first.cfg.block_size, plan.cap
+        d = first.qsum.shape[-1]
+        sums = first.qsum.new_zeros(len(states), cap, 2, d)
+        w = first.qsum.new_zeros(len(states), cap, cap)
+        for b, st in enumerate(states):
+            nb = -(-st.n_tokens // bs)
+            sums[b, :nb, 0], sums[b, :nb, 1] = st.qsum[:nb, 0], st.ksum[:nb, 0]
+            rows = st.w.shape[0]
+            w[b, :rows, :rows] = st.w
+        # The sketch of a complete block's key mean is what the per-sequence state caches for it
+        # (the same sums and divisor); other rows are overwritten (block i_b) or masked before use.
+        k_sk = sketch_features(sums[:, :, 1] / plan.count_values[bs], cfg, first.layer_idx)
+        window = None
+        if cfg.decode_query == "window":
+            win = cfg.decode_window
+            window = sums.new_zeros(len(states), 2 * win, d)
+            for b, st in enumerate(states):
+                recent = st.recent_queries()[0]  # [min(W, n_b), d]
+                window[b, win - recent.shape[0]:win] = recent
+        return cls(cfg, first.layer_idx, first.head_dim, sums, k_sk, w, tuple(st.n_tokens for st in states),
+                   [st.final_rows for st in states], window)
+
+    # -- storage ------------------------------------------------------------------------
+    def _grow(self, cap: int) -> None:
+        """Make room for `cap` blocks (zero-padded: new rows and columns are not causal for anyone yet)."""
+        old = self.w.shape[-1]
+        if cap <= old:
+            return
+        bsz = self.w.shape[0]
+        sums = self.sums.new_zeros(bsz, cap, *self.sums.shape[2:])
+        k_sk = self.k_sk.new_zeros(bsz, cap, self.k_sk.shape[-1])
+        w = self.w.new_zeros(bsz, cap, cap)
+        sums[:, :old], k_sk[:, :old], w[:, :old, :old] = self.sums, self.k_sk, self.w
+        self.sums, self.k_sk, self.w = sums, k_sk, w
+
+    def _sketch(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> [..., r] (rows are independent: batching them changes no value)."""
+        return sketch_features(x, self.cfg, self.layer_idx)
+
+    def _rows(self, q_sk: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        """W rows of each sequence from its query sketch q_sk [B, 1, r] over its causal columns [B, cap]: [B, cap].
+
+        The batch is `transition_rows`' row axis under a single group (G = 1), so the scores,
+        the mask and the softmax are that function's.
+        """
+        return transition_rows(q_sk[None], self.k_sk[None], None, self.head_dim, self.cfg, causal=causal[:, None])[:, 0]
+
+    def _push_window(self, qf: torch.Tensor) -> None:
+        """Append one query per sequence (qf: [B, d]); every W steps the last W-1 move to the front
+        (as `LayerDecodeState._push_window`, with one end shared by the batch)."""
+        win = self.cfg.decode_window
+        if self.window_end == self.window.shape[1]:
+            self.window[:, :win - 1] = self.window[:, self.window_end - win + 1:]  # disjoint: W + 1 > W - 1
+            self.window_end = win - 1
+        self.window[:, self.window_end] = qf
+        self.window_end += 1
+
+    def _window_mean(self) -> torch.Tensor:
+        """Mean of each sequence's last min(decode_window, n_b) queries: [B, d]."""
+        win, end = self.cfg.decode_window, self.window_end
+        lengths = [min(win, m) for m in self.n]
+        if min(lengths) == win:
+            return self.window[:, end - win:end].mean(1)
+        # A prompt shorter than the window: a sum over the zero-padded window would round
+        # differently from the per-sequence mean, so these steps (< W of them) average per sequence.
+        return torch.cat([self.window[b:b + 1, end - length:end].mean(1) for b, length in enumerate(lengths)])
+
+    # -- one decode step ----------------------------------------------------------------
+    def step(self, plan: StepPlan, qf: torch.Tensor, kf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one token per sequence and rebuild the current W rows; qf, kf: [B, d] group features.
+
+        Returns (w [B, cap, cap], row [B, cap]): W after the step and its current rows w[b, i_b].
+        The returned w is this state's buffer: valid until the next step.
+        """
+        if self.n != tuple(m - 1 for m in plan.n):
+            raise _out_of_sync(self.layer_idx, [m - 1 for m in plan.n], list(self.n))
+        self._grow(plan.cap)
+        cur = self.sums[plan.batch, plan.block] + torch.stack([qf, kf], dim=1)  # [B, 2, d]: block i_b's sums
+        self.sums[plan.batch, plan.block] = cur
+        if self.window is not None:
+            self._push_window(qf)
+        self.n = plan.n
+        # A new block completes the previous one's row, unless a prefill that ended on the boundary
+        # already did (LayerDecodeState._start_block's final_rows < i).
+        finalise = [s and i > f for s, i, f in zip(plan.started, plan.blocks, self.final_rows)]
+        if any(finalise):
+            self._finalise(plan, plan.mask(finalise))
+            self.final_rows = [i if f else r for i, f, r in zip(plan.blocks, finalise, self.final_rows)]
+        means = cur / plan.divisor[:, None, None]  # block i_b's query mean and key mean
+        mode = self.cfg.decode_query
+        query = qf if mode == "token" else means[:, 0] if mode == "block_mean" else self._window_mean()
+        sk = self._sketch(torch.stack([query, means[:, 1]], dim=1))  # [B, 2, r]: one SRHT call for both
+        self.k_sk[plan.batch, plan.block] = sk[:, 1]
+        row = self._rows(sk[:, :1], plan.causal)
+        self.w[plan.batch, plan.block] = row
+        return self.w, row
+
+    def _finalise(self, plan: StepPlan, mask: torch.Tensor) -> None:
+        """Rows j = i_b - 1 of the sequences in `mask` ([B] bool: their block j just completed) become
+        final, scored with block j's mean query against the final key sketches of blocks 0..j."""
+        j, causal = plan.previous()
+        q_mean = self.sums[plan.batch, j, 0] / plan.count_values[self.cfg.block_size]  # [B, d]
+        rows = self._rows(self._sketch(q_mean[:, None]), causal)
+        self.w[plan.batch, j] = torch.where(mask[:, None], rows, self.w[plan.batch, j])
+
+
+# --------------------------------------------------------------------------------------
+# Walk and selection
+# --------------------------------------------------------------------------------------
+
+def batched_walk(prev: Optional[torch.Tensor], w: torch.Tensor, row: torch.Tensor,
+                 cfg: SketchWalkConfig) -> torch.Tensor:
+    """`walk_update` of one current row per sequence: R^k rows [B, cap].
+
+    prev: [B, cap] R^{k-1} rows (None at the first sparse layer), zero past each row's block;
+    w: [B, cap, cap] W^k; row: [B, cap] the current rows w[b, i_b]. Same formulas:
+      product: r = prev W;  damped: `degree` times state = (1 - β) row + β state W;  none: row.
+    """
+    if prev is None or cfg.walk == "none":
+        return row
+    prev = prev.to(w.dtype)
+    if cfg.walk == "product":
+        return torch.bmm(prev[:, None], w)[:, 0]
+    state = prev
+    for _ in range(cfg.degree):
+        state = (1.0 - cfg.damping) * row + cfg.damping * torch.bmm(state[:, None], w)[:, 0]
+    return state
+
+
+@dataclasses.dataclass
+class BatchedSelection:
+    """The selected key blocks of one decode step, one row per sequence (the decode kernel's layout).
+
+    indices: [B, max_count] ascending block indices, -1 past counts[b]; counts: [B]; both in the
+    index dtype (int32 for the kernels). blocks, widths: host lists of each row's query block and count.
+    """
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+    blocks: list[int]
+    widths: list[int]
+    selector: BlockSelector
+
+    def per_sequence(self) -> list[BlockSelection]:
+        """Per-sequence `BlockSelection`s (views), as `BlockSelector.decode` returns them."""
+        device, bs = self.indices.device, self.selector.cfg.block_size
+        return [BlockSelection(indices=self.indices[b:b + 1, :width], counts=self.counts[b:b + 1],
+                               row_blocks=self.selector.arange(i + 1, device)[i:], block_size=bs)
+                for b, (i, width) in enumerate(zip(self.blocks, self.widths))]
+
+
+def select_rows(plan: StepPlan, scores: torch.Tensor) -> BatchedSelection:
+    """Selection of every sequence's current row from its walk row, scores: [B, cap].
+
+    As `select_blocks`: forced blocks first (+inf), then the free blocks by score in a stable
+    descending sort (ties to the lower block), the first counts[b] kept, in ascending order.
+    """
+    key = torch.where(plan.free, scores, plan.fill)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :plan.max_count]
+    # Kept slots ascending; dropped ones sort last via the sentinel cap, exactly the `drop` slots.
+    top = torch.where(plan.drop, plan.cap, order).sort(dim=-1).values.masked_fill_(plan.drop, -1)
+    return BatchedSelection(indices=top.to(plan.index_dtype), counts=plan.row_counts, blocks=plan.blocks,
+                            widths=plan.counts, selector=plan.selector)
+
+
+def dense_rows(offsets: torch.Tensor, kv_len: int, max_blocks: int, selector: BlockSelector
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every causal block of each sequence's decode row, for the kernel: indices [B, max_blocks], counts [B] (int32).
+
+    offsets: [B] int32 left-padding lengths on the device (sequence b has kv_len - offsets[b] real tokens).
+    """
+    bs = selector.cfg.block_size
+    counts = (kv_len + bs - 1 - offsets) // bs
+    ar = selector.arange(max_blocks, offsets.device, torch.int32)
+    return torch.where(ar[None, :] < counts[:, None], ar, -1), counts
+
+
+# --------------------------------------------------------------------------------------
+# The batch
+# --------------------------------------------------------------------------------------
+
+class DecodeBatch:
+    """Decode state of one batch between two prefills: block capacity, the current step's plan, layer states."""
+
+    def __init__(self, selector: BlockSelector, bsz: int):
+        self.selector, self.bsz = selector, bsz
+        self.cap = 0
+        self.layers: dict[int, BatchedDecodeState] = {}
+        self._plan: Optional[StepPlan] = None
+
+    def plan(self, n: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+             index_dtype: torch.dtype) -> StepPlan:
+        """The plan of the step where sequence b has n[b] real tokens (built once, shared by the layers).
+
+        The capacity grows here, before any layer's step, so every layer (and the walk) of a step has the same.
+        """
+        need = (max(n) - 1) // self.selector.cfg.block_size + 1  # blocks 0..max i_b
+        if need > self.cap:
+            self.cap = batch_capacity(need)
+        plan = self._plan
+        if plan is None or plan.key != (n, self.cap, device, dtype, index_dtype):
+            plan = self._plan = StepPlan(self.selector, n, self.cap, device, dtype, index_dtype)
+        return plan
+
+    def seed(self, layer_idx: int, states: Optional[Sequence[Optional[LayerDecodeState]]],
+             plan: StepPlan) -> BatchedDecodeState:
+        """A layer's batched state at its first step, from its per-sequence states (checked against the cache)."""
+        for b, m in enumerate(plan.n):
+            st = states[b] if states is not None and b < len(states) else None
+            if st is None or st.n_tokens != m - 1:
+                raise _out_of_sync(layer_idx, m - 1, None if st is None else st.n_tokens)
+        state = self.layers[layer_idx] = BatchedDecodeState.from_states(states, plan)
+        return state
