@@ -4,6 +4,7 @@ import argparse
 import math
 from pathlib import Path
 
+from search.cli import add_run_arguments
 from sketchwalk.cli import command
 
 REPORT = "report"
@@ -23,15 +24,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="with --resume ID: only rebuild the report from MLflow (same as `ablate report ID`)")
     p.add_argument("--id", dest="ablation_id", default=None, metavar="ID", help="id for a new ablation (default: <name>-<UTC timestamp>)")
-    p.add_argument("--backend", choices=["optuna", "ray"], default=None, help="override the plan's driver backend")
-    p.add_argument("--address", default=None, help="Ray cluster address (backend ray); default: start a local Ray")
-    p.add_argument("--samples", type=int, default=None, metavar="N", help="override samples per task per length")
-    p.add_argument("--essays", default=None, metavar="PATH", help="PaulGrahamEssays.json (default: $SKETCHWALK_ESSAYS)")
-    p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking URI (default: the plan's tracking.uri, else sqlite:///runs/mlflow.db)")
-    p.add_argument("--workdir", default=".", metavar="DIR", help="where runs/ (stores, outputs) lives (default: .)")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-
+    add_run_arguments(p, source="the plan's")
 
 @command("ablate", arguments=_arguments,
          help="ablate Sketch&Walk's components and compare baselines at matched density -> table, plots, MLflow",

@@ -29,20 +29,25 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="resume an earlier sweep (its id is printed at start and is the directory name under "
                         "runs/sweeps/): finished trials are kept, interrupted ones re-run, MLflow runs re-attached")
     p.add_argument("--sweep-id", default=None, help="id for a new sweep (default: <name>-<UTC timestamp>)")
-    p.add_argument("--backend", choices=["optuna", "ray"], default=None, help="override the file's driver backend")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (e.g. ray-head:6379 or auto); default: start a local Ray")
     p.add_argument("--trials", type=int, default=None, help="override budget.trials")
     p.add_argument("--wall-time", type=float, default=None, metavar="SECONDS",
                    help="override budget.wall_time_s (no new trial starts after it; a running one finishes)")
     p.add_argument("--suite", default=None, help="override the RULER suite (name, name@4k,8k, or YAML path)")
-    p.add_argument("--samples", type=int, default=None, help="override samples per task per length")
-    p.add_argument("--essays", default=None, help="PaulGrahamEssays.json (default: $SKETCHWALK_ESSAYS)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: the file's tracking.uri, else sqlite:///runs/mlflow.db)")
-    p.add_argument("--workdir", default=".", help="where runs/ (stores, sweep outputs) lives (default: .)")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_run_arguments(p, source="the file's")
 
+
+def add_run_arguments(p: argparse.ArgumentParser, *, source: str) -> None:
+    """The options every sweep-driven command shares (`sweep`, `ablate`): driver backend, Ray address,
+    samples, essays, tracking URI, work directory, progress. `source` names where defaults come from."""
+    p.add_argument("--backend", choices=["optuna", "ray"], default=None, help=f"override {source} driver backend")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. ray-head:6379 or auto); default: start a local Ray")
+    p.add_argument("--samples", type=int, default=None, metavar="N", help="override samples per task per length")
+    p.add_argument("--essays", default=None, metavar="PATH", help="PaulGrahamEssays.json (default: $SKETCHWALK_ESSAYS)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help=f"MLflow tracking URI (default: {source} tracking.uri, else sqlite:///runs/mlflow.db)")
+    p.add_argument("--workdir", default=".", metavar="DIR", help="where runs/ (stores, outputs) lives (default: .)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
 @command("sweep", arguments=_sweep_arguments,
          help="search SketchWalk configs for the accuracy/speed Pareto front (Optuna or Ray Tune) -> MLflow",

@@ -66,29 +66,26 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         detach(model)
     flat = [(task, length, s) for (task, length), ss in samples.items() for s in ss]
     try:
-        stack = contextlib.ExitStack()
-        stack.enter_context(prefer_flash_sdpa(device))
-        if warmup and flat and device.type == "cuda":
-            _warm_up(model, tokenizer, flat[0][2], device)
-        if runtime is not None:
-            runtime.reset_stats()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        attn = AttentionTimer(model, device) if attention_timing else None
-        timed_flat = flat if batch_size == 1 else _first_per_group(flat, timing_samples)
-        with attn if attn is not None else contextlib.nullcontext():
-            timed = _run_samples(model, tokenizer, timed_flat, device, progress, attn,
-                                 label="evaluating" if batch_size == 1 else "timing (batch 1)")
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        if batch_size == 1:
-            results, density = timed, _density(runtime)
-        else:
+        with prefer_flash_sdpa(device):
+            if warmup and flat and device.type == "cuda":
+                _warm_up(model, tokenizer, flat[0][2], device)
             if runtime is not None:
                 runtime.reset_stats()
-            results = _run_batched(model, tokenizer, flat, device, progress, batch_size, timed)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            attn = AttentionTimer(model, device) if attention_timing else None
+            timed_flat = flat if batch_size == 1 else _first_per_group(flat, timing_samples)
+            with attn if attn is not None else contextlib.nullcontext():
+                timed = _run_samples(model, tokenizer, timed_flat, device, progress, attn,
+                                     label="evaluating" if batch_size == 1 else "timing (batch 1)")
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            results = timed
+            if batch_size > 1:
+                if runtime is not None:
+                    runtime.reset_stats()  # density over the answered samples only, not the timing pass
+                results = _run_batched(model, tokenizer, flat, device, progress, batch_size, timed)
             density = _density(runtime)
     finally:
-        stack.close()
         if config is not None:
             detach(model)
     return EvalResult(
@@ -132,6 +129,12 @@ def _pad_id(tokenizer) -> Optional[int]:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def _score(tokenizer, task: str, sample: dict[str, Any], new: torch.Tensor) -> tuple[str, float]:
+    """(prediction, score in [0, 1]) of one answer: new: [new tokens] as generated."""
+    pred = postprocess(tokenizer.decode(new, skip_special_tokens=True))
+    return pred, metric_for_task(task)([pred], [sample["outputs"]]) / 100.0
+
+
 def _first_per_group(flat, n: int):
     """The first n samples of each (task, length) group, in order."""
     seen: dict[tuple[str, int], int] = {}
@@ -162,8 +165,7 @@ def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[
             if attn is not None:
                 attn.collect()
             new = out[0, ids.shape[1]:]
-            pred = postprocess(tokenizer.decode(new, skip_special_tokens=True))
-            score = metric_for_task(task)([pred], [sample["outputs"]]) / 100.0
+            pred, score = _score(tokenizer, task, sample, new)
             results.append(SampleResult(task, length, int(sample.get("index", len(results))), ids.shape[1], pred,
                                         list(sample["outputs"]), score, clock.prefill_s, total, int(new.numel()),
                                         clock.decode_s))
@@ -198,8 +200,7 @@ def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int
                                          do_sample=False, pad_token_id=pad)
                 for j, sample in enumerate(chunk):
                     new = _until_eos(out[j, ids.shape[1]:], eos)
-                    pred = postprocess(tokenizer.decode(new, skip_special_tokens=True))
-                    score = metric_for_task(task)([pred], [sample["outputs"]]) / 100.0
+                    pred, score = _score(tokenizer, task, sample, new)
                     index = int(sample.get("index", len(results)))
                     t = timing.get((task, length, index))
                     nan = float("nan")
