@@ -95,8 +95,11 @@ def _replay_arguments(p: argparse.ArgumentParser, compare: bool) -> None:
         p.add_argument("--heatmap-layer", type=int, default=None, metavar="LAYER",
                        help="layer of the heatmap PNG (default: the deepest sparse layer)")
         p.add_argument("--png", default=None, metavar="PATH", help="heatmap path (default: beside the JSON)")
+    p.add_argument("--decode-steps", type=int, default=0, metavar="N",
+                   help="measure the decode phase instead of the prefill: the last N tokens of each prompt are "
+                        "decoded one at a time after a prefill of the rest (default: 0 = the prefill)")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="result JSON (default: DIR/<action>-<config hash>.json)")
+                   help="result JSON (default: DIR/<action>-<config hash>.json; -decode<N> added with --decode-steps)")
     p.add_argument("--device", default=None, help="replay device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="attention backend of the replayed runtime (default: %(default)s)")
@@ -229,21 +232,23 @@ def _validate(args: argparse.Namespace) -> int:
     console = _console()
     try:
         config = _config(args.config)
-        result = validate(args.record_dir, config, device=args.device, backend=args.backend)
+        result = validate(args.record_dir, config, device=args.device, backend=args.backend,
+                          decode_steps=args.decode_steps)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return _error(console, exc)
-    table = Table(title=f"validate {config.short_hash()} ({config.selector}) on {args.record_dir}")
+    table = Table(title=f"validate {config.short_hash()} ({config.selector}) on {args.record_dir}{_phase(args)}")
     for col in ("layer", "dense") + METRICS:
         table.add_column(col.replace("_", " "), justify="right")
     for row in result.layers:
         table.add_row(str(row["layer"]), "yes" if row["dense"] else "", *(_fmt(row[m]) for m in METRICS))
     table.add_row("overall", "", *(_fmt(result.overall[m]) for m in METRICS), style="bold")
     console.print(table)
-    out = _write_json(args.json or Path(args.record_dir) / f"validate-{config.short_hash()}.json", result.to_dict())
+    out = _write_json(args.json or Path(args.record_dir) / f"validate-{config.short_hash()}{_suffix(args)}.json",
+                      result.to_dict())
     console.print(f"wrote {out}", highlight=False)
     metrics = dict(result.overall)
     metrics.update({f"{m}.layer.{row['layer']}": row[m] for row in result.layers for m in METRICS})
-    return _track(console, args, "validate", config, metrics, [out])
+    return _track(console, args, "validate", config, metrics, [out], phase=result.phase)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -254,26 +259,39 @@ def _compare(args: argparse.Namespace) -> int:
     console = _console()
     try:
         config = _config(args.config)
-        result = compare(args.record_dir, config, _others(args.others), device=args.device, backend=args.backend)
+        result = compare(args.record_dir, config, _others(args.others), device=args.device, backend=args.backend,
+                         decode_steps=args.decode_steps)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return _error(console, exc)
     vs = [label for label in result.labels if label != result.reference]
-    console.print(_compare_table(result, f"mass recall ({config.short_hash()} on {args.record_dir})", result.labels,
+    console.print(_compare_table(result, f"mass recall ({config.short_hash()} on {args.record_dir}{_phase(args)})",
+                                 result.labels,
                                  lambda r: _fmt(r["recall"])))
     console.print(_compare_table(result, f"jaccard / free-block overlap with the {result.reference}", vs,
                                  lambda r: f"{_fmt(r['jaccard'])} / {_fmt(r['free_overlap'])}"))
-    out = _write_json(args.json or Path(args.record_dir) / f"compare-{config.short_hash()}.json", result.to_dict())
-    try:
-        png = heatmap(result, args.png or out.with_name(f"{out.stem}-heatmap.png"),
-                      layer=args.heatmap_layer)
-    except KeyError:
-        layers = sorted({r["layer"] for r in result.layers})
-        return _error(console, ValueError(f"--heatmap-layer {args.heatmap_layer} was not recorded: layers {layers}"))
-    console.print(f"wrote {out} and {png}", highlight=False)
+    out = _write_json(args.json or Path(args.record_dir) / f"compare-{config.short_hash()}{_suffix(args)}.json",
+                      result.to_dict())
+    files = [out]
+    if result.phase == "prefill":  # a decode step is one row: no grid to draw
+        try:
+            files.append(heatmap(result, args.png or out.with_name(f"{out.stem}-heatmap.png"),
+                                 layer=args.heatmap_layer))
+        except KeyError:
+            layers = sorted({r["layer"] for r in result.layers})
+            return _error(console, ValueError(f"--heatmap-layer {args.heatmap_layer} was not recorded: layers {layers}"))
+    console.print(f"wrote {' and '.join(map(str, files))}", highlight=False)
     metrics = {f"{label}.{m}": v for label, ms in result.overall.items() for m, v in ms.items()}
     metrics.update({f"{row['selector']}.{m}.layer.{row['layer']}": row[m]
                         for row in result.layers for m in METRICS})
-    return _track(console, args, "compare", config, metrics, [out, png], others=",".join(vs))
+    return _track(console, args, "compare", config, metrics, files, others=",".join(vs), phase=result.phase)
+
+
+def _phase(args: argparse.Namespace) -> str:
+    return f", decode: last {args.decode_steps} tokens" if args.decode_steps else ""
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    return f"-decode{args.decode_steps}" if args.decode_steps else ""
 
 
 def _compare_table(result, title: str, labels: list[str], cell):

@@ -148,7 +148,7 @@ class SweepSpec(_Strict):
     suite: str = "ruler-smoke"
     samples: Optional[int] = Field(default=None, ge=1)
     batch_size: int = Field(default=1, ge=1)  # samples per generate() call (latency still timed at batch 1)
-    timing_samples: int = Field(default=2, ge=1)  # with batch_size > 1: samples per task x length timed at batch 1
+    timing_samples: int = Field(default=2, ge=1)  # with batch_size > 1: samples per length timed at batch 1
     essays: Optional[str] = None
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     attention_backend: Literal["auto", "triton", "torch"] = "auto"

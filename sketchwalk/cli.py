@@ -204,11 +204,12 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-timing", action="store_true",
                    help="also time the attention function per layer (slower on GPU: events per call)")
     p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
-                   help="answer N samples of one task x length per generate() call (left-padded); latency then "
-                        "comes from a separate batch-1 pass over --timing-samples samples per task x length "
+                   help="answer N samples of one length per generate() call (left-padded, tasks mixed); latency "
+                        "then comes from a separate batch-1 pass over --timing-samples samples per length "
                         "(default: %(default)s = every sample timed at batch 1)")
     p.add_argument("--timing-samples", type=_positive_int, default=2, metavar="N",
-                   help="with --batch-size > 1: samples per task x length timed at batch 1 (default: %(default)s)")
+                   help="with --batch-size > 1: samples per length timed at batch 1, from different tasks, "
+                        "32 new tokens each (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="attention backend: auto = Triton kernels on CUDA, PyTorch reference on CPU (default: auto)")
 

@@ -116,11 +116,25 @@ CASES = [
     (dict(decode_query="window", decode_window=24, walk="damped", density=0.3, local_blocks=2), [50, 39, 21]),
     (dict(decode_query="window", decode_window=40, walk="none", top_k=2, sink_blocks=0, phases="decode"), [64, 17, 30]),
     (dict(decode_query="token", walk="product", density=0.4, phases="prefill"), [50, 39, 21]),  # dense decode
+    # sum_probs: G = Hq feature rows per sequence, averaged into one W row.
+    (dict(head_aggregation="sum_probs", decode_query="token", walk="product", top_k=3), [50, 39, 21]),
+    (dict(head_aggregation="sum_probs", decode_query="window", decode_window=8, walk="damped", density=0.3),
+     [48, 35, 5]),
+    (dict(head_aggregation="sum_probs", decode_query="block_mean", walk="none", top_k=2, local_blocks=2), [64, 17, 30]),
+    # The baseline selectors: scores from the cache, no state.
+    (dict(selector="oracle", density=0.3), [50, 39, 21]),
+    (dict(selector="random", top_k=3, sink_blocks=0), [48, 35, 5]),
+    (dict(selector="streaming", top_k=2, local_blocks=2), [64, 17, 30]),
 ]
 
 
-@pytest.mark.parametrize("overrides,lens", CASES,
-                         ids=[f"{c[0]['decode_query']}-{c[0]['walk']}-{c[0].get('phases', 'both')}" for c in CASES])
+def case_id(overrides: dict) -> str:
+    parts = [overrides.get("selector", "sketchwalk"), overrides.get("head_aggregation", "mean_qk"),
+             overrides.get("decode_query", "token"), overrides.get("walk", "product"), overrides.get("phases", "both")]
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("overrides,lens", CASES, ids=[case_id(c[0]) for c in CASES])
 def test_batched_equals_per_sequence(overrides, lens):
     cfg = SketchWalkConfig(**{"block_size": 16, "sketch_dim": 8, "skip_layers": 1, **overrides})
     choices = check_against_solo(cfg, lens, steps=84, seed=len(CASES) + sum(lens))
@@ -136,13 +150,15 @@ def test_capacity_growth_mid_batch(monkeypatch):
     assert check_against_solo(cfg, [40, 23, 9], steps=60, seed=3, layers=3) > 0
 
 
-def test_uncovered_configs_stay_per_sequence():
-    """sum_probs and the baselines keep the per-sequence path (and its results) in batches."""
+def test_batched_decode_off_keeps_per_sequence_path():
+    """`batched_decode = False` keeps every config on the per-sequence path."""
     for cfg in (SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, top_k=3, head_aggregation="sum_probs"),
                 SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, top_k=3, selector="streaming")):
         inputs, valid = padded_inputs([40, 23], 10, layers=2, seed=1)
-        _, rt = run(cfg, inputs, valid, 40, 10)
+        _, rt = run(cfg, inputs, valid, 40, 10, batched=False)
         assert rt._batch is None
+        _, rt = run(cfg, inputs, valid, 40, 10)
+        assert rt._batch is not None
 
 
 def test_decode_without_prefill_raises():
@@ -158,10 +174,12 @@ def test_decode_without_prefill_raises():
 # Triton backend (interpreter on CPU)
 # --------------------------------------------------------------------------------------
 
-def test_triton_backend_batched_equals_per_sequence():
+@pytest.mark.parametrize("overrides", [dict(decode_query="block_mean"), dict(head_aggregation="sum_probs"),
+                                       dict(selector="oracle")], ids=["mean_qk", "sum_probs", "oracle"])
+def test_triton_backend_batched_equals_per_sequence(overrides):
     pytest.importorskip("triton", reason="triton is not installed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, top_k=2, decode_query="block_mean")
+    cfg = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, top_k=2, **overrides)
     # 20 steps: new blocks at steps 9 / 10 / 8; layer 0 is dense (batched dense rows).
     assert check_against_solo(cfg, [40, 23, 9], steps=20, seed=5, backend="triton", layers=2, device=device) > 0
 
@@ -247,3 +265,25 @@ def test_ops_per_layer_do_not_grow_with_batch(decode_query):
     eight = decode_ops_per_layer([50, 35, 19, 68, 51, 36, 20, 69], decode_query)
     assert four <= 1.5 * one, (one, four)
     assert eight == four, (four, eight)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-sequence"])
+def test_counted_rows_leave_finished_sequences_out_of_the_density(batched):
+    """Rows flagged False in `counted_rows` (answers already complete) add no decode pairs: the
+    decode counters equal those of the counted sequence run alone."""
+    cfg = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, top_k=3)
+    lens, steps = [50, 39], 20
+    inputs, valid = padded_inputs(lens, steps, layers=2, seed=7)
+    rt = SketchWalkRuntime(cfg, backend="torch")
+    rt.batched_decode = batched
+    n0, scale = max(lens), D ** -0.5
+    for layer, (q, k, v) in enumerate(inputs):
+        rt.attention(layer, q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], valid[:, :n0], scale)
+    rt.counted_rows = [True, False]
+    for t in range(n0, n0 + steps):
+        for layer, (q, k, v) in enumerate(inputs):
+            rt.attention(layer, q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], valid[:, :t + 1], scale)
+    _, solo = run(cfg, solo_inputs(inputs, 0, 0), None, lens[0], steps, batched=False)
+    assert rt._pairs["decode"] == solo._pairs["decode"]
+    assert rt._pairs["decode"][0][0] == rt._pairs["decode"][0][1]  # layer 0: dense, counted
+    assert rt._pairs["decode"][1][0] < rt._pairs["decode"][1][1]  # layer 1: sparse

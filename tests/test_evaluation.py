@@ -63,6 +63,126 @@ def test_token_clock_splits_prefill_and_decode():
     assert clock.decode_s == clock.stamps[-1] - clock.stamps[0]
 
 
+# -- batching -------------------------------------------------------------------------------------
+
+
+class _Ids:
+    def __init__(self, ids):
+        self.input_ids = ids
+
+
+class _CharTokenizer:
+    """One token per character (ids >= 10); EOS = 2, pad = 0; decode spells tokens back as letters."""
+
+    pad_token_id, eos_token_id = 0, 2
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+        import torch
+
+        return _Ids(torch.tensor([[10 + ord(c) % 26 for c in text]]))
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + int(t) - 10) for t in ids if int(t) >= 10)
+
+
+class _EchoModel:
+    """Greedy stand-in: row b generates letters 'a'.. and ends with EOS after `_answer_length(real length)`
+    of them (a per-sequence answer, so cuts and order are visible); records each call's batch."""
+
+    def __init__(self):
+        import torch
+
+        self.calls = []
+        self._p = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self._p])
+
+    def generate(self, ids, attention_mask, max_new_tokens, do_sample, pad_token_id, streamer=None, **kwargs):
+        import torch
+
+        real = attention_mask.sum(-1).tolist()
+        self.calls.append((real, max_new_tokens))
+        new = torch.full((ids.shape[0], max_new_tokens), pad_token_id, dtype=ids.dtype)
+        for b, n in enumerate(real):
+            stop = _answer_length(n)
+            new[b, :min(stop, max_new_tokens)] = 10 + torch.arange(min(stop, max_new_tokens)) % 26
+            if stop < max_new_tokens:
+                new[b, stop] = 2
+        return torch.cat([ids, new], dim=1)
+
+
+def _answer_length(prompt_tokens: int) -> int:
+    return prompt_tokens * 7 % 90 + 3  # 3..92: some answers outrun the vt and fwe budgets
+
+
+def _expected_new_tokens(n: int, budget: int) -> int:
+    """What a batch-1 greedy generate() of the echo model returns: answer + EOS, cut at the budget."""
+    return min(_answer_length(n) + 1, budget)
+
+
+def test_batched_answers_mix_tasks_of_one_length_and_cut_each_to_its_budget():
+    import torch
+
+    from sketchwalk.evaluation.harness import _run_batched
+    from sketchwalk.ruler.templates import tokens_to_generate
+
+    tok, model = _CharTokenizer(), _EchoModel()
+    flat = []
+    for task in ("niah_single_1", "vt", "fwe"):  # budgets 128, 30, 50
+        for length in (1024, 2048):
+            for i in range(3):
+                text = "x" * (40 + 13 * i + len(task) + length // 512)
+                flat.append((task, length, {"input": text, "answer_prefix": "", "outputs": ["abc"], "index": i}))
+    results = _run_batched(model, tok, flat, torch.device("cpu"), False, 4, [])
+    cut_by_budget = 0
+    assert [(r.task, r.length, r.index) for r in results] == [(t, n, s["index"]) for t, n, s in flat]
+    for r, (task, _, s) in zip(results, flat):
+        n = len(s["input"])
+        assert r.prompt_tokens == n
+        assert r.new_tokens == _expected_new_tokens(n, tokens_to_generate(task))
+        letters = min(_answer_length(n), tokens_to_generate(task))
+        assert r.prediction == "".join(chr(ord("a") + k % 26) for k in range(letters))
+        cut_by_budget += _answer_length(n) >= tokens_to_generate(task)
+        assert math.isnan(r.prefill_s)  # nothing timed
+    assert cut_by_budget > 0  # the per-task cut was exercised
+
+    # 9 samples per length in batches of 4, 4, 1: tasks mixed, each batch sorted by prompt length,
+    # generating up to the largest budget of its tasks.
+    assert len(model.calls) == 6
+    for real, budget in model.calls:
+        assert real == sorted(real)
+    lengths_by_call = [sorted(real) for real, _ in model.calls]
+    assert sum(len(c) for c in lengths_by_call) == len(flat)
+    assert max(b for _, b in model.calls) == 128 and min(b for _, b in model.calls) in (30, 50, 128)
+
+
+def test_batched_answers_take_speed_from_their_timed_call():
+    """A timed sample's decode rate uses the timing call's token count, not the (longer) answer's."""
+    import torch
+
+    from sketchwalk.evaluation.harness import _run_batched
+
+    text = "y" * 61  # answer of 61 * 7 % 90 + 3 = 70 letters: longer than the 32-token timing call
+    flat = [("niah_single_1", 1024, {"input": text, "answer_prefix": "", "outputs": ["abc"], "index": 0}),
+            ("niah_single_1", 1024, {"input": text + "z", "answer_prefix": "", "outputs": ["abc"], "index": 1})]
+    timed = [SampleResult("niah_single_1", 1024, 0, 61, "abc", ["abc"], 0.0, 0.05, 3.2, 32, 3.1)]
+    results = _run_batched(_EchoModel(), _CharTokenizer(), flat, torch.device("cpu"), False, 2, timed)
+    assert results[0].new_tokens == 71 and results[0].timed_tokens == 32
+    assert results[0].prefill_s == 0.05 and results[0].decode_tokens_per_s == pytest.approx(31 / 3.1)
+    assert results[1].timed_tokens is None and math.isnan(results[1].decode_tokens_per_s)
+
+
+def test_timing_samples_spread_over_tasks_per_length():
+    from sketchwalk.evaluation.harness import _timing_samples
+
+    flat = [(t, n, {"index": i}) for n in (4096, 8192) for t in ("a", "b", "c") for i in range(3)]
+    picked = [(t, n, s["index"]) for t, n, s in _timing_samples(flat, 4)]
+    assert picked == [("a", 4096, 0), ("b", 4096, 0), ("c", 4096, 0), ("a", 4096, 1),
+                      ("a", 8192, 0), ("b", 8192, 0), ("c", 8192, 0), ("a", 8192, 1)]
+    assert len(_timing_samples(flat, 100)) == len(flat)  # capped by what exists
+
+
 # -- the dense-baseline cache ------------------------------------------------------------------
 
 def _result(acc=100.0, dtype="float32") -> EvalResult:

@@ -65,15 +65,17 @@ def test_batched_evaluation_matches_batch_one(smollm2):
 
     model, tokenizer = smollm2
     config = SketchWalkConfig(density=0.5)
-    # Three samples of different prompt lengths: a batch of 2 is padded, the last batch holds one.
-    samples = {("niah_single_1", 1024): generate_task("niah_single_1", 1024, 3, tokenizer, seed=11, max_context=8192)}
+    # Two tasks of one length (budgets 128 and 30), prompts of different lengths: batches of 2 mix
+    # the tasks and are padded, the last holds one.
+    samples = {("niah_single_1", 1024): generate_task("niah_single_1", 1024, 3, tokenizer, seed=11, max_context=8192),
+               ("vt", 1024): generate_task("vt", 1024, 2, tokenizer, seed=11, max_context=8192)}
     single = evaluate(model, tokenizer, config, samples, progress=False)
-    batched = evaluate(model, tokenizer, config, samples, progress=False, batch_size=2, timing_samples=1)
+    batched = evaluate(model, tokenizer, config, samples, progress=False, batch_size=2, timing_samples=2)
     assert [s.prediction for s in batched.samples] == [s.prediction for s in single.samples]
     assert [s.new_tokens for s in batched.samples] == [s.new_tokens for s in single.samples]
     assert batched.accuracy == single.accuracy
     assert batched.density["prefill"] == pytest.approx(single.density["prefill"])
     assert batched.density["decode"] == pytest.approx(single.density["decode"], rel=1e-6)
     timed = [s.prefill_s == s.prefill_s for s in batched.samples]  # not NaN
-    assert timed == [True, False, False]
+    assert timed == [True, False, False, True, False]  # one sample per task of the length
     assert batched.prefill_s["1024"] > 0 and "batch-1 pass" in batched.timing

@@ -169,6 +169,34 @@ def test_oracle_recall_at_least_sketchwalks_on_every_layer(record_dir):
         assert val.layers[layer]["recall"] == pytest.approx(res.layer_row("sketchwalk", layer)["recall"], abs=1e-12)
 
 
+def test_decode_replay_oracle_recall_at_least_sketchwalks_every_step(record_dir):
+    """Decode steps (the last 20 tokens of each prompt after a prefill of the rest): per step and
+    layer the oracle's recall bounds every selector's at the same count; dense layers recall 1."""
+    cfg = sw(density=0.5)  # rows of 5-7 blocks: 1-2 free choices besides the sink and local block
+    res = compare(record_dir, cfg, ["random"], decode_steps=20)
+    assert res.phase == "decode" and res.labels == ["sketchwalk", "oracle", "random"]
+    assert len(res.rows) == 2 * 20 * 4 * 3  # prompts x steps x layers x selectors
+    by_key = {(r["selector"], r["prompt"], r["layer"], r["length"]): r for r in res.rows}
+    for (label, prompt, layer, length), r in by_key.items():
+        oracle = by_key[("oracle", prompt, layer, length)]
+        assert oracle["recall"] >= r["recall"] - 1e-6, (r, oracle)
+        i = (length - 1) // cfg.block_size
+        if layer < cfg.skip_layers:
+            assert r["dense"] and r["density"] == 1.0 and r["recall"] == pytest.approx(1.0, abs=1e-5)
+        else:  # one decode row: row_budget of its block out of its i + 1 causal blocks
+            assert not r["dense"] and r["density"] == pytest.approx(row_budget(cfg, i) / (i + 1))
+    assert {r["length"] for r in res.rows if r["prompt"] == 0} == set(range(LENGTHS[0] - 19, LENGTHS[0] + 1))
+    assert res.overall["oracle"]["recall"] > res.overall["random"]["recall"]
+    with pytest.raises(ValueError, match="decode steps"):
+        heatmap(res, "unused.png")
+    val = validate(record_dir, cfg, decode_steps=20)
+    assert val.phase == "decode"
+    for layer in range(4):
+        assert val.layers[layer]["recall"] == pytest.approx(res.layer_row("sketchwalk", layer)["recall"], abs=1e-12)
+    with pytest.raises(ValueError, match="fewer than"):
+        validate(record_dir, cfg, decode_steps=LENGTHS[1])
+
+
 def test_walk_carried_across_recorded_layers_only(llama, tmp_path):
     # layers 2, 3 recorded, skip_layers 1: the walk starts at layer 2 (the first recorded sparse layer)
     collect(llama, None, prompts()[:1], tmp_path / "r", layers=[2, 3], progress=False)

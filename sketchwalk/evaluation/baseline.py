@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from .result import EvalResult
 
-CACHE_FORMAT = 2  # bump when EvalResult or the harness changes what a cached number means
+CACHE_FORMAT = 3  # bump when EvalResult or the harness changes what a cached number means
 
 
 def default_cache_dir() -> Path:

@@ -10,6 +10,7 @@ import statistics
 from typing import Any, Optional, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import SketchWalkConfig
 from ..integration import attach, detach
@@ -21,16 +22,21 @@ from .timing import AttentionTimer, TokenClock, synchronize
 
 __all__ = ["EvalResult", "SampleResult", "evaluate", "TIMING_METHOD"]
 
+# New tokens of a batch-1 timing pass: enough decode steps for a stable tokens/s, not a whole
+# answer (the answers come from the batched pass).
+TIMING_NEW_TOKENS = 32
+
 TIMING_METHOD = ("SDPA (dense layers, dense baseline) pinned to FlashAttention first; "
                  "one greedy generate() per sample at batch 1, timed by a streamer that synchronises the "
                  "device at every new token: prefill_s = start to first new token (time to first token); "
-                 "decode tokens/s = (new_tokens - 1) / (last token - first token), per length the "
-                 "median over the timed samples; GPU runs are warmed up and synchronised; attention_s "
-                 "(optional) wraps the registered attention function (CUDA events on GPU, wall "
-                 "time on CPU)")
-BATCHED_TIMING = ("; with batch_size > 1 the answers come from left-padded batched generate() calls "
-                  "(untimed), and the speed numbers and peak memory from a separate batch-1 pass over the "
-                  "first timing_samples samples of each task x length")
+                 "decode tokens/s = (timed new tokens - 1) / (last token - first token), per length the "
+                 "median over the timed samples; GPU runs are warmed up (one untimed generate per length) "
+                 "and synchronised; attention_s (optional) wraps the registered attention function (CUDA "
+                 "events on GPU, wall time on CPU)")
+BATCHED_TIMING = ("; with batch_size > 1 the answers come from left-padded batched generate() calls over "
+                  "the samples of one length, all tasks mixed (untimed), and the speed numbers and peak memory "
+                  "from a separate batch-1 pass over timing_samples samples per length (drawn from different "
+                  "tasks), each generating at most {} new tokens").format(TIMING_NEW_TOKENS)
 
 Samples = dict[tuple[str, int], Sequence[dict[str, Any]]]
 
@@ -49,13 +55,15 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     samples: {(task, length in tokens): [RULER sample dicts with input, outputs, answer_prefix]}.
     Speed is measured inside the one generate() call that produces the answer (see TIMING_METHOD):
     a separate timed prefill would run the prompt twice and, with SketchWalk, double-count density.
-    On CUDA a short warm-up generate runs first (kernels, allocator) and peak memory is reset after
-    it. `attention_timing` adds per-layer attention-function times (slower: one sync per call on GPU).
+    On CUDA one untimed warm-up generate per length runs first (kernels, allocator) and peak memory
+    is reset after it. `attention_timing` adds per-layer attention-function times (slower: one sync per call on GPU).
     backend: the attention backend passed to `attach` (`auto`: Triton kernels on CUDA, reference on CPU).
-    batch_size > 1: answers come from greedy generate() over left-padded batches of one task x length
-    (SketchWalk selects per sequence on its real tokens, so batching changes no selection); latency
-    and peak memory then come from a batch-1 pass over the first `timing_samples` samples of each
-    task x length, run first (so the density counters cover exactly the answered samples).
+    batch_size > 1: answers come from greedy generate() over left-padded batches of one length, tasks
+    mixed and sorted by prompt length (SketchWalk selects per sequence on its real tokens, so batching
+    changes no selection; each answer is cut to its own task's budget, as batch 1 would stop); latency
+    and peak memory then come from a batch-1 pass over `timing_samples` samples per length from
+    different tasks, at most TIMING_NEW_TOKENS new tokens each, run first (so the density counters
+    cover exactly the answered samples).
     """
     if batch_size < 1 or timing_samples < 1:
         raise ValueError(f"batch_size and timing_samples must be >= 1, got {batch_size} and {timing_samples}")
@@ -68,22 +76,23 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     try:
         with prefer_flash_sdpa(device):
             if warmup and flat and device.type == "cuda":
-                _warm_up(model, tokenizer, flat[0][2], device)
+                _warm_up(model, tokenizer, flat, device)
             if runtime is not None:
                 runtime.reset_stats()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             attn = AttentionTimer(model, device) if attention_timing else None
-            timed_flat = flat if batch_size == 1 else _first_per_group(flat, timing_samples)
+            timed_flat = flat if batch_size == 1 else _timing_samples(flat, timing_samples)
             with attn if attn is not None else contextlib.nullcontext():
                 timed = _run_samples(model, tokenizer, timed_flat, device, progress, attn,
-                                     label="evaluating" if batch_size == 1 else "timing (batch 1)")
+                                     label="evaluating" if batch_size == 1 else "timing (batch 1)",
+                                     max_new_tokens=None if batch_size == 1 else TIMING_NEW_TOKENS)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             results = timed
             if batch_size > 1:
                 if runtime is not None:
                     runtime.reset_stats()  # density over the answered samples only, not the timing pass
-                results = _run_batched(model, tokenizer, flat, device, progress, batch_size, timed)
+                results = _run_batched(model, tokenizer, flat, device, progress, batch_size, timed, runtime)
             density = _density(runtime)
     finally:
         if config is not None:
@@ -92,7 +101,7 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         model=model_name, config=config.to_dict() if config else None, device=device_name(device),
         dtype=str(dtype).replace("torch.", ""), accuracy=accuracy_table(results),
         prefill_s=_median_by_length(results, lambda r: r.prefill_s),
-        decode_tokens_per_s=_median_by_length(results, _decode_rate),
+        decode_tokens_per_s=_median_by_length(results, lambda r: r.decode_tokens_per_s),
         density=density, peak_memory_bytes=peak, samples=results,
         attention_s=attn.medians() if attn is not None else {},
         timing=TIMING_METHOD + (BATCHED_TIMING if batch_size > 1 else ""))
@@ -117,12 +126,21 @@ def prefer_flash_sdpa(device: torch.device):
         return sdpa_kernel(order[:2] + order[3:])
 
 
-def _warm_up(model, tokenizer, sample, device) -> None:
-    ids = _encode(tokenizer, sample, device)[:, :1024]
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                       pad_token_id=_pad_id(tokenizer))
-    synchronize(device)
+def _warm_up(model, tokenizer, flat, device) -> None:
+    """One untimed batch-1 generate() per length (its first sample, TIMING_NEW_TOKENS new tokens).
+
+    Kernels compile and allocator pools grow per shape: Triton specialises on sizes, so a first
+    prompt of each length would otherwise pay its compilation inside a timed call.
+    """
+    first: dict[int, dict[str, Any]] = {}
+    for _, length, sample in flat:
+        first.setdefault(length, sample)
+    for length in sorted(first):
+        ids = _encode(tokenizer, first[length], device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TIMING_NEW_TOKENS,
+                           do_sample=False, pad_token_id=_pad_id(tokenizer))
+        synchronize(device)
 
 
 def _pad_id(tokenizer) -> Optional[int]:
@@ -135,19 +153,26 @@ def _score(tokenizer, task: str, sample: dict[str, Any], new: torch.Tensor) -> t
     return pred, metric_for_task(task)([pred], [sample["outputs"]]) / 100.0
 
 
-def _first_per_group(flat, n: int):
-    """The first n samples of each (task, length) group, in order."""
-    seen: dict[tuple[str, int], int] = {}
-    out = []
+def _timing_samples(flat, n: int):
+    """n samples per length for the batch-1 timing pass, round-robin over the tasks of that length
+    (the first sample of each task first): speed depends on the length, not on the task."""
+    by_length: dict[int, dict[str, list]] = {}
     for task, length, sample in flat:
-        if seen.get((task, length), 0) < n:
-            seen[(task, length)] = seen.get((task, length), 0) + 1
-            out.append((task, length, sample))
+        by_length.setdefault(length, {}).setdefault(task, []).append((task, length, sample))
+    out = []
+    for length in sorted(by_length):
+        queues = list(by_length[length].values())
+        picked, depth = [], 0
+        while len(picked) < n and any(depth < len(q) for q in queues):
+            picked += [q[depth] for q in queues if depth < len(q)][:n - len(picked)]
+            depth += 1
+        out += picked
     return out
 
 
 def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[AttentionTimer],
-                 label: str = "evaluating") -> list[SampleResult]:
+                 label: str = "evaluating", max_new_tokens: Optional[int] = None) -> list[SampleResult]:
+    """Greedy generate() per sample at batch 1, timed per token; max_new_tokens caps the task's budget."""
     from rich.progress import Progress
 
     results = []
@@ -158,7 +183,8 @@ def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[
             ids = _encode(tokenizer, sample, device)
             with torch.no_grad():
                 clock.start()
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens_to_generate(task),
+                budget = tokens_to_generate(task) if max_new_tokens is None else min(max_new_tokens, tokens_to_generate(task))
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
                                      do_sample=False, pad_token_id=_pad_id(tokenizer), streamer=clock)
                 synchronize(device)
             total = clock.stamps[-1] - clock.t0 if clock.stamps else float("nan")
@@ -174,42 +200,84 @@ def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[
 
 
 def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int,
-                 timed: Sequence[SampleResult]) -> list[SampleResult]:
-    """Answer every sample with greedy generate() over left-padded batches of one (task, length).
+                 timed: Sequence[SampleResult], runtime=None) -> list[SampleResult]:
+    """Answer every sample with greedy generate() over left-padded batches of one length.
 
-    Per-sample speed fields are copied from the batch-1 timing pass where that sample was timed,
-    NaN otherwise (a batched call says nothing about one sample's latency).
+    Tasks are mixed in a batch, sorted by prompt length (least padding); a batch generates up to
+    the largest budget of its tasks and each answer is cut to its own task's budget, then at the
+    first EOS: greedy decoding makes that exactly the answer a batch-1 generate() returns.
+    Results come back in the order of `flat`. Per-sample speed fields are copied from the batch-1
+    timing pass where that sample was timed, NaN otherwise (a batched call says nothing about one
+    sample's latency). With a SketchWalk `runtime`, a row's decode steps stop counting towards the
+    density once its answer is complete (`_AnswerTracker`), so density covers the answers alone.
     """
     from rich.progress import Progress
 
     timing = {(r.task, r.length, r.index): r for r in timed}
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for task, length, sample in flat:
-        groups.setdefault((task, length), []).append(sample)
-    results = []
+    encoded = [_encode(tokenizer, s, device)[0] for _, _, s in flat]
+    by_length: dict[int, list[int]] = {}
+    for i, (_, length, _) in enumerate(flat):
+        by_length.setdefault(length, []).append(i)
+    results: list[Optional[SampleResult]] = [None] * len(flat)
+    nan = float("nan")
     with Progress(disable=not progress, transient=False) as bar:
         job = bar.add_task(f"answering (batch {batch_size})", total=len(flat))
-        for (task, length), group in groups.items():
-            for start in range(0, len(group), batch_size):
-                chunk = group[start:start + batch_size]
-                encoded = [_encode(tokenizer, s, device)[0] for s in chunk]
-                ids, mask = _left_pad(encoded, pad if pad is not None else 0)
-                with torch.no_grad():
-                    out = model.generate(ids, attention_mask=mask, max_new_tokens=tokens_to_generate(task),
-                                         do_sample=False, pad_token_id=pad)
-                for j, sample in enumerate(chunk):
-                    new = _until_eos(out[j, ids.shape[1]:], eos)
+        for length in sorted(by_length):
+            order = sorted(by_length[length], key=lambda i: (int(encoded[i].numel()), i))
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                ids, mask = _left_pad([encoded[i] for i in chunk], pad if pad is not None else 0)
+                budgets = [tokens_to_generate(flat[i][0]) for i in chunk]
+                tracker = _AnswerTracker(runtime, budgets, eos)
+                try:
+                    with torch.no_grad():
+                        out = model.generate(ids, attention_mask=mask, max_new_tokens=max(budgets), do_sample=False,
+                                             pad_token_id=pad, stopping_criteria=StoppingCriteriaList([tracker]))
+                finally:
+                    tracker.close()
+                for j, i in enumerate(chunk):
+                    task, _, sample = flat[i]
+                    new = _until_eos(out[j, ids.shape[1]:ids.shape[1] + tokens_to_generate(task)], eos)
                     pred, score = _score(tokenizer, task, sample, new)
-                    index = int(sample.get("index", len(results)))
+                    index = int(sample.get("index", i))
                     t = timing.get((task, length, index))
-                    nan = float("nan")
-                    results.append(SampleResult(task, length, index, int(encoded[j].numel()), pred,
-                                                list(sample["outputs"]), score, t.prefill_s if t else nan,
-                                                t.generate_s if t else nan, int(new.numel()),
-                                                t.decode_s if t else nan))
+                    results[i] = SampleResult(task, length, index, int(encoded[i].numel()), pred,
+                                              list(sample["outputs"]), score, t.prefill_s if t else nan,
+                                              t.generate_s if t else nan, int(new.numel()),
+                                              t.decode_s if t else nan, t.new_tokens if t else None)
                 bar.advance(job, len(chunk))
     return results
+
+
+class _AnswerTracker(StoppingCriteria):
+    """Follows which rows of a batched generate() have a complete answer (EOS, or their own budget)
+    and tells the SketchWalk runtime to stop counting their decode steps (`counted_rows`).
+
+    generate() calls it after every new token, before the step that feeds that token back: a row
+    whose token k ended its answer takes no further counted step, exactly the steps batch 1 runs.
+    It never stops generation itself (generate's own EOS and length checks do).
+    """
+
+    def __init__(self, runtime, budgets: Sequence[int], eos: Optional[int]):
+        self.runtime, self.budgets, self.eos = runtime, list(budgets), eos
+        self.live = [True] * len(budgets)
+        self.new_tokens = 0
+        if runtime is not None:
+            runtime.counted_rows = None
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.new_tokens += 1
+        if self.runtime is not None:
+            last = input_ids[:, -1].tolist()
+            self.live = [keep and tok != self.eos and self.new_tokens < budget
+                         for keep, tok, budget in zip(self.live, last, self.budgets)]
+            self.runtime.counted_rows = list(self.live)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.counted_rows = None
 
 
 def _left_pad(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,12 +297,6 @@ def _until_eos(new: torch.Tensor, eos: Optional[int]) -> torch.Tensor:
         return new
     hits = (new == eos).nonzero()
     return new[:int(hits[0, 0]) + 1] if hits.numel() else new
-
-
-def _decode_rate(r: SampleResult) -> float:
-    if r.new_tokens < 2 or not r.decode_s > 0:
-        return float("nan")
-    return (r.new_tokens - 1) / r.decode_s
 
 
 def accuracy_table(results: Sequence[SampleResult]) -> dict[str, dict[str, float]]:

@@ -12,8 +12,10 @@ class SampleResult:
     """One generated answer.
 
     prompt_tokens: tokens of input + answer prefix; score in [0, 1]; prefill_s: seconds to the
-    first new token; decode_s: seconds from the first to the last new token (new_tokens - 1 decode
-    steps); generate_s: the whole generate() call, s.
+    first new token; decode_s: seconds from the first to the last new token (timed_tokens - 1
+    decode steps); generate_s: the whole generate() call, s. timed_tokens: new tokens of the timed
+    generate() call; None = the answer's own call (new_tokens). A batched answer copies its speed
+    fields from a shorter batch-1 timing call, which generated fewer tokens.
     """
 
     task: str
@@ -27,6 +29,15 @@ class SampleResult:
     generate_s: float
     new_tokens: int
     decode_s: float = float("nan")
+    timed_tokens: Optional[int] = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """(timed tokens - 1) / decode_s: NaN without a timed decode of at least two tokens."""
+        tokens = self.new_tokens if self.timed_tokens is None else self.timed_tokens
+        if tokens < 2 or not self.decode_s > 0:
+            return float("nan")
+        return (tokens - 1) / self.decode_s
 
 
 @dataclasses.dataclass

@@ -38,6 +38,36 @@ def decode_scores(q: torch.Tensor, k: torch.Tensor, cfg: SketchWalkConfig, layer
     return _scores(q, k, cfg, layer, scale, torch.arange(nb - 1, nb, device=k.device), nb)
 
 
+def batched_decode_scores(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, blocks: torch.Tensor, cap: int,
+                          cfg: SketchWalkConfig, layer: int, scale: float) -> torch.Tensor:
+    """Scores of every sequence's current row in a left-padded decode step: [B, cap] (fp32, fp64 for fp64).
+
+    q: [B, Hq, 1, d]; k: [B, Hkv, kv_len, d] the cache, sequence b's real keys from offsets[b]
+    (offsets: [B] int device tensor); blocks: [B] i_b, the current query block of each sequence;
+    cap: block columns (>= i_b + 1). Column j <= i_b holds what `decode_scores` gives sequence b
+    alone; columns past i_b are left for the selection to mask. Oracle values equal the
+    per-sequence ones up to summation order.
+    """
+    bsz, hq, _, d = q.shape
+    cols = torch.arange(cap, device=k.device)
+    if cfg.selector == "random":
+        return random_scores(cfg.seed, layer, blocks, cols)
+    if cfg.selector == "streaming":
+        return cols.to(torch.float32).expand(bsz, cap)
+    if cfg.selector != "oracle":
+        raise ValueError(f"selector {cfg.selector!r} has no baseline scores (sketchwalk scores come from the walk)")
+    dt = compute_dtype(q.dtype)
+    hkv, kv_len = k.shape[1], k.shape[-2]
+    qg = q.to(dt).view(bsz, hkv, hq // hkv, 1, d)
+    logits = torch.matmul(qg, k.to(dt)[:, :, None].transpose(-1, -2))[:, :, :, 0] * scale  # [B, Hkv, g, kv_len]
+    pos = torch.arange(kv_len, device=k.device)
+    rel = pos[None, :] - offsets.long()[:, None]  # position in the sequence's real tokens (< 0: padding)
+    logits = logits.masked_fill((rel < 0)[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).sum((1, 2))  # [B, kv_len], summed over heads
+    out = probs.new_zeros(bsz, cap).scatter_add_(1, rel.clamp_min(0) // cfg.block_size, probs)
+    return out / hq
+
+
 def _scores(q, k, cfg: SketchWalkConfig, layer: int, scale: float, rows: torch.Tensor, nb: int) -> torch.Tensor:
     if cfg.selector == "oracle":
         return block_attention_mass(q, k, scale, cfg.block_size, q_start=k.shape[-2] - q.shape[-2])

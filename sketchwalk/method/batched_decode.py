@@ -14,9 +14,11 @@ masked to its own causal blocks 0..i_b.
   layers of the step: host lists (i_b, tokens in block i_b, row counts) and their device
   tensors and masks (one host->device copy per step, non-blocking from pinned memory on CUDA;
   no device->host synchronisation at all).
-- `BatchedDecodeState`: one layer's running statistics, padded: block sums [B, cap, 2, d],
-  sketched key-block means [B, cap, r], W [B, cap, cap], the decode_window queries [B, 2W, d];
-  seeded from the prefill's per-sequence `LayerDecodeState`s at the first decode step.
+- `BatchedDecodeState`: one layer's running statistics, padded: block sums [V, cap, 2, d],
+  sketched key-block means [V, cap, r], W [B, cap, cap], the decode_window queries [V, 2W, d];
+  seeded from the prefill's per-sequence `LayerDecodeState`s at the first decode step. V = B * G
+  feature rows, row b * G + g holding group g of sequence b (mean_qk: G = 1; sum_probs: G = Hq,
+  whose per-group softmax rows are averaged into each sequence's W row, as `transition_rows` does).
 - `batched_walk`, `select_rows`: the walk row and the selection of every sequence at once;
   `BatchedSelection` carries what the Triton decode kernel takes (indices [B, max_count],
   counts [B]) and per-sequence `BlockSelection` views for the reference attention.
@@ -30,8 +32,9 @@ a sum by the width, so W and walk values can differ from the per-sequence ones i
 selections then agree unless two candidate blocks tie to the last bit (on a GPU the model's own
 batched matmuls already differ from batch-1 runs by more).
 
-Applies to the method itself with `head_aggregation = mean_qk` (`applies`); `sum_probs` and the
-baseline selectors stay on the per-sequence path.
+The baseline selectors (oracle, random, streaming; method/baselines.py) keep no state: their
+batched decode scores come from `baselines.batched_decode_scores` and go through the same
+`select_rows`.
 """
 from __future__ import annotations
 
@@ -47,8 +50,14 @@ from .selection import BlockSelection, BlockSelector
 
 
 def applies(cfg: SketchWalkConfig) -> bool:
-    """Whether the batched front end covers this config: Sketch&Walk scores with mean_qk features (G = 1)."""
-    return cfg.selector == "sketchwalk" and cfg.head_aggregation == "mean_qk"
+    """Whether the batched front end covers this config: every selector and head aggregation does."""
+    return cfg.selector in ("sketchwalk", "oracle", "random", "streaming") and \
+        cfg.head_aggregation in ("mean_qk", "sum_probs")
+
+
+def feature_groups(cfg: SketchWalkConfig, num_heads: int) -> int:
+    """G, the feature groups per sequence: 1 for mean_qk, the query heads for sum_probs."""
+    return 1 if cfg.head_aggregation == "mean_qk" else num_heads
 
 
 def batch_capacity(blocks: int) -> int:
@@ -75,7 +84,8 @@ def _device_ints(rows: list[list[int]], device: torch.device) -> torch.Tensor:
 class StepPlan:
     """What one decode step of the batch needs that depends only on the sequence lengths.
 
-    n: real tokens per sequence, the new one included. Host: `blocks` (i_b), `in_block` (tokens
+    n: real tokens per sequence, the new one included. groups: G feature rows per sequence (the
+    `v*` tensors repeat the per-sequence ones G times for the V = B * G feature rows; G = 1 shares them). Host: `blocks` (i_b), `in_block` (tokens
     of block i_b), `counts` (blocks the row selects), `started` (the new token opens block i_b).
     Device (B = batch, cap = block capacity): `batch` [B] arange, `block` [B] i_b, `divisor` [B]
     tokens of block i_b as floats, `count_values` [block_size + 1] counts as floats (dividing by
@@ -86,10 +96,11 @@ class StepPlan:
     """
 
     def __init__(self, selector: BlockSelector, n: tuple[int, ...], cap: int, device: torch.device,
-                 dtype: torch.dtype, index_dtype: torch.dtype):
+                 dtype: torch.dtype, index_dtype: torch.dtype, groups: int = 1):
         cfg = selector.cfg
         bs = cfg.block_size
-        self.key = (n, cap, device, dtype, index_dtype)
+        self.key = (n, cap, device, dtype, index_dtype, groups)
+        self.groups = groups
         self.selector, self.n, self.cap, self.dtype, self.index_dtype = selector, n, cap, dtype, index_dtype
         self.blocks = [(m - 1) // bs for m in n]
         self.in_block = [m - i * bs for m, i in zip(n, self.blocks)]
@@ -114,12 +125,26 @@ class StepPlan:
         self.drop = selector.arange(self.max_count, device)[None, :] >= self.row_counts[:, None]
         self._previous: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
+        # Feature rows: V = B * G, row b * G + g (sequence b, group g).
+        self.vbatch = self.batch if groups == 1 else selector.arange(len(n) * groups, device)
+        self.vblock = self._rows_of(self.block)
+        self.vdivisor = self._rows_of(self.divisor)
+        self.vcausal = self._rows_of(self.causal)
+
+    def _rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-sequence tensor [B, ...] repeated for the feature rows: [V, ...] (itself when G = 1)."""
+        return x if self.groups == 1 else x.repeat_interleave(self.groups, dim=0)
+
+    def group_mean(self, rows: torch.Tensor) -> torch.Tensor:
+        """Feature rows [V, cap] -> per-sequence rows [B, cap]: the mean over each sequence's G groups."""
+        return rows if self.groups == 1 else rows.view(-1, self.groups, rows.shape[-1]).mean(1)
 
     def previous(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(j [B], causal [B, cap]): the block before i_b (clamped at 0) and its causal columns (cached)."""
+        """(j [V], causal [V, cap]) per feature row: the block before i_b (clamped at 0) and its causal
+        columns (cached)."""
         if self._previous is None:
             j = (self.block - 1).clamp_min(0)
-            self._previous = (j, self.selector.arange(self.cap, j.device)[None, :] <= j[:, None])
+            self._previous = (self._rows_of(j), self._rows_of(self.selector.arange(self.cap, j.device)[None, :] <= j[:, None]))
         return self._previous
 
     def mask(self, flags: Sequence[bool]) -> torch.Tensor:
@@ -142,19 +167,20 @@ class StepPlan:
 class BatchedDecodeState:
     """Running block statistics and W of one layer for a batch, padded to the block capacity.
 
-    sums: [B, cap, 2, d], per block the sum of the group query (slot 0) and key (slot 1) features
-    of its real tokens; k_sk: [B, cap, r] sketched key-block means (final for blocks < i_b, block
+    V = B * G feature rows (row b * G + g: group g of sequence b; see StepPlan).
+    sums: [V, cap, 2, d], per block the sum of the group query (slot 0) and key (slot 1) features
+    of its real tokens; k_sk: [V, cap, r] sketched key-block means (final for blocks < i_b, block
     i_b re-sketched every step, the rest unused); w: [B, cap, cap] W of each sequence over its
     blocks 0..i_b (rows < final_rows[b] final, row i_b the current row, everything else zero, so
-    a walk row that is zero past i_b stays so); window: [B, 2W, d] the last decode_window queries
-    of each sequence, right-aligned at the shared `window_end` (decode_query = window only).
+    a walk row that is zero past i_b stays so); window: [V, 2W, d] the last decode_window queries
+    of each feature row, right-aligned at the shared `window_end` (decode_query = window only).
     n, final_rows: host lists per sequence.
     """
 
     def __init__(self, cfg: SketchWalkConfig, layer_idx: int, head_dim: int, sums: torch.Tensor,
                  k_sk: torch.Tensor, w: torch.Tensor, n: tuple[int, ...], final_rows: list[int],
-                 window: Optional[torch.Tensor]):
-        self.cfg, self.layer_idx, self.head_dim = cfg, layer_idx, head_dim
+                 window: Optional[torch.Tensor], groups: int = 1):
+        self.cfg, self.layer_idx, self.head_dim, self.groups = cfg, layer_idx, head_dim, groups
         self.sums, self.k_sk, self.w = sums, k_sk, w
         self.n, self.final_rows = n, final_rows
         self.window = window
@@ -168,12 +194,16 @@ class BatchedDecodeState:
         """
         first = states[0]
         cfg, bs, cap = first.cfg, first.cfg.block_size, plan.cap
-        d = first.qsum.shape[-1]
-        sums = first.qsum.new_zeros(len(states), cap, 2, d)
+        g, d = first.qsum.shape[-2:]
+        sums = first.qsum.new_zeros(len(states) * g, cap, 2, d)
         w = first.qsum.new_zeros(len(states), cap, cap)
         for b, st in enumerate(states):
             nb = -(-st.n_tokens // bs)
-            sums[b, :nb, 0], sums[b, :nb, 1] = st.qsum[:nb, 0], st.ksum[:nb, 0]
+            if g == 1:
+                sums[b, :nb, 0], sums[b, :nb, 1] = st.qsum[:nb, 0], st.ksum[:nb, 0]
+            else:
+                sums[b * g:(b + 1) * g, :nb, 0] = st.qsum[:nb].transpose(0, 1)
+                sums[b * g:(b + 1) * g, :nb, 1] = st.ksum[:nb].transpose(0, 1)
             rows = st.w.shape[0]
             w[b, :rows, :rows] = st.w
         # The sketch of a complete block's key mean is what the per-sequence state caches for it
@@ -182,12 +212,12 @@ class BatchedDecodeState:
         window = None
         if cfg.decode_query == "window":
             win = cfg.decode_window
-            window = sums.new_zeros(len(states), 2 * win, d)
+            window = sums.new_zeros(len(states) * g, 2 * win, d)
             for b, st in enumerate(states):
-                recent = st.recent_queries()[0]  # [min(W, n_b), d]
-                window[b, win - recent.shape[0]:win] = recent
+                recent = st.recent_queries()  # [G, min(W, n_b), d]
+                window[b * g:(b + 1) * g, win - recent.shape[1]:win] = recent
         return cls(cfg, first.layer_idx, first.head_dim, sums, k_sk, w, tuple(st.n_tokens for st in states),
-                   [st.final_rows for st in states], window)
+                   [st.final_rows for st in states], window, g)
 
     # -- storage ------------------------------------------------------------------------
     def _grow(self, cap: int) -> None:
@@ -195,9 +225,9 @@ class BatchedDecodeState:
         old = self.w.shape[-1]
         if cap <= old:
             return
-        bsz = self.w.shape[0]
-        sums = self.sums.new_zeros(bsz, cap, *self.sums.shape[2:])
-        k_sk = self.k_sk.new_zeros(bsz, cap, self.k_sk.shape[-1])
+        bsz, rows = self.w.shape[0], self.sums.shape[0]
+        sums = self.sums.new_zeros(rows, cap, *self.sums.shape[2:])
+        k_sk = self.k_sk.new_zeros(rows, cap, self.k_sk.shape[-1])
         w = self.w.new_zeros(bsz, cap, cap)
         sums[:, :old], k_sk[:, :old], w[:, :old, :old] = self.sums, self.k_sk, self.w
         self.sums, self.k_sk, self.w = sums, k_sk, w
@@ -206,13 +236,14 @@ class BatchedDecodeState:
         """[..., d] -> [..., r] (rows are independent: batching them changes no value)."""
         return sketch_features(x, self.cfg, self.layer_idx)
 
-    def _rows(self, q_sk: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-        """W rows of each sequence from its query sketch q_sk [B, 1, r] over its causal columns [B, cap]: [B, cap].
+    def _rows(self, plan: StepPlan, q_sk: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        """W rows of each sequence from its query sketches q_sk [V, 1, r] over the causal columns [V, cap]: [B, cap].
 
-        The batch is `transition_rows`' row axis under a single group (G = 1), so the scores,
-        the mask and the softmax are that function's.
+        The feature rows are `transition_rows`' row axis under a single group, so the scores, the
+        mask and the softmax are that function's; the mean over a sequence's G groups follows.
         """
-        return transition_rows(q_sk[None], self.k_sk[None], None, self.head_dim, self.cfg, causal=causal[:, None])[:, 0]
+        rows = transition_rows(q_sk[None], self.k_sk[None], None, self.head_dim, self.cfg, causal=causal[:, None])[:, 0]
+        return plan.group_mean(rows)
 
     def _push_window(self, qf: torch.Tensor) -> None:
         """Append one query per sequence (qf: [B, d]); every W steps the last W-1 move to the front
@@ -225,18 +256,19 @@ class BatchedDecodeState:
         self.window_end += 1
 
     def _window_mean(self) -> torch.Tensor:
-        """Mean of each sequence's last min(decode_window, n_b) queries: [B, d]."""
-        win, end = self.cfg.decode_window, self.window_end
+        """Mean of each feature row's last min(decode_window, n_b) queries: [V, d]."""
+        win, end, g = self.cfg.decode_window, self.window_end, self.groups
         lengths = [min(win, m) for m in self.n]
         if min(lengths) == win:
             return self.window[:, end - win:end].mean(1)
         # A prompt shorter than the window: a sum over the zero-padded window would round
         # differently from the per-sequence mean, so these steps (< W of them) average per sequence.
-        return torch.cat([self.window[b:b + 1, end - length:end].mean(1) for b, length in enumerate(lengths)])
+        return torch.cat([self.window[b * g:(b + 1) * g, end - length:end].mean(1) for b, length in enumerate(lengths)])
 
     # -- one decode step ----------------------------------------------------------------
     def step(self, plan: StepPlan, qf: torch.Tensor, kf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append one token per sequence and rebuild the current W rows; qf, kf: [B, d] group features.
+        """Append one token per sequence and rebuild the current W rows; qf, kf: [V, d] group features
+        (feature row b * G + g: group g of sequence b).
 
         Returns (w [B, cap, cap], row [B, cap]): W after the step and its current rows w[b, i_b].
         The returned w is this state's buffer: valid until the next step.
@@ -244,8 +276,8 @@ class BatchedDecodeState:
         if self.n != tuple(m - 1 for m in plan.n):
             raise _out_of_sync(self.layer_idx, [m - 1 for m in plan.n], list(self.n))
         self._grow(plan.cap)
-        cur = self.sums[plan.batch, plan.block] + torch.stack([qf, kf], dim=1)  # [B, 2, d]: block i_b's sums
-        self.sums[plan.batch, plan.block] = cur
+        cur = self.sums[plan.vbatch, plan.vblock] + torch.stack([qf, kf], dim=1)  # [V, 2, d]: block i_b's sums
+        self.sums[plan.vbatch, plan.vblock] = cur
         if self.window is not None:
             self._push_window(qf)
         self.n = plan.n
@@ -255,21 +287,22 @@ class BatchedDecodeState:
         if any(finalise):
             self._finalise(plan, plan.mask(finalise))
             self.final_rows = [i if f else r for i, f, r in zip(plan.blocks, finalise, self.final_rows)]
-        means = cur / plan.divisor[:, None, None]  # block i_b's query mean and key mean
+        means = cur / plan.vdivisor[:, None, None]  # block i_b's query mean and key mean
         mode = self.cfg.decode_query
         query = qf if mode == "token" else means[:, 0] if mode == "block_mean" else self._window_mean()
-        sk = self._sketch(torch.stack([query, means[:, 1]], dim=1))  # [B, 2, r]: one SRHT call for both
-        self.k_sk[plan.batch, plan.block] = sk[:, 1]
-        row = self._rows(sk[:, :1], plan.causal)
+        sk = self._sketch(torch.stack([query, means[:, 1]], dim=1))  # [V, 2, r]: one SRHT call for both
+        self.k_sk[plan.vbatch, plan.vblock] = sk[:, 1]
+        row = self._rows(plan, sk[:, :1], plan.vcausal)
         self.w[plan.batch, plan.block] = row
         return self.w, row
 
     def _finalise(self, plan: StepPlan, mask: torch.Tensor) -> None:
         """Rows j = i_b - 1 of the sequences in `mask` ([B] bool: their block j just completed) become
         final, scored with block j's mean query against the final key sketches of blocks 0..j."""
-        j, causal = plan.previous()
-        q_mean = self.sums[plan.batch, j, 0] / plan.count_values[self.cfg.block_size]  # [B, d]
-        rows = self._rows(self._sketch(q_mean[:, None]), causal)
+        vj, causal = plan.previous()
+        q_mean = self.sums[plan.vbatch, vj, 0] / plan.count_values[self.cfg.block_size]  # [V, d]
+        rows = self._rows(plan, self._sketch(q_mean[:, None]), causal)
+        j = vj if plan.groups == 1 else vj[::plan.groups]
         self.w[plan.batch, j] = torch.where(mask[:, None], rows, self.w[plan.batch, j])
 
 
@@ -351,8 +384,8 @@ def dense_rows(offsets: torch.Tensor, kv_len: int, max_blocks: int, selector: Bl
 class DecodeBatch:
     """Decode state of one batch between two prefills: block capacity, the current step's plan, layer states."""
 
-    def __init__(self, selector: BlockSelector, bsz: int):
-        self.selector, self.bsz = selector, bsz
+    def __init__(self, selector: BlockSelector, bsz: int, groups: int = 1):
+        self.selector, self.bsz, self.groups = selector, bsz, groups
         self.cap = 0
         self.layers: dict[int, BatchedDecodeState] = {}
         self._plan: Optional[StepPlan] = None
@@ -367,8 +400,8 @@ class DecodeBatch:
         if need > self.cap:
             self.cap = batch_capacity(need)
         plan = self._plan
-        if plan is None or plan.key != (n, self.cap, device, dtype, index_dtype):
-            plan = self._plan = StepPlan(self.selector, n, self.cap, device, dtype, index_dtype)
+        if plan is None or plan.key != (n, self.cap, device, dtype, index_dtype, self.groups):
+            plan = self._plan = StepPlan(self.selector, n, self.cap, device, dtype, index_dtype, self.groups)
         return plan
 
     def seed(self, layer_idx: int, states: Optional[Sequence[Optional[LayerDecodeState]]],

@@ -4,8 +4,8 @@ One runtime per attached model. It owns the walk state of the current forward pa
 the first sparse layer), the per-layer decode states of each sequence (reset at every new
 prefill) and the measured density counters. Batches are processed one sequence at a time on
 its real (non-padded) tokens, so block boundaries follow real token positions and padded keys
-can never be selected or attended. The exception is a decode step of a batch (bsz > 1) of the
-method itself with mean_qk features: one vectorised front end for all sequences
+can never be selected or attended. The exception is a decode step of a batch (bsz > 1): one
+vectorised front end for all sequences, every selector and head aggregation
 (`batched_decode.py`; same selections, `batched_decode = False` switches it off).
 
 The selection front end issues no device->host synchronisation per layer: selected-pair counts
@@ -23,8 +23,8 @@ import torch
 
 from ..config import SketchWalkConfig
 from .attention import sparse_attention
-from .baselines import decode_scores, prefill_scores
-from .batched_decode import BatchedSelection, DecodeBatch, batched_walk, dense_rows, select_rows
+from .baselines import batched_decode_scores, decode_scores, prefill_scores
+from .batched_decode import BatchedSelection, DecodeBatch, batched_walk, dense_rows, feature_groups, select_rows
 from .batched_decode import applies as batched_decode_applies
 from .decode_state import LayerDecodeState
 from .scores import compute_dtype, group_features, sketch_features, transition_rows
@@ -80,6 +80,10 @@ class SketchWalkRuntime:
         self.batched_decode = True
         self._batch: Optional[DecodeBatch] = None  # the batched decode state since the last prefill
         self._walk_rows: Optional[torch.Tensor] = None  # [batch, cap] walk rows of the batched decode path
+        # Rows of a batch whose decode steps count towards the density (None = all). A batched
+        # generate() keeps feeding sequences that already ended (EOS or their own budget); the
+        # evaluation harness clears their flag so density covers the answers alone, as at batch 1.
+        self.counted_rows: Optional[list[bool]] = None
 
     @property
     def selector(self) -> BlockSelector:
@@ -93,6 +97,7 @@ class SketchWalkRuntime:
         """Forget all sequence state and density counters."""
         self._walk, self._states = [], {}
         self._batch, self._walk_rows = None, None
+        self.counted_rows = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -107,6 +112,11 @@ class SketchWalkRuntime:
         acc[1] += causal
         if dense:
             self._dense_layers[phase].add(layer)
+
+    def _counted(self, b: int) -> bool:
+        """Whether decode steps of batch row b count towards the density (see `counted_rows`)."""
+        rows = self.counted_rows
+        return rows is None or b >= len(rows) or rows[b]
 
     def density(self) -> DensityReport:
         """The measured density since the last reset_stats()."""
@@ -180,23 +190,39 @@ class SketchWalkRuntime:
         cfg = self.config
         n = tuple(k.shape[-2] - off for off in pads.host)  # real tokens per sequence, the new one included
         if not sparse:
-            for m in n:
+            for b, m in enumerate(n):
                 nb = -(-m // cfg.block_size)
-                self._count("decode", layer, nb, nb, dense=True)
+                if self._counted(b):
+                    self._count("decode", layer, nb, nb, dense=True)
             return self._attend(q, k, v, pads, [None] * len(n), scale)
-        if self._batch is None or self._batch.bsz != len(n):
-            self._batch = DecodeBatch(self.selector, len(n))
+        groups = feature_groups(cfg, q.shape[1])
+        if self._batch is None or self._batch.bsz != len(n) or self._batch.groups != groups:
+            self._batch = DecodeBatch(self.selector, len(n), groups)
         plan = self._batch.plan(n, q.device, compute_dtype(q.dtype), self._index_dtype(q.device))
-        state = self._batch.layers.get(layer)
-        if state is None:
-            state = self._batch.seed(layer, self._states.get(layer), plan)
-            self._states[layer] = [None] * len(n)  # superseded: free the per-sequence copies
-        # Heads averaged per sequence: the batch is a row axis of group_features' inputs.
-        qf, kf = group_features(q.detach().transpose(0, 1), k[:, :, -1:].detach().transpose(0, 1), cfg)
-        w, row = state.step(plan, qf[0, :, 0], kf[0, :, 0])
-        self._walk_rows = batched_walk(self._walk_rows, w, row, cfg)
-        sel = select_rows(plan, self._walk_rows)
-        self._count("decode", layer, plan.selected_pairs, plan.causal_pairs, dense=False)
+        if cfg.selector != "sketchwalk":  # a baseline: scores from the cache, no state, no walk
+            scores = batched_decode_scores(q.detach(), k.detach(), pads.on(q.device), plan.block, plan.cap,
+                                           cfg, layer, scale)
+            sel = select_rows(plan, scores)
+        else:
+            state = self._batch.layers.get(layer)
+            if state is None:
+                state = self._batch.seed(layer, self._states.get(layer), plan)
+                self._states[layer] = [None] * len(n)  # superseded: free the per-sequence copies
+            # The batch is a row axis of group_features' inputs: [G, B, 1, d] -> feature rows [B * G, d].
+            qf, kf = group_features(q.detach().transpose(0, 1), k[:, :, -1:].detach().transpose(0, 1), cfg)
+            if groups == 1:
+                qf, kf = qf[0, :, 0], kf[0, :, 0]
+            else:
+                qf, kf = (x[:, :, 0].transpose(0, 1).reshape(-1, x.shape[-1]) for x in (qf, kf))
+            w, row = state.step(plan, qf, kf)
+            self._walk_rows = batched_walk(self._walk_rows, w, row, cfg)
+            sel = select_rows(plan, self._walk_rows)
+        if self.counted_rows is None:
+            self._count("decode", layer, plan.selected_pairs, plan.causal_pairs, dense=False)
+        else:
+            live = [self._counted(b) for b in range(len(n))]
+            self._count("decode", layer, sum(c for c, keep in zip(plan.counts, live) if keep),
+                        sum(i + 1 for i, keep in zip(plan.blocks, live) if keep), dense=False)
         if self.keep_selections:
             self.last_selection[layer] = sel.per_sequence()
         return self._attend(q, k, v, pads, sel, scale)
@@ -309,7 +335,8 @@ class SketchWalkRuntime:
         m = k.shape[-2]
         i = (m - 1) // cfg.block_size
         if not sparse:
-            self._count("decode", layer, i + 1, i + 1, dense=True)
+            if self._counted(b):
+                self._count("decode", layer, i + 1, i + 1, dense=True)
             return None
         if cfg.selector != "sketchwalk":
             return self._select_decode(layer, b, decode_scores(q.detach(), k.detach(), cfg, layer, scale), i)
@@ -330,7 +357,8 @@ class SketchWalkRuntime:
         """Selection of query-block row i of a decode step from its scores [1, >= i+1], counted."""
         sel = self.selector.decode(scores, i, self._index_dtype(scores.device))
         self._record(layer, b, sel)
-        self._count("decode", layer, self.selector.row_count(i), i + 1, dense=False)
+        if self._counted(b):
+            self._count("decode", layer, self.selector.row_count(i), i + 1, dense=False)
         return sel
 
     def _record(self, layer: int, b: int, sel: BlockSelection) -> None:

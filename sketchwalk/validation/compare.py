@@ -10,7 +10,7 @@ import torch
 
 from ..config import SELECTORS, SketchWalkConfig
 from .record import Recording
-from .replay import as_recording, config_label, mass_recall, replay, summarize
+from .replay import as_recording, config_label, mass_recall, replay, replay_decode, summarize
 
 METRICS = ("recall", "jaccard", "overlap", "free_overlap", "density")
 REFERENCE = "oracle"
@@ -26,7 +26,9 @@ class Comparison:
     free_overlap (the same over the pairs that are not forced sink/local blocks: the ones a
     selector has to find; NaN when the oracle has none), density (measured).
     overall: selector -> metric -> mean over its sparse layers. rows: the same per prompt.
-    masks: selector -> layer -> [nb, nb] bool selection of the first prompt (for heatmaps; not in to_dict).
+    masks: selector -> layer -> [nb, nb] bool selection of the first prompt (for heatmaps; not in to_dict;
+    prefill only). phase: "prefill", or "decode" when the rows are decode steps (replay.replay_decode:
+    the last decode_steps tokens of each prompt; layer rows average over steps and prompts).
     """
 
     config: dict[str, Any]
@@ -38,6 +40,8 @@ class Comparison:
     overall: dict[str, dict[str, float]]
     rows: list[dict[str, Any]]
     masks: dict[str, dict[int, torch.Tensor]] = dataclasses.field(repr=False, default_factory=dict)
+    phase: str = "prefill"
+    decode_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (the masks left out)."""
@@ -66,11 +70,12 @@ def resolve_configs(config: SketchWalkConfig, others: Sequence[Union[str, Sketch
     return out
 
 
-def _forced(cfg: SketchWalkConfig, nb: int, device) -> torch.Tensor:
-    """[nb, nb] bool: the sink and local pairs every selector keeps."""
+def _forced(cfg: SketchWalkConfig, nb: int, device, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[len(rows), nb] bool (rows default: every row 0..nb-1): the sink and local pairs every selector keeps."""
     cols = torch.arange(nb, device=device)
-    causal = cols[None, :] <= cols[:, None]
-    return causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > cols[:, None] - cfg.local_blocks))
+    rows = cols if rows is None else rows
+    causal = cols[None, :] <= rows[:, None]
+    return causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > rows[:, None] - cfg.local_blocks))
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
@@ -79,31 +84,40 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare(record: Union[str, Path, Recording], config: SketchWalkConfig,
-            others: Sequence[Union[str, SketchWalkConfig]] = (), *, device=None, backend: str = "auto") -> Comparison:
-    """Replay `config`, the oracle at the same density and `others` on a recording; measure each against the oracle."""
+            others: Sequence[Union[str, SketchWalkConfig]] = (), *, device=None, backend: str = "auto",
+            decode_steps: int = 0) -> Comparison:
+    """Replay `config`, the oracle at the same density and `others` on a recording; measure each against the oracle.
+
+    decode_steps > 0: compare decode selections instead (the last decode_steps tokens of each prompt).
+    """
     rec = as_recording(record)
     configs = resolve_configs(config, others)
     rows, masks = [], {label: {} for label in configs}
     first_prompt = min(rec.prompts)
-    for step in replay(rec, configs, device=device, backend=backend):
+    steps = (replay_decode(rec, configs, decode_steps, device=device, backend=backend) if decode_steps
+             else replay(rec, configs, device=device, backend=backend))
+    for step in steps:
         ref = step.steps[REFERENCE].mask
-        free = ~_forced(config, ref.shape[0], ref.device)
+        nb = ref.shape[-1]
+        rows_of = None if not decode_steps else torch.tensor([nb - 1], device=ref.device)
+        free = ~_forced(config, nb, ref.device, rows_of)
         for label, s in step.steps.items():
             both = s.mask & ref
-            rows.append({"prompt": step.prompt, "layer": step.layer, "selector": label, "dense": s.dense,
+            rows.append({"prompt": step.prompt, "layer": step.layer, "length": step.length, "selector": label,
+                         "dense": s.dense,
                          "recall": mass_recall(step.mass, step.weights, s.mask),
                          "jaccard": _ratio(both.sum(), (s.mask | ref).sum()),
                          "overlap": _ratio(both.sum(), ref.sum()),
                          "free_overlap": _ratio((both & free).sum(), (ref & free).sum()),
                          "density": s.density})
-            if step.prompt == first_prompt:
+            if step.prompt == first_prompt and not decode_steps:
                 masks[label][step.layer] = s.mask.cpu()
     layers, overall = [], {}
     for label in configs:
         per_layer, overall[label] = summarize([r for r in rows if r["selector"] == label], METRICS)
         layers.extend(dict(r, selector=label) for r in per_layer)
     return Comparison(config.to_dict(), str(rec.path), rec.meta.get("model", ""), REFERENCE, list(configs),
-                      layers, overall, rows, masks)
+                      layers, overall, rows, masks, "decode" if decode_steps else "prefill", decode_steps)
 
 
 # Heatmap colours by cell code: not causal, causal but selected by neither, both, only the selector,
@@ -133,6 +147,8 @@ def heatmap(comparison: Comparison, path: Union[str, Path], *, layer: Optional[i
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
+    if comparison.phase != "prefill":
+        raise ValueError("heatmaps show a prefill's [query block, key block] grid; this comparison is of decode steps")
     layer = default_heatmap_layer(comparison) if layer is None else layer
     selector = selector or comparison.labels[0]
     against = against or comparison.reference

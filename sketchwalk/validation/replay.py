@@ -4,6 +4,10 @@ One `SketchWalkRuntime` per config and prompt runs the recorded layers in order 
 padding), so the walk is carried across the recorded layers exactly as in a forward pass;
 layers below skip_layers run dense. When only some layers were recorded, the walk steps from
 one recorded layer to the next (R^k = R^k' W^k for the previous recorded layer k').
+
+`replay` measures the prefill's selections; `replay_decode` the decode phase: the prompt's last
+`steps` tokens become decode steps after a prefill of the rest (the recorded keys and values
+are those a generation would have cached: the recording is causal).
 """
 from __future__ import annotations
 
@@ -73,18 +77,9 @@ def replay(record: Union[str, Path, Recording], configs: dict[str, SketchWalkCon
     runtime's attention backend (`auto`: Triton on CUDA).
     """
     rec = as_recording(record)
-    block_sizes = {c.block_size for c in configs.values()}
-    if len(block_sizes) != 1:
-        raise ValueError(f"replayed configs must share one block_size, got {sorted(block_sizes)}")
-    block_size = block_sizes.pop()
-    num_layers, head_dim = rec.meta["num_layers"], rec.meta["head_dim"]
-    for cfg in configs.values():
-        cfg.validate_for_model(num_layers, head_dim)
-    device = torch.device(device) if device is not None else default_device()
-    layers = sorted(rec.layers)
-    replay_cfgs = {label: _replay_config(cfg, layers) for label, cfg in configs.items()}
+    block_size, device, layers = _plan(rec, configs, device)
     for prompt in rec.prompts:
-        runtimes = {label: _runtime(cfg, num_layers, head_dim, backend) for label, cfg in replay_cfgs.items()}
+        runtimes = _runtimes(rec, configs, layers, backend)
         for layer in layers:
             e = rec.entry(prompt, layer)
             q, k, v = _gqa_inputs(rec, *rec.load(prompt, layer, device))
@@ -94,6 +89,71 @@ def replay(record: Union[str, Path, Recording], configs: dict[str, SketchWalkCon
             yield LayerStep(prompt, layer, n, block_attention_mass(q, k, e.scale, block_size),
                             query_block_sizes(0, n, block_size, device),
                             sparse_attention(q, k, v, pos, None, e.scale), steps)
+
+
+def replay_decode(record: Union[str, Path, Recording], configs: dict[str, SketchWalkConfig], steps: int, *,
+                  device: Union[str, torch.device, None] = None, backend: str = "auto") -> Iterator[LayerStep]:
+    """Yield one LayerStep per (prompt, decode step, recorded layer): the last `steps` tokens of each
+    prompt decoded one at a time after a prefill of the others, layers ascending within a step.
+
+    Per step: mass [1, nb] (the token's dense block attention mass, mean over heads), weights [1],
+    dense_out [Hq, 1, d], and per config a SelectorStep with mask [1, nb] (its decode selection;
+    every block when the layer ran dense) and density = selected / causal blocks of that row.
+    `length` is the tokens in the cache at that step (the decoded token included). Same config
+    rules as `replay`; steps must leave at least one prompt token for the prefill.
+    """
+    rec = as_recording(record)
+    if steps < 1:
+        raise ValueError(f"decode steps must be >= 1, got {steps}")
+    block_size, device, layers = _plan(rec, configs, device)
+    for prompt in rec.prompts:
+        runtimes = _runtimes(rec, configs, layers, backend)
+        data = {layer: _gqa_inputs(rec, *rec.load(prompt, layer, device)) for layer in layers}
+        scales = {layer: rec.entry(prompt, layer).scale for layer in layers}
+        n = data[layers[0]][0].shape[-2]
+        if steps >= n:
+            raise ValueError(f"decode steps ({steps}) must be fewer than the prompt's {n} recorded tokens "
+                             f"(prompt {prompt})")
+        m0 = n - steps
+        for layer in layers:  # the prefill of the first m0 tokens seeds every runtime's decode state
+            q, k, v = data[layer]
+            for rt in runtimes.values():
+                rt.attention(layer, q[None, :, :m0], k[None, :, :m0], v[None, :, :m0], None, scales[layer])
+        for t in range(m0, n):
+            nb = t // block_size + 1
+            for layer in layers:
+                q, k, v = data[layer]
+                qt, kt, vt = q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1]
+                results = {}
+                for label, rt in runtimes.items():
+                    out = rt.attention(layer, qt[None], kt[None], vt[None], None, scales[layer])[0]
+                    sel = rt.last_selection[layer][0]
+                    mask = (torch.ones(1, nb, dtype=torch.bool, device=device) if sel is None
+                            else sel.dense_block_mask(nb))
+                    results[label] = SelectorStep(out, mask, float(mask.sum()) / nb, dense=sel is None)
+                pos = torch.arange(t, t + 1, device=device)
+                yield LayerStep(prompt, layer, t + 1, block_attention_mass(qt, kt, scales[layer], block_size, q_start=t),
+                                torch.ones(1, dtype=torch.long, device=device),
+                                sparse_attention(qt, kt, vt, pos, None, scales[layer]), results)
+
+
+def _plan(rec: Recording, configs: dict[str, SketchWalkConfig], device) -> tuple[int, torch.device, list[int]]:
+    """(block size, device, recorded layers ascending) of a replay; every config checked first."""
+    block_sizes = {c.block_size for c in configs.values()}
+    if len(block_sizes) != 1:
+        raise ValueError(f"replayed configs must share one block_size, got {sorted(block_sizes)}")
+    for cfg in configs.values():
+        cfg.validate_for_model(rec.meta["num_layers"], rec.meta["head_dim"])
+    device = torch.device(device) if device is not None else default_device()
+    return block_sizes.pop(), device, sorted(rec.layers)
+
+
+def _runtimes(rec: Recording, configs: dict[str, SketchWalkConfig], layers: list[int],
+              backend: str) -> dict[str, SketchWalkRuntime]:
+    """One fresh runtime per config label (a prompt's replay starts from no state)."""
+    num_layers, head_dim = rec.meta["num_layers"], rec.meta["head_dim"]
+    return {label: _runtime(_replay_config(cfg, layers), num_layers, head_dim, backend)
+            for label, cfg in configs.items()}
 
 
 def _replay_config(cfg: SketchWalkConfig, layers: Sequence[int]) -> SketchWalkConfig:
