@@ -66,8 +66,14 @@ def dense_result(work: Workload, *, cache_dir=None, progress: bool = True) -> Ev
     return work.baseline
 
 
-def run_trial(work: Workload, config: SketchWalkConfig, *, progress: bool = False) -> EvalResult:
-    """Evaluate `config` on the workload's samples with the spec's attention backend."""
+def run_trial(work: Workload, config: Optional[SketchWalkConfig], *, progress: bool = False) -> EvalResult:
+    """Evaluate `config` on the workload's samples with the spec's attention backend.
+
+    config None (a fixed `dense` variant) is the workload's dense baseline when it has one: the same
+    samples through the same harness settings, so it is reused rather than evaluated twice.
+    """
+    if config is None and work.baseline is not None:
+        return work.baseline
     return evaluate(work.model, work.tokenizer, config, work.samples, model_name=work.spec.model,
                     progress=progress, backend=work.spec.attention_backend, batch_size=work.spec.batch_size,
                     timing_samples=work.spec.timing_samples)

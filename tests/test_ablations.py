@@ -362,8 +362,9 @@ def test_cli_input_errors(capsys):
 @pytest.mark.slow
 def test_tiny_plan_end_to_end(tmp_path):
     """The shipped tiny plan through `sketchwalk ablate` (optuna backend, SQLite MLflow in a tmp
-    workdir): every variant runs once under one parent run, the dense variant reproduces the cached
-    dense baseline, the oracle runs at base's measured density, and the report is written."""
+    workdir): every variant runs once under one parent run, the dense variant carries the dense
+    baseline's result (reused, not evaluated twice), the oracle runs at base's measured density, and
+    the report is written."""
     from mlflow.tracking import MlflowClient
 
     from search.session import load_session

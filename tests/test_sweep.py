@@ -318,3 +318,19 @@ def test_ray_backend_on_cpu_reuses_the_worker(tmp_path):
     assert all(c.status == "FINISHED" and "accuracy" in c.metrics for c in trials)
     assert sum(c.role == "baseline" for c in children) == 1
     assert (tmp_path / "runs" / "sweeps" / "rayt" / "front.png").is_file()
+
+
+def test_dense_variant_reuses_the_workload_baseline(monkeypatch):
+    """A fixed `dense` variant (config None) is the worker's dense baseline, not a second evaluation;
+    any config, and dense without a baseline yet, goes through `evaluate`."""
+    from search import trial
+
+    calls = []
+    monkeypatch.setattr(trial, "evaluate", lambda model, tok, config, samples, **kw: calls.append(config) or "fresh")
+    spec = parse_spec({"name": "t", "variants": {"dense": None}})
+    work = trial.Workload(spec, None, object(), object(), {}, 0.0)
+    assert trial.run_trial(work, None) == "fresh" and calls == [None]  # no baseline yet: evaluated
+    work.baseline = "cached dense result"
+    assert trial.run_trial(work, None) == "cached dense result" and calls == [None]
+    cfg = SketchWalkConfig()
+    assert trial.run_trial(work, cfg) == "fresh" and calls == [None, cfg]
