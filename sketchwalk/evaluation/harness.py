@@ -238,7 +238,7 @@ def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int
                     tracker.close()
                 for j, i in enumerate(chunk):
                     task, _, sample = flat[i]
-                    new = _until_eos(out[j, ids.shape[1]:ids.shape[1] + tokens_to_generate(task)], eos)
+                    new = _until_eos(out[j, ids.shape[1]:ids.shape[1] + budgets[j]], eos)
                     pred, score = _score(tokenizer, task, sample, new)
                     index = int(sample.get("index", i))
                     t = timing.get((task, length, index))

@@ -49,12 +49,6 @@ from .scores import sketch_features, transition_rows
 from .selection import BlockSelection, BlockSelector
 
 
-def applies(cfg: SketchWalkConfig) -> bool:
-    """Whether the batched front end covers this config: every selector and head aggregation does."""
-    return cfg.selector in ("sketchwalk", "oracle", "random", "streaming") and \
-        cfg.head_aggregation in ("mean_qk", "sum_probs")
-
-
 def feature_groups(cfg: SketchWalkConfig, num_heads: int) -> int:
     """G, the feature groups per sequence: 1 for mean_qk, the query heads for sum_probs."""
     return 1 if cfg.head_aggregation == "mean_qk" else num_heads

@@ -25,7 +25,6 @@ from ..config import SketchWalkConfig
 from .attention import sparse_attention
 from .baselines import batched_decode_scores, decode_scores, prefill_scores
 from .batched_decode import BatchedSelection, DecodeBatch, batched_walk, dense_rows, feature_groups, select_rows
-from .batched_decode import applies as batched_decode_applies
 from .decode_state import LayerDecodeState
 from .scores import compute_dtype, group_features, sketch_features, transition_rows
 from .selection import BlockSelection, BlockSelector
@@ -55,7 +54,7 @@ class SketchWalkRuntime:
     """Per-model Sketch&Walk state and the batched attention entry point.
 
     `batched_decode` (default True): decode steps of batches take the vectorised front end
-    where it applies (see `batched_decode.applies`); False keeps them on the per-sequence path.
+    (every selector and head aggregation); False keeps them on the per-sequence path.
     Switch it between generations: once a batch decodes batched, its per-sequence states are
     gone, and the per-sequence path would refuse to continue it.
     """
@@ -179,8 +178,8 @@ class SketchWalkRuntime:
         return self._attend(q, k, v, pads, selections, scale)
 
     def _batched_decode_applies(self, bsz: int, kv_len: int, offsets: list[int]) -> bool:
-        """Whether a decode step takes the batched front end: a batch, a covered config, no empty sequence."""
-        return self.batched_decode and bsz > 1 and batched_decode_applies(self.config) and max(offsets) < kv_len
+        """Whether a decode step takes the batched front end: a batch with no empty sequence."""
+        return self.batched_decode and bsz > 1 and max(offsets) < kv_len
 
     def _decode_batched(self, layer: int, q, k, v, pads: "_Pads", sparse: bool, scale: float) -> torch.Tensor:
         """One decode step of a batch with one vectorised front end (q: [batch, Hq, 1, d], k, v: the cache).

@@ -40,12 +40,16 @@ class Comparison:
     overall: dict[str, dict[str, float]]
     rows: list[dict[str, Any]]
     masks: dict[str, dict[int, torch.Tensor]] = dataclasses.field(repr=False, default_factory=dict)
-    phase: str = "prefill"
     decode_steps: int = 0
 
+    @property
+    def phase(self) -> str:
+        return "decode" if self.decode_steps else "prefill"
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (the masks left out)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "masks"}
+        """JSON-ready fields (the masks left out) and the phase."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "masks"}
+        return dict(d, phase=self.phase)
 
     def layer_row(self, selector: str, layer: int) -> dict[str, Any]:
         """The per-layer row of one selector label (StopIteration if absent)."""
@@ -117,7 +121,7 @@ def compare(record: Union[str, Path, Recording], config: SketchWalkConfig,
         per_layer, overall[label] = summarize([r for r in rows if r["selector"] == label], METRICS)
         layers.extend(dict(r, selector=label) for r in per_layer)
     return Comparison(config.to_dict(), str(rec.path), rec.meta.get("model", ""), REFERENCE, list(configs),
-                      layers, overall, rows, masks, "decode" if decode_steps else "prefill", decode_steps)
+                      layers, overall, rows, masks, decode_steps)
 
 
 # Heatmap colours by cell code: not causal, causal but selected by neither, both, only the selector,

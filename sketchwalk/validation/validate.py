@@ -33,12 +33,15 @@ class ValidationResult:
     layers: list[dict[str, Any]]
     overall: dict[str, float]
     rows: list[dict[str, Any]]
-    phase: str = "prefill"
     decode_steps: int = 0
 
+    @property
+    def phase(self) -> str:
+        return "decode" if self.decode_steps else "prefill"
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        return dataclasses.asdict(self)
+        """JSON-ready fields and the phase."""
+        return dict(dataclasses.asdict(self), phase=self.phase)
 
 
 @torch.no_grad()
@@ -60,4 +63,4 @@ def validate(record: Union[str, Path, Recording], config: SketchWalkConfig, *, d
                      "density": s.density})
     layers, overall = summarize(rows, METRICS, WORST)
     return ValidationResult(config.to_dict(), str(rec.path), rec.meta.get("model", ""), layers, overall, rows,
-                            "decode" if decode_steps else "prefill", decode_steps)
+                            decode_steps)
