@@ -59,6 +59,8 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
         spec = load_spec(path or default_sweep_file())
         sweep_id = None
     if overrides:
+        if earlier is not None:
+            _refuse_changed_identity(spec, overrides, resume)
         data = spec.model_dump(mode="json")
         for dotted, value in overrides.items():
             if value is None:
@@ -73,6 +75,21 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
         spec = parse_spec(data, source=str(path or "<resume>"))
     plan_for(spec)  # model, suite, essays, lengths vs context: all before any weight is loaded
     return spec, sweep_id or new_sweep_id(spec), earlier
+
+
+# What a resumed sweep may not change: its trials would no longer be comparable with the earlier
+# ones (suite, samples) or the study would be driven differently (backend). Budget, wall time and
+# the essays' path (another machine) may change.
+RESUME_FIXED = ("suite", "samples", "backend")
+
+
+def _refuse_changed_identity(spec: SweepSpec, overrides: dict, sweep_id: str) -> None:
+    stored = spec.model_dump(mode="json")
+    for key in RESUME_FIXED:
+        value = overrides.get(key)
+        if value is not None and value != stored[key]:
+            raise SweepSpecError(key, f"a resumed sweep keeps its {key} ({stored[key]!r} in sweep {sweep_id!r}); "
+                                      f"got {value!r}: start a new sweep to change it")
 
 
 def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), address: Optional[str] = None,

@@ -76,12 +76,15 @@ def open_session(spec: SweepSpec, sweep_id: str, objectives: list[Objective], *,
     session.sweep_dir.mkdir(parents=True, exist_ok=True)
     (session.sweep_dir / "sweep.yaml").write_text(spec_to_yaml(spec))
     tracker = session.tracker()
+    # Params are what makes trials comparable (immutable in MLflow); the budget and concurrency
+    # are run control that a resume may change (`--resume ID --trials N`), so they are tags.
     params = {"model": spec.model, "suite": spec.suite, "samples": spec.samples, "backend": spec.backend,
               "sampler": spec.sampler, "seed": spec.seed, "attention_backend": spec.attention_backend,
-              "budget.trials": spec.budget.trials, "budget.wall_time_s": spec.budget.wall_time_s,
-              "concurrency": spec.concurrency, "max_accuracy_drop": spec.constraints.max_accuracy_drop}
+              "max_accuracy_drop": spec.constraints.max_accuracy_drop}
     tags = {"sketchwalk.objectives": ",".join(f"{o.name}:{o.direction}" for o in objectives),
             "sketchwalk.device": device, "sketchwalk.backend": spec.backend,
+            "sketchwalk.budget.trials": spec.budget.trials, "sketchwalk.budget.wall_time_s": spec.budget.wall_time_s,
+            "sketchwalk.concurrency": spec.concurrency,
             "mlflow.note.content": f"Sketch&Walk sweep `{sweep_id}`: objectives "
                                    + ", ".join(f"{o.direction} {o.name} ({o.unit})" for o in objectives)}
     session.parent_run_id = tracker.parent_run(sweep_id, params=params, tags=tags)

@@ -233,6 +233,38 @@ def _sweep_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sketchwalk", "sweep", *args, "--no-progress"]
 
 
+def test_resume_may_change_the_budget_not_the_suite(tmp_path):
+    """Resuming with `--trials` / `--wall-time` re-opens the parent run with the new budget (found on
+    the H200: the budget was an immutable MLflow param, so `--resume ID --wall-time N` crashed);
+    changing what makes trials comparable (suite, samples, backend) is refused, naming the field."""
+    from mlflow.tracking import MlflowClient
+
+    from search.launch import prepare_sweep
+    from search.session import load_session, open_session
+
+    f = _write_sweep(tmp_path, "rb", budget={"trials": 3, "wall_time_s": 600})
+    spec, sweep_id, _ = prepare_sweep(str(f), workdir=tmp_path)
+    objectives = resolve_objectives(spec, False)
+    first = open_session(spec, "rb", objectives, workdir=tmp_path)
+
+    spec2, _, earlier = prepare_sweep(None, resume="rb", workdir=tmp_path,
+                                      overrides={"budget.trials": 5, "budget.wall_time_s": 240.0})
+    assert earlier is not None and (spec2.budget.trials, spec2.budget.wall_time_s) == (5, 240.0)
+    second = open_session(spec2, "rb", objectives, workdir=tmp_path)
+    assert second.parent_run_id == first.parent_run_id
+    run = MlflowClient(second.tracking_uri).get_run(second.parent_run_id)
+    assert run.data.tags["sketchwalk.budget.trials"] == "5"
+    assert run.data.tags["sketchwalk.budget.wall_time_s"] == "240.0"
+    assert load_session("rb", tmp_path).spec.budget.trials == 5  # a later resume starts from here
+
+    for key, value in (("suite", "ruler-smoke"), ("samples", 9), ("backend", "ray")):
+        with pytest.raises(SweepSpecError) as err:
+            prepare_sweep(None, resume="rb", workdir=tmp_path, overrides={key: value})
+        assert err.value.field == key and "start a new sweep" in str(err.value)
+    # the same value as stored is not a change
+    prepare_sweep(None, resume="rb", workdir=tmp_path, overrides={"suite": spec.suite, "samples": spec.samples})
+
+
 @pytest.mark.slow
 def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     """SIGKILL a real sweep process in the middle of a trial, resume it: finished trials are not
@@ -269,13 +301,14 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     finished_before = {k: c.run_id for k, c in before.items() if c.status == "FINISHED"}
     assert finished_before
 
-    rc = subprocess.run(_sweep_cmd("--resume", "kr", "--workdir", str(tmp_path)), env=env,
+    # Resume with a larger budget, as a user extending a sweep would.
+    rc = subprocess.run(_sweep_cmd("--resume", "kr", "--trials", "4", "--workdir", str(tmp_path)), env=env,
                         capture_output=True, text=True, timeout=900)
     assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
 
     study = optuna.load_study(study_name="kr", storage=storage)
     states = {t.number: t.state.name for t in study.trials}
-    assert sum(s == "COMPLETE" for s in states.values()) == 3, states
+    assert sum(s == "COMPLETE" for s in states.values()) == 4, states
     assert states[killed_during] == "FAIL"
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_during]
     assert len(retry) == 1 and retry[0].params == study.trials[killed_during].params
@@ -285,7 +318,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     keys = [c.key for c in after]
     assert len(keys) == len(set(keys)) == len(study.trials)
     status = {c.key: c.status for c in after}
-    assert sum(s == "FINISHED" for s in status.values()) == 3
+    assert sum(s == "FINISHED" for s in status.values()) == 4
     assert status[f"trial-{killed_during:05d}"] == "KILLED"
     for key, run_id in finished_before.items():  # kept, not re-run
         again = next(c for c in after if c.key == key)

@@ -82,7 +82,8 @@ def _build():
                 mt = tl.load(M + dcol[:, None] * R + rcol[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
                 tl.store(SK + blk * R + rcol, tl.sum(mean[:, None] * mt, 0), mask=r_ok)
 
-    @triton.jit
+    # Length-dependent sizes are not specialised (one compiled variant for every prompt length).
+    @triton.jit(do_not_specialize=["m", "nb"])
     def _block_sketch_kernel(Q, K, M, SUMS, SK,
                              stride_qh, stride_qn, stride_qd, stride_kh, stride_kn, stride_kd,
                              m, nb, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, R: tl.constexpr,

@@ -36,7 +36,9 @@ def _build():
         return _KERNELS
     triton, tl = require_triton()
 
-    @triton.jit
+    # The cache length and the selection's width change every step: not specialised (see the
+    # prefill kernel), so no decode step compiles a new variant.
+    @triton.jit(do_not_specialize=["L", "NUM_SPLITS", "stride_ib"])
     def _decode_split_kernel(Q, K, V, IDX, CNT, OFF, MP, LP, AP, O,
                              stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
                              stride_kb, stride_kh, stride_kn, stride_kd,
@@ -98,7 +100,7 @@ def _build():
             tl.store(LP + row, l_i, mask=g_ok)
             tl.store(AP + row[:, None] * HEAD_DIM + dcol[None, :], acc, mask=g_ok[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NUM_SPLITS"])
     def _decode_merge_kernel(MP, LP, AP, O, stride_ob, stride_oh, stride_od, HQ, NUM_SPLITS,
                              SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid = tl.program_id(0)
