@@ -33,6 +33,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wall-time", type=float, default=None, metavar="SECONDS",
                    help="override budget.wall_time_s (no new trial starts after it; a running one finishes)")
     p.add_argument("--suite", default=None, help="override the RULER suite (name, name@4k,8k, or YAML path)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="override concurrency: trials in parallel, one GPU each (ray backend); a resume may change it")
     add_run_arguments(p, source="the file's")
 
 
@@ -69,7 +71,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     overrides = {"backend": args.backend, "budget.trials": args.trials, "budget.wall_time_s": args.wall_time,
                  "suite": args.suite,
-                 "samples": args.samples, "essays": args.essays}
+                 "samples": args.samples, "essays": args.essays, "concurrency": args.concurrency}
     try:
         spec, sweep_id, earlier = prepare_sweep(args.file, resume=args.resume, workdir=workdir, overrides=overrides)
         if args.sweep_id:

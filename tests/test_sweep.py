@@ -26,10 +26,14 @@ SPACE = {"density": {"type": "float", "low": 0.1, "high": 0.6}}
 # -- spec ---------------------------------------------------------------------------------------
 
 def test_shipped_sweeps_validate():
-    for name in ("default", "gpu"):
+    shipped = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
+    assert {"default", "gpu", "gpu-ray"} <= set(shipped)
+    for name in shipped:
         spec = load_spec(REPO / "sweeps" / f"{name}.yaml")
         assert spec.name == name and spec.space and spec.budget.trials
     assert load_spec(REPO / "sweeps" / "default.yaml").backend == "optuna"
+    ray = load_spec(REPO / "sweeps" / "gpu-ray.yaml")
+    assert ray.backend == "ray" and ray.concurrency == 2 and ray.budget.trials >= 16
 
 
 @pytest.mark.parametrize("patch, field, needle", [
@@ -263,6 +267,9 @@ def test_resume_may_change_the_budget_not_the_suite(tmp_path):
         assert err.value.field == key and "start a new sweep" in str(err.value)
     # the same value as stored is not a change
     prepare_sweep(None, resume="rb", workdir=tmp_path, overrides={"suite": spec.suite, "samples": spec.samples})
+    # `--concurrency` is run control (one GPU per trial): new sweeps and resumes may set it
+    ray_spec, _, _ = prepare_sweep(str(f), workdir=tmp_path, overrides={"backend": "ray", "concurrency": 2})
+    assert ray_spec.concurrency == 2
 
 
 @pytest.mark.slow
