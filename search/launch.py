@@ -59,9 +59,9 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
         spec = load_spec(path or default_sweep_file())
         sweep_id = None
     if overrides:
-        if earlier is not None:
-            _refuse_changed_identity(spec, overrides, resume)
         data = spec.model_dump(mode="json")
+        if earlier is not None:
+            _refuse_changed_identity(data, overrides, resume)
         for dotted, value in overrides.items():
             if value is None:
                 continue
@@ -83,8 +83,9 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
 RESUME_FIXED = ("suite", "samples", "backend")
 
 
-def _refuse_changed_identity(spec: SweepSpec, overrides: dict, sweep_id: str) -> None:
-    stored = spec.model_dump(mode="json")
+def _refuse_changed_identity(stored: dict, overrides: dict, sweep_id: str) -> None:
+    """Raise SweepSpecError naming the first RESUME_FIXED key an override would change (stored: the
+    resumed spec as JSON data)."""
     for key in RESUME_FIXED:
         value = overrides.get(key)
         if value is not None and value != stored[key]:
