@@ -8,6 +8,7 @@ from typing import Optional
 
 from .records import Objective, TrialRecord
 from .session import SweepSession, feasible, load_records, write_json
+from .throughput import Throughput, sweep_throughput
 
 
 @dataclasses.dataclass
@@ -22,6 +23,7 @@ class Analysis:
     exported: Optional[Path] = None
     chosen: Optional[TrialRecord] = None
     export_error: Optional[str] = None
+    throughput: Optional[Throughput] = None
 
 
 def analyze(session: SweepSession, *, noise_aware: Optional[bool] = None, rule: Optional[str] = None,
@@ -46,7 +48,8 @@ def analyze(session: SweepSession, *, noise_aware: Optional[bool] = None, rule: 
     if complete and len(objectives) >= 2:  # nothing to plot before the first finished trial
         files += plot_front(complete, objectives, front, baseline=baseline, path_stem=out / "front")
         files += plot_parallel_coordinates(complete, objectives, list(spec.space), path_stem=out / "parallel")
-    result = Analysis(records, baseline, front, files, table)
+    result = Analysis(records, baseline, front, files, table,
+                      throughput=sweep_throughput(session.tracker().children(), slots=spec.concurrency))
     if export and candidates:
         rule_text = rule or spec.analysis.export_rule
         try:
@@ -66,6 +69,10 @@ def analyze(session: SweepSession, *, noise_aware: Optional[bool] = None, rule: 
             "trials_complete": sum(r.state == "COMPLETE" for r in records),
             "trials_failed": sum(r.state == "FAIL" for r in records),
             "front_size": len(front)})
+        if result.throughput:
+            tracker.log_metrics(session.parent_run_id, {"trials_per_hour": result.throughput.trials_per_hour,
+                                                        "trial_phase_s": result.throughput.span_s,
+                                                        "worker_occupancy": result.throughput.occupancy})
     return result
 
 
@@ -92,4 +99,5 @@ def summary(session: SweepSession, a: Analysis) -> dict:
             "baseline": row(a.baseline) if a.baseline else None,
             "front": [row(r) for r in a.front],
             "exported": str(a.exported) if a.exported else None,
-            "chosen_trial": a.chosen.number if a.chosen else None, "export_error": a.export_error}
+            "chosen_trial": a.chosen.number if a.chosen else None, "export_error": a.export_error,
+            "throughput": a.throughput.to_dict() if a.throughput else None}

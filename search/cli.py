@@ -106,6 +106,8 @@ def _print_outcome(console, outcome) -> None:
     console.print(table)
     console.print(f"trials: {outcome.counts.get('complete')} complete, {outcome.counts.get('failed')} failed; "
                   f"wall time {outcome.wall_s:.0f} s", highlight=False)
+    if a.throughput:
+        _print_throughput(console, a.throughput)
     for f in a.files:
         console.print(f"wrote {f}", highlight=False)
     if a.exported:
@@ -114,6 +116,20 @@ def _print_outcome(console, outcome) -> None:
     elif a.export_error:
         console.print(f"[yellow]no export:[/yellow] {a.export_error}", highlight=False)
     console.print(f"MLflow: mlflow ui --backend-store-uri {s.tracking_uri}", highlight=False)
+
+
+def _print_throughput(console, t) -> None:
+    from rich.table import Table
+
+    console.print(f"throughput: {t.complete} complete trials in {t.span_s:.0f} s (first trial start -> last end) = "
+                  f"{t.trials_per_hour:.1f} trials/hour; slot occupancy {t.occupancy:.0%}", highlight=False)
+    table = Table(title="workers")
+    for col in ("role", "host", "pid", "GPUs", "trials", "model loads", "load s", "eval s"):
+        table.add_column(col)
+    for w in t.workers:
+        table.add_row(w.role, w.host, w.pid, w.gpus or "(all)", str(w.trials), str(w.model_loads),
+                      f"{w.load_s:.1f}", f"{w.eval_s:.1f}")
+    console.print(table)
 
 
 # -- pareto / export ----------------------------------------------------------------------------

@@ -129,14 +129,15 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
 def _run_optuna(session: SweepSession, display) -> dict:
     from .optuna_driver import run_study
     from .session import default_storage
-    from .trial import dense_result, load_workload
+    from .trial import dense_result, load_workload, result_metrics, worker_tags
 
     spec = session.spec
     display.log("loading the model and building the RULER samples (once for the whole sweep)")
     work = load_workload(spec)
     display.log(f"loaded in {work.load_s:.1f} s on {work.device}; dense baseline ...")
     baseline = dense_result(work, progress=False)
-    log_baseline(session, work, baseline)
+    log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s},
+                 worker_tags())
     display.log(f"dense baseline: accuracy {baseline.accuracy['overall']['mean']:.1f} "
                 f"[{baseline.accuracy['overall']['lo']:.1f}, {baseline.accuracy['overall']['hi']:.1f}]")
     storage = spec.storage or default_storage(session.workdir)

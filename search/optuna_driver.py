@@ -15,10 +15,12 @@ import warnings
 from typing import Callable, Optional
 
 from .records import Objective
-from .session import SweepSession, config_hash, fail_trial, finish_trial, start_trial, trial_key
+from .session import (SweepSession, config_hash, fail_trial, finish_trial, recorded_trial, start_trial,
+                      trial_key)
 from .space import CONSTRAINT_ATTR, make_sampler, suggest_params
 from .spec import VARIANT_PARAM, SweepSpec, config_from_params
-from .trial import Workload, free_cuda_cache, objective_values, result_metrics, run_trial
+from .trial import (Workload, free_cuda_cache, objective_values, result_metrics, run_trial, worker_metrics,
+                    worker_tags)
 
 
 class TrialFailed(RuntimeError):
@@ -75,12 +77,10 @@ def recover_finished(study, session: SweepSession) -> list[int]:
 
     tracker, done = session.tracker(), []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        run = tracker.find_child(trial_key(t.number))
-        if run is None or run.status != "FINISHED":
+        run = recorded_trial(tracker, t.number, session.objectives)
+        if run is None:
             continue
         values = objective_values(run.metrics, session.objectives)
-        if values is None:
-            continue
         if "accuracy_drop" in run.metrics and session.spec.constraints.max_accuracy_drop is not None:
             study._storage.set_trial_user_attr(t._trial_id, CONSTRAINT_ATTR,
                                                run.metrics["accuracy_drop"] - session.spec.constraints.max_accuracy_drop)
@@ -116,13 +116,15 @@ def make_objective(session: SweepSession, work: Workload, on_result: Optional[Ca
             config = config_from_params(spec, params)
             retry_of = _retry_of(trial)
             run = start_trial(session, trial.number, config, tracker,
-                              extra_tags={"sketchwalk.retry_of": "" if retry_of is None else retry_of})
+                              extra_tags={"sketchwalk.retry_of": "" if retry_of is None else retry_of, **worker_tags()})
             trial.set_user_attr("mlflow_run_id", run.run_id)
             trial.set_user_attr("config_hash", config_hash(config))
             if config is not None:  # None: a dense variant
                 config.validate_for_model(work.model.config.num_hidden_layers, _head_dim(work.model))
+            t0 = time.perf_counter()
             result = run_trial(work, config)
             metrics = result_metrics(result, model=work.model, baseline=work.baseline)
+            metrics.update(worker_metrics(work, 1, time.perf_counter() - t0))  # one process, one load
             values = objective_values(metrics, objectives)
             if values is None:
                 bad = [o.metric for o in objectives if objective_values(metrics, [o]) is None]

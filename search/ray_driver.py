@@ -24,11 +24,11 @@ from ray import tune
 from sketchwalk.evaluation import EvalResult
 
 from .records import Objective
-from .session import SweepSession, fail_trial, finish_trial, start_trial
+from .session import SweepSession, fail_trial, finish_trial, log_baseline, recorded_trial, start_trial
 from .space import make_sampler, suggest_params
 from .spec import CONFIG_FIELDS, VARIANT_PARAM, SweepSpec, SweepSpecError, config_from_params
 from .trial import (Workload, dense_result, free_cuda_cache, load_workload, objective_values, result_metrics,
-                    run_trial)
+                    run_trial, worker_metrics, worker_tags)
 
 _WORKLOADS: dict[str, Workload] = {}  # per worker process: spec json -> loaded workload
 MODEL_LOADS = {"count": 0}
@@ -65,10 +65,15 @@ class SweepTrainable(tune.Trainable):
     def step(self) -> dict[str, Any]:
         spec, objectives = self.session.spec, self.session.objectives
         number = trial_number(self.config)
+        done = recorded_trial(self.tracker, number, objectives)
+        if done is not None:
+            # Finished and logged before the sweep was killed, but after Tune's last experiment
+            # checkpoint: Tune re-runs it on restore; report what MLflow holds instead.
+            return self._report(number, objective_values(done.metrics, objectives), done.metrics)
         params = {k: v for k, v in self.config.items() if k in CONFIG_FIELDS or k == VARIANT_PARAM}
         config = config_from_params(spec, params)
         run = start_trial(self.session, number, config, self.tracker,
-                          extra_tags={"sketchwalk.ray_trial_id": self.trial_id})
+                          extra_tags={"sketchwalk.ray_trial_id": self.trial_id, **worker_tags()})
         t0 = time.perf_counter()
         try:
             result = run_trial(self.work, config)
@@ -81,10 +86,14 @@ class SweepTrainable(tune.Trainable):
             fail_trial(self.tracker, run, exc)
             free_cuda_cache()
             raise
-        metrics["eval_s"] = time.perf_counter() - t0
+        metrics.update(worker_metrics(self.work, MODEL_LOADS["count"], time.perf_counter() - t0))
         finish_trial(self.session, self.tracker, run, result, metrics, self.work.device)
-        out = {o.name: v for o, v in zip(objectives, values)}
-        out.update(trial_number=number, eval_s=metrics["eval_s"], load_s=self.work.load_s,
+        return self._report(number, values, metrics)
+
+    def _report(self, number: int, values: list[float], metrics: dict[str, float]) -> dict[str, Any]:
+        """The step result Tune hands to OptunaSearch: objective values by name, plus worker facts."""
+        out = {o.name: v for o, v in zip(self.session.objectives, values)}
+        out.update(trial_number=number, eval_s=metrics.get("eval_s"), load_s=self.work.load_s,
                    worker_pid=os.getpid(), model_loads=MODEL_LOADS["count"], done=True)
         return out
 
@@ -101,13 +110,13 @@ class SweepTrainable(tune.Trainable):
 
 
 def _baseline_task(session_dict: dict) -> dict:
-    """Ray task: the dense baseline of the sweep's workload (disk-cached per model/suite/dtype/device)."""
+    """Ray task: the dense baseline of the sweep's workload (disk-cached per model/suite/dtype/device),
+    its MLflow metrics and the tags of the process that loaded the model for it."""
     session = SweepSession.from_dict(session_dict)
     work = load_workload(session.spec)
     result = dense_result(work, progress=False)
-    from .trial import attention_tflop
-
-    return {"result": result.to_dict(), "attention_tflop": attention_tflop(result, work.model)}
+    metrics = {**result_metrics(result, model=work.model), "worker_load_s": work.load_s}
+    return {"result": result.to_dict(), "metrics": metrics, "tags": worker_tags()}
 
 
 def resolve_gpus(spec: SweepSpec, cluster_gpus: float) -> float:
@@ -139,7 +148,7 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
     task = ray.remote(num_cpus=spec.resources.cpus, num_gpus=gpus)(_baseline_task)
     base = ray.get(task.remote(session_dict))
     baseline = EvalResult.from_dict(base["result"])
-    _log_baseline_run(session, baseline, base["attention_tflop"])
+    log_baseline(session, baseline, base["metrics"], base["tags"])
 
     storage_path = str((session.workdir / "runs" / "ray").resolve())
     exp_dir = os.path.join(storage_path, session.sweep_id)
@@ -176,20 +185,6 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
                      "error": str(r.error)[:300] if r.error else None})
     return {"complete": sum(r["error"] is None and r["trial_number"] is not None for r in rows),
             "failed": sum(r["error"] is not None for r in rows), "trials": rows, "gpus_per_trial": gpus}
-
-
-def _log_baseline_run(session: SweepSession, baseline, tflop: float) -> None:
-    tracker = session.tracker()
-    from .session import BASELINE_KEY
-
-    run = tracker.child_run(BASELINE_KEY, role="baseline", name="dense baseline",
-                            params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite})
-    if run.status != "FINISHED":
-        metrics = result_metrics(baseline)
-        metrics["attention_tflop"] = tflop
-        tracker.log_metrics(run.run_id, metrics)
-        tracker.log_text(run.run_id, baseline.to_json(), "eval.json")
-        tracker.finish(run.run_id)
 
 
 def _define_by_run(trial, spec: SweepSpec) -> dict:

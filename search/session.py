@@ -16,7 +16,7 @@ from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
 
 from .records import Objective, TrialRecord
 from .spec import SweepSpec, spec_to_yaml
-from .trial import Workload, result_metrics
+from .trial import objective_values
 
 BASELINE_KEY = "baseline-dense"
 
@@ -105,13 +105,17 @@ def load_session(sweep_id: str, workdir: Path) -> SweepSession:
     return SweepSession.from_dict(json.loads(path.read_text()))
 
 
-def log_baseline(session: SweepSession, work: Workload, baseline: EvalResult) -> str:
-    """Log the dense baseline as its own child run (once per sweep; re-attached on resume)."""
+def log_baseline(session: SweepSession, baseline: EvalResult, metrics: dict[str, float],
+                 tags: Optional[dict[str, str]] = None) -> str:
+    """Log the dense baseline as its own child run, once per sweep: `metrics` (`result_metrics` of
+    it, plus the loading worker's `worker_load_s`) and `tags` (its `worker_tags`). A resume finds it
+    FINISHED and leaves it as it is, the worker that made it included."""
     tracker = session.tracker()
     run = tracker.child_run(BASELINE_KEY, role="baseline", name="dense baseline",
                             params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite})
     if run.status != "FINISHED":
-        tracker.log_metrics(run.run_id, result_metrics(baseline, model=work.model))
+        tracker.set_tags(run.run_id, tags or {})
+        tracker.log_metrics(run.run_id, metrics)
         tracker.log_text(run.run_id, baseline.to_json(), "eval.json")
         tracker.finish(run.run_id)
     return run.run_id
@@ -145,6 +149,16 @@ def finish_trial(session: SweepSession, tracker: SweepTracker, run: ChildRun, re
     tracker.log_text(run.run_id, result.to_json(), "eval.json")
     tracker.set_tags(run.run_id, {"sketchwalk.device": device, "sketchwalk.dtype": result.dtype})
     tracker.finish(run.run_id, "FINISHED")
+
+
+def recorded_trial(tracker: SweepTracker, number: int, objectives: list[Objective]) -> Optional[ChildRun]:
+    """Trial `number`'s run if it is FINISHED with every objective value recorded (the process died,
+    or a driver's own checkpoint missed it, between logging and telling the sampler); else None. A
+    resumed driver completes such a trial from MLflow instead of re-running it."""
+    run = tracker.find_child(trial_key(number))
+    if run is None or run.status != "FINISHED" or objective_values(run.metrics, objectives) is None:
+        return None
+    return run
 
 
 def fail_trial(tracker: SweepTracker, run: Optional[ChildRun], exc: BaseException, status: str = "FAILED") -> str:

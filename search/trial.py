@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 import time
 from typing import Any, Optional
 
@@ -136,6 +138,32 @@ def objective_values(metrics: dict[str, float], objectives: list[Objective]) -> 
     told FAIL: a NaN reported to Optuna would leave it RUNNING)."""
     vals = [metrics.get(o.metric, math.nan) for o in objectives]
     return None if any(_nan(v) for v in vals) else [float(v) for v in vals]
+
+
+#: Trial-run tags naming the worker process that ran the trial (see `worker_tags`).
+WORKER_HOST, WORKER_PID, WORKER_GPUS = "sketchwalk.worker.host", "sketchwalk.worker.pid", "sketchwalk.worker.gpus"
+
+
+def worker_tags() -> dict[str, str]:
+    """Where this trial runs: host name, process id and the GPUs the process sees (its
+    CUDA_VISIBLE_DEVICES, which Ray sets per actor to the GPU ids it assigned; "" = not set, "-" = no
+    CUDA). Tagged on every trial run, so placement and model reuse can be checked from MLflow alone."""
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpus is None:
+        try:
+            import torch
+
+            gpus = "" if torch.cuda.is_available() else "-"
+        except Exception:
+            gpus = "-"
+    return {WORKER_HOST: socket.gethostname(), WORKER_PID: str(os.getpid()), WORKER_GPUS: gpus}
+
+
+def worker_metrics(work: Workload, model_loads: int, eval_s: float) -> dict[str, float]:
+    """The trial's cost split: `eval_s` (this trial's evaluation, s), `worker_load_s` (the worker's
+    one-time model + samples load, s) and `worker_model_loads` (model loads in this process so far:
+    1 on a worker that reuses its model)."""
+    return {"eval_s": float(eval_s), "worker_load_s": float(work.load_s), "worker_model_loads": float(model_loads)}
 
 
 def free_cuda_cache() -> None:

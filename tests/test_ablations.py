@@ -250,7 +250,8 @@ def test_resume_after_a_kill_runs_each_variant_once(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(drv, "run_trial", lambda work, config: ran.append(config) or _fake_eval(50.0))
     work = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(
-        num_hidden_layers=30, head_dim=64, hidden_size=576, num_attention_heads=9)), baseline=None, device="cpu")
+        num_hidden_layers=30, head_dim=64, hidden_size=576, num_attention_heads=9)), baseline=None, device="cpu",
+        load_s=1.0)
     counts = drv.run_study(session, work, storage_url=storage, heartbeat_s=1)
     assert counts["complete"] == 3 and counts["running"] == 0
     study = optuna.load_study(study_name="kr", storage=storage)

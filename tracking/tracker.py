@@ -58,6 +58,8 @@ class ChildRun:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # latest value per key
     tags: dict[str, str] = field(default_factory=dict)
+    start_ms: int | None = None  # MLflow run start / end, ms since the epoch (end: None while running)
+    end_ms: int | None = None
 
     @classmethod
     def from_run(cls, run: Run, created: bool) -> "ChildRun":
@@ -72,6 +74,8 @@ class ChildRun:
             params=dict(run.data.params),
             metrics=dict(run.data.metrics),
             tags=tags,
+            start_ms=run.info.start_time,
+            end_ms=run.info.end_time,
         )
 
 

@@ -1,0 +1,78 @@
+"""How a sweep used its workers, read from MLflow alone: trials per hour over the trial phase and,
+per worker process, the trials it ran, its model loads and its load vs evaluation time.
+
+Every trial run carries its worker's tags (`trial.worker_tags`) and cost metrics (`eval_s`,
+`worker_load_s`, `worker_model_loads`), so this works the same for both backends and for a store
+brought back from another machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from tracking import ChildRun
+
+from .trial import WORKER_GPUS, WORKER_HOST, WORKER_PID
+
+
+@dataclasses.dataclass
+class WorkerUse:
+    """One worker process: `trials` it finished or failed, `model_loads` (the most it reported: 1 when
+    it kept its model), `load_s` (its one-time load, s), `eval_s` (its trials' evaluation time, s)."""
+
+    host: str
+    pid: str
+    gpus: str  # CUDA_VISIBLE_DEVICES as the worker saw it ("" unset, "-" no CUDA)
+    role: str  # "trial" | "baseline"
+    trials: int
+    model_loads: int
+    load_s: float
+    eval_s: float
+
+
+@dataclasses.dataclass
+class Throughput:
+    """The trial phase of a sweep.
+
+    span_s: first trial run's start -> last trial run's end (s; a resumed sweep's span includes the
+    time it was down); trials_per_hour: complete trials / span_s * 3600; occupancy: summed trial run
+    durations / (span_s * slots), 1.0 = every slot (concurrency: trials at once) was busy all the time.
+    """
+
+    complete: int
+    failed: int
+    span_s: float
+    trials_per_hour: float
+    occupancy: float
+    workers: list[WorkerUse]
+
+    @property
+    def trial_workers(self) -> list[WorkerUse]:
+        return [w for w in self.workers if w.role == "trial"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughput]:
+    """Throughput and worker use of a sweep's child runs (trials and baseline), `slots` trials at
+    once; None before any trial run has ended. Runs still RUNNING or KILLED (interrupted) count in
+    no total."""
+    ended = [r for r in runs if r.role == "trial" and r.start_ms is not None and r.end_ms is not None
+             and r.status in ("FINISHED", "FAILED")]
+    if not ended:
+        return None
+    span_s = max((max(r.end_ms for r in ended) - min(r.start_ms for r in ended)) / 1000.0, 1e-3)
+    complete = sum(r.status == "FINISHED" for r in ended)
+    workers: dict[tuple, WorkerUse] = {}
+    for r in ended + [r for r in runs if r.role == "baseline" and r.status == "FINISHED"]:
+        key = (r.tags.get(WORKER_HOST, "?"), r.tags.get(WORKER_PID, "?"), r.role)
+        w = workers.setdefault(key, WorkerUse(key[0], key[1], r.tags.get(WORKER_GPUS, "?"), r.role, 0, 0, 0.0, 0.0))
+        w.load_s = max(w.load_s, float(r.metrics.get("worker_load_s", 0.0)))
+        w.model_loads = max(w.model_loads, int(r.metrics.get("worker_model_loads", 1)))
+        if r.role == "trial":
+            w.trials += 1
+            w.eval_s += float(r.metrics.get("eval_s", 0.0))
+    busy_s = sum((r.end_ms - r.start_ms) / 1000.0 for r in ended)
+    return Throughput(complete, sum(r.status == "FAILED" for r in ended), span_s, complete / span_s * 3600.0,
+                      busy_s / (span_s * max(1, slots)), sorted(workers.values(), key=lambda w: (w.role, w.host, w.pid)))
