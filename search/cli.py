@@ -104,8 +104,9 @@ def _print_outcome(console, outcome) -> None:
         for row in a.table:
             table.add_row(*[_cell(v) for v in row.values()])
     console.print(table)
-    console.print(f"trials: {outcome.counts.get('complete')} complete, {outcome.counts.get('failed')} failed; "
-                  f"wall time {outcome.wall_s:.0f} s", highlight=False)
+    wall = f"; wall time {outcome.wall_s:.0f} s" if outcome.wall_s else ""  # `pareto` runs no trials
+    console.print(f"trials: {outcome.counts.get('complete')} complete, {outcome.counts.get('failed')} failed{wall}",
+                  highlight=False)
     if a.throughput:
         _print_throughput(console, a.throughput)
     for f in a.files:
@@ -121,7 +122,8 @@ def _print_outcome(console, outcome) -> None:
 def _print_throughput(console, t) -> None:
     from rich.table import Table
 
-    console.print(f"throughput: {t.complete} complete trials in {t.span_s:.0f} s (first trial start -> last end) = "
+    down = f", {t.wall_s - t.span_s:.0f} s of downtime between runs left out" if t.wall_s - t.span_s > 1 else ""
+    console.print(f"throughput: {t.complete} complete trials in {t.span_s:.0f} s of trial phase{down} = "
                   f"{t.trials_per_hour:.1f} trials/hour; slot occupancy {t.occupancy:.0%}", highlight=False)
     table = Table(title="workers")
     for col in ("role", "host", "pid", "GPUs", "trials", "model loads", "load s", "eval s"):
@@ -163,7 +165,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     a = analyze(session, noise_aware=args.noise_aware, export=False)
     from types import SimpleNamespace
 
-    _print_outcome(console, SimpleNamespace(analysis=a, session=session, wall_s=0.0,
+    _print_outcome(console, SimpleNamespace(analysis=a, session=session, wall_s=None,
                                             counts={"complete": sum(r.state == "COMPLETE" for r in a.records),
                                                     "failed": sum(r.state == "FAIL" for r in a.records)}))
     return 0

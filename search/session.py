@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -136,6 +137,8 @@ def start_trial(session: SweepSession, number: int, config: Optional[SketchWalkC
     tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": config_hash(config), **(extra_tags or {})}
     params = config.to_dict() if config is not None else {"attention": DENSE}
     run = tracker.child_run(trial_key(number), role="trial", name=f"trial {number}", params=params, tags=tags)
+    # When this attempt began (epoch s): a re-attached run keeps its first attempt's start time.
+    tracker.log_metrics(run.run_id, {"started_at": time.time()})
     tracker.log_text(run.run_id, config.to_yaml() if config is not None else "sketchwalk: null  # dense attention\n",
                      "config.yaml")
     return run

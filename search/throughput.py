@@ -34,14 +34,17 @@ class WorkerUse:
 class Throughput:
     """The trial phase of a sweep.
 
-    span_s: first trial run's start -> last trial run's end (s; a resumed sweep's span includes the
-    time it was down); trials_per_hour: complete trials / span_s * 3600; occupancy: summed trial run
-    durations / (span_s * slots), 1.0 = every slot (concurrency: trials at once) was busy all the time.
+    span_s: the time trial workers were up: the union over worker processes of [their first trial's
+    start, their last trial's end] (s); a killed and resumed sweep's downtime is not in it, a running
+    sweep's gaps between trials are. wall_s: first trial start -> last trial end, downtime included.
+    trials_per_hour: complete trials / span_s * 3600; occupancy: summed trial durations / (span_s *
+    slots), 1.0 = every slot (concurrency: trials at once) was busy all the time.
     """
 
     complete: int
     failed: int
     span_s: float
+    wall_s: float
     trials_per_hour: float
     occupancy: float
     workers: list[WorkerUse]
@@ -54,6 +57,17 @@ class Throughput:
         return dataclasses.asdict(self)
 
 
+def trial_interval(run: ChildRun) -> tuple[float, float]:
+    """(start, end) of the run's last attempt, epoch s: start from its `started_at` metric, else its
+    end minus `eval_s` (a re-attached run keeps its first start time), else the run's start."""
+    end = run.end_ms / 1000.0
+    if "started_at" in run.metrics:
+        return min(run.metrics["started_at"], end), end
+    if "eval_s" in run.metrics:
+        return max(run.start_ms / 1000.0, end - run.metrics["eval_s"]), end
+    return run.start_ms / 1000.0, end
+
+
 def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughput]:
     """Throughput and worker use of a sweep's child runs (trials and baseline), `slots` trials at
     once; None before any trial run has ended. Runs still RUNNING or KILLED (interrupted) count in
@@ -62,9 +76,9 @@ def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughpu
              and r.status in ("FINISHED", "FAILED")]
     if not ended:
         return None
-    span_s = max((max(r.end_ms for r in ended) - min(r.start_ms for r in ended)) / 1000.0, 1e-3)
     complete = sum(r.status == "FINISHED" for r in ended)
     workers: dict[tuple, WorkerUse] = {}
+    windows: dict[tuple, list[float]] = {}
     for r in ended + [r for r in runs if r.role == "baseline" and r.status == "FINISHED"]:
         key = (r.tags.get(WORKER_HOST, "?"), r.tags.get(WORKER_PID, "?"), r.role)
         w = workers.setdefault(key, WorkerUse(key[0], key[1], r.tags.get(WORKER_GPUS, "?"), r.role, 0, 0, 0.0, 0.0))
@@ -73,6 +87,23 @@ def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughpu
         if r.role == "trial":
             w.trials += 1
             w.eval_s += float(r.metrics.get("eval_s", 0.0))
-    busy_s = sum((r.end_ms - r.start_ms) / 1000.0 for r in ended)
-    return Throughput(complete, sum(r.status == "FAILED" for r in ended), span_s, complete / span_s * 3600.0,
-                      busy_s / (span_s * max(1, slots)), sorted(workers.values(), key=lambda w: (w.role, w.host, w.pid)))
+            start, end = trial_interval(r)
+            win = windows.setdefault(key, [start, end])
+            win[0], win[1] = min(win[0], start), max(win[1], end)
+    span_s = max(_union_length(list(windows.values())), 1e-3)
+    intervals = [trial_interval(r) for r in ended]
+    wall_s = max(e for _, e in intervals) - min(s for s, _ in intervals)
+    busy_s = sum(e - s for s, e in intervals)
+    return Throughput(complete, sum(r.status == "FAILED" for r in ended), span_s, wall_s,
+                      complete / span_s * 3600.0, busy_s / (span_s * max(1, slots)),
+                      sorted(workers.values(), key=lambda w: (w.role, w.host, w.pid)))
+
+
+def _union_length(intervals: list[list[float]]) -> float:
+    """Total length covered by [start, end] intervals (overlaps counted once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total

@@ -111,8 +111,9 @@ def test_result_metrics_and_nan_objectives():
 
 
 def test_throughput_counts_trials_per_hour_and_worker_loads():
-    """Two workers, 4 trials in a 100 s span (one failed, one still running): 3 complete -> 108
-    trials/hour; each worker's trials, loads and eval time; a reloading worker shows 2 loads."""
+    """Two workers, then a kill, 200 s down, and one resumed worker. Trial phase = union of each
+    worker's [first start, last end]: 100 s + 50 s, the downtime left out; 5 complete in 150 s -> 120
+    trials/hour. A re-attached run's start comes from `started_at`, or its end minus `eval_s`."""
     from search.throughput import sweep_throughput
     from tracking import ChildRun
 
@@ -122,24 +123,29 @@ def test_throughput_counts_trials_per_hour_and_worker_loads():
                         start_ms=start * 1000, end_ms=None if end is None else end * 1000)
 
     runs = [run("baseline", "baseline", "FINISHED", 0, 8, "10", "0", worker_load_s=5.0),
-            run("trial-00000", "trial", "FINISHED", 10, 50, "11", "0", eval_s=38.0, worker_load_s=6.0,
-                worker_model_loads=1.0),
-            run("trial-00001", "trial", "FINISHED", 10, 60, "12", "1", eval_s=48.0, worker_load_s=7.0,
-                worker_model_loads=1.0),
-            run("trial-00002", "trial", "FAILED", 50, 70, "11", "0"),
-            run("trial-00003", "trial", "FINISHED", 60, 110, "12", "1", eval_s=49.0, worker_load_s=7.0,
-                worker_model_loads=2.0),
-            run("trial-00004", "trial", "RUNNING", 70, None, "11", "0")]
+            run("trial-00000", "trial", "FINISHED", 10, 50, "11", "0", started_at=10.0, eval_s=38.0,
+                worker_load_s=6.0, worker_model_loads=1.0),
+            run("trial-00001", "trial", "FINISHED", 10, 60, "12", "1", started_at=10.0, eval_s=48.0,
+                worker_load_s=7.0, worker_model_loads=1.0),
+            run("trial-00002", "trial", "FAILED", 50, 70, "11", "0", started_at=50.0),
+            run("trial-00003", "trial", "FINISHED", 60, 110, "12", "1", started_at=60.0, eval_s=49.0,
+                worker_load_s=7.0, worker_model_loads=2.0),
+            # killed at ~110 while running trial 4; resumed at 310; trial 4's run is re-attached
+            run("trial-00004", "trial", "FINISHED", 100, 340, "13", "0", eval_s=30.0, worker_model_loads=1.0),
+            run("trial-00005", "trial", "RUNNING", 340, None, "13", "0", started_at=340.0),
+            run("trial-00006", "trial", "FINISHED", 340, 360, "13", "0", started_at=340.0, eval_s=19.0)]
     t = sweep_throughput(runs, slots=2)
-    assert (t.complete, t.failed) == (3, 1)
-    assert t.span_s == pytest.approx(100.0) and t.trials_per_hour == pytest.approx(108.0)
-    assert t.occupancy == pytest.approx((40 + 50 + 20 + 50) / 200)
+    assert (t.complete, t.failed) == (5, 1)
+    assert t.span_s == pytest.approx(150.0) and t.wall_s == pytest.approx(350.0)
+    assert t.trials_per_hour == pytest.approx(120.0)
+    assert t.occupancy == pytest.approx((40 + 50 + 20 + 50 + 30 + 20) / (150 * 2))
     by_pid = {(w.role, w.pid): w for w in t.workers}
     assert by_pid[("baseline", "10")].load_s == 5.0 and by_pid[("baseline", "10")].trials == 0
     w11, w12 = by_pid[("trial", "11")], by_pid[("trial", "12")]
     assert (w11.trials, w11.model_loads, w11.load_s, w11.eval_s, w11.gpus) == (2, 1, 6.0, 38.0, "0")
     assert (w12.trials, w12.model_loads, w12.eval_s, w12.gpus) == (2, 2, 97.0, "1")
-    assert sweep_throughput(runs[:1] + runs[-1:]) is None  # no trial has ended yet
+    assert by_pid[("trial", "13")].trials == 2
+    assert sweep_throughput(runs[:1] + runs[-2:-1]) is None  # no trial has ended yet
 
 
 def test_ray_refuses_gpus_the_cluster_lacks():
