@@ -7,12 +7,9 @@ Every variant answers the same RULER samples, so the difference to base is estim
 pairs: resampling sample indices (the same for both variants) keeps the between-sample variance,
 which dominates, out of the difference. Two independent intervals would overlap far more often.
 """
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -157,26 +154,12 @@ def collect_results(session: SweepSession, variants: list[Variant]) -> dict[str,
         state = {"FINISHED": "COMPLETE", "FAILED": "FAIL"}.get(run.status, run.status)
         scores: dict[SampleKey, float] = {}
         if state == "COMPLETE":
-            with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
-                local = tracker.client.download_artifacts(run.run_id, "eval.json", tmp)
-                result = EvalResult.from_dict(json.loads(Path(local).read_text()))
+            result = EvalResult.from_dict(json.loads(tracker.read_text(run.run_id, "eval.json")))
             scores = {(s.task, int(s.length), int(s.index)): float(s.score) for s in result.samples}
         out[name] = VariantResult(state, dict(run.metrics), scores, run.run_id, rank[1])
     return out
 
 
-@contextlib.contextmanager
-def _quiet_downloads():
-    # MLflow draws a progress bar per artifact download; one per variant only clutters the log.
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 def label_runs(session: SweepSession, variants: list[Variant]) -> None:

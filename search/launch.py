@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from sketchwalk.evaluation import EvalResult
+
 from .records import Objective
-from .session import SweepSession, load_session, log_baseline, open_session
+from .session import SweepSession, load_session, log_baseline, open_session, recorded_baseline
 from .space import resolve_objectives
 from .spec import SweepSpec, SweepSpecError, load_spec, new_sweep_id
 
@@ -114,19 +116,26 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
         if any(o.name == "density" for o in objectives) and "speed" in spec.objectives and not cuda:
             display.log("no CUDA device: the speed objective is measured density (CPU latency of the reference "
                         "path says nothing about GPU speed)")
+        recorded = recorded_baseline(session)
+        baseline = recorded[0] if recorded else None
+        if recorded:
+            display.log(f"dense baseline: {_accuracy(baseline)}, as logged in MLflow run {recorded[1]} (reused, "
+                        f"not evaluated again)")
         if spec.backend == "optuna":
-            counts = _run_optuna(session, display)
+            counts = _run_optuna(session, display, baseline)
         else:
             from .ray_driver import run_tune
 
-            counts = run_tune(session, address=address, resume=resume, on_result=display.trial_done,
-                              on_status=display.status)
+            counts = run_tune(session, address=address, resume=resume, baseline=baseline,
+                              on_result=display.trial_done, on_status=display.status)
     analysis = analyze(session)
     session.tracker().finish(session.parent_run_id, "FINISHED")
     return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)
 
 
-def _run_optuna(session: SweepSession, display) -> dict:
+def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] = None) -> dict:
+    """The optuna backend in this process: load the workload once, evaluate and log the dense
+    baseline unless the sweep already recorded one (`baseline`), then run the study."""
     from .optuna_driver import run_study
     from .session import default_storage
     from .trial import dense_result, load_workload, result_metrics, worker_tags
@@ -134,15 +143,21 @@ def _run_optuna(session: SweepSession, display) -> dict:
     spec = session.spec
     display.log("loading the model and building the RULER samples (once for the whole sweep)")
     work = load_workload(spec)
-    display.log(f"loaded in {work.load_s:.1f} s on {work.device}; dense baseline ...")
-    baseline = dense_result(work, progress=False)
-    log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s},
-                 worker_tags())
-    display.log(f"dense baseline: accuracy {baseline.accuracy['overall']['mean']:.1f} "
-                f"[{baseline.accuracy['overall']['lo']:.1f}, {baseline.accuracy['overall']['hi']:.1f}]")
+    display.log(f"loaded in {work.load_s:.1f} s on {work.device}")
+    if baseline is None:
+        baseline = dense_result(work, progress=False)
+        log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s},
+                     worker_tags())
+        display.log(f"dense baseline: {_accuracy(baseline)}")
+    work.baseline = baseline
     storage = spec.storage or default_storage(session.workdir)
     return run_study(session, work, storage_url=storage, heartbeat_s=spec.heartbeat_s,
                      on_result=display.trial_done, on_status=display.status)
+
+
+def _accuracy(result: EvalResult) -> str:
+    acc = result.accuracy["overall"]
+    return f"accuracy {acc['mean']:.1f} [{acc['lo']:.1f}, {acc['hi']:.1f}]"
 
 
 def _ray_has_gpus(address: Optional[str], spec: SweepSpec) -> bool:

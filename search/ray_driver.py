@@ -132,8 +132,10 @@ def resolve_gpus(spec: SweepSpec, cluster_gpus: float) -> float:
 
 
 def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bool = False,
-             on_result: Optional[Callable] = None, on_status: Optional[Callable] = None) -> dict:
-    """Run the sweep on Ray Tune; returns counts and the per-trial worker facts."""
+             baseline: Optional[EvalResult] = None, on_result: Optional[Callable] = None,
+             on_status: Optional[Callable] = None) -> dict:
+    """Run the sweep on Ray Tune; returns counts and the per-trial worker facts. `baseline`: the dense
+    baseline the sweep already logged (a resume); without it, one Ray task evaluates and logs it."""
     import ray
 
     spec = session.spec
@@ -144,11 +146,13 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
     resources = {"cpu": spec.resources.cpus, "gpu": gpus}
     session_dict = session.to_dict()
 
-    # The dense baseline: once per sweep, in a task with a trial's resources.
-    task = ray.remote(num_cpus=spec.resources.cpus, num_gpus=gpus)(_baseline_task)
-    base = ray.get(task.remote(session_dict))
-    baseline = EvalResult.from_dict(base["result"])
-    log_baseline(session, baseline, base["metrics"], base["tags"])
+    if baseline is None:
+        # The dense baseline: once per sweep, in a task with a trial's resources. max_calls=1: its
+        # worker process exits after it, so its model and CUDA memory are gone before trials start.
+        task = ray.remote(num_cpus=spec.resources.cpus, num_gpus=gpus, max_calls=1)(_baseline_task)
+        base = ray.get(task.remote(session_dict))
+        baseline = EvalResult.from_dict(base["result"])
+        log_baseline(session, baseline, base["metrics"], base["tags"])
 
     storage_path = str((session.workdir / "runs" / "ray").resolve())
     exp_dir = os.path.join(storage_path, session.sweep_id)

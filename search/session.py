@@ -122,6 +122,18 @@ def log_baseline(session: SweepSession, baseline: EvalResult, metrics: dict[str,
     return run.run_id
 
 
+def recorded_baseline(session: SweepSession) -> Optional[tuple[EvalResult, str]]:
+    """The dense baseline a resumed sweep already logged, with its run id: (EvalResult from the
+    run's eval.json, run id), or None when there is no FINISHED baseline run. Its trials go on
+    comparing against this result instead of a fresh evaluation (another machine, another cache
+    would not reproduce it bit for bit)."""
+    tracker = session.tracker()
+    run = tracker.find_child(BASELINE_KEY)
+    if run is None or run.status != "FINISHED":
+        return None
+    return EvalResult.from_dict(json.loads(tracker.read_text(run.run_id, "eval.json"))), run.run_id
+
+
 DENSE = "dense"  # config hash and `attention` param of a dense trial (a fixed variant with config None)
 
 

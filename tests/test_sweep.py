@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -512,10 +513,17 @@ def test_ray_kill_and_resume_keeps_every_recorded_trial(tmp_path):
                         "eval_s": 1234.0}.items():
         client.log_metric(late.run_id, name, value)
     client.set_terminated(late.run_id, "FINISHED")
+    # The recorded dense baseline, edited so its use is visible: the resumed trials must compare
+    # against it (another machine would re-evaluate it slightly differently), not a fresh evaluation.
+    with tempfile.TemporaryDirectory() as tmp:
+        recorded = json.loads(Path(client.download_artifacts(baseline_before.run_id, "eval.json", tmp)).read_text())
+    recorded["accuracy"]["overall"]["mean"] = 77.0
+    client.log_text(baseline_before.run_id, json.dumps(recorded), "eval.json")
 
     rc = subprocess.run(_sweep_cmd("--resume", "rk", "--workdir", str(tmp_path)), env=env,
                         capture_output=True, text=True, timeout=900)
     assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
+    assert f"asloggedinMLflowrun{baseline_before.run_id}" in "".join(rc.stdout.split())  # rich wraps lines
 
     children = _mlflow_children(tmp_path, "rk")
     trials = [c for c in children if c.role == "trial"]
@@ -527,6 +535,8 @@ def test_ray_kill_and_resume_keeps_every_recorded_trial(tmp_path):
     again = next(c for c in trials if c.key == late.key)
     assert again.metrics["accuracy"] == 42.0 and again.metrics["eval_s"] == 1234.0  # not evaluated again
     assert len(client.get_metric_history(late.run_id, "eval_s")) == 1
+    resumed = [c for c in trials if c.key not in finished_before and c.key != late.key]
+    assert resumed and all(c.metrics["dense_accuracy"] == 77.0 for c in resumed)
     baseline = [c for c in children if c.role == "baseline"]
     assert len(baseline) == 1 and baseline[0].tags == baseline_before.tags
     summary = json.loads((tmp_path / "runs" / "sweeps" / "rk" / "summary.json").read_text())

@@ -288,6 +288,18 @@ def test_finish_with_error(tracker, tmp_path):
     assert "- 1" in Path(cfg).read_text()
 
 
+def test_read_text_round_trip_and_missing_artifact(tracker):
+    """What log_text stored comes back verbatim (unicode, a nested path, after an overwrite); a missing
+    artifact is a TrackingError naming the file, not an empty string."""
+    tracker.parent_run("sweep")
+    run_id = tracker.child_run("rt", role="baseline", name="rt").run_id
+    tracker.log_text(run_id, "first", "eval/result.json")
+    tracker.log_text(run_id, '{"acc": 0.5, "name": "τ-blocks"}\n', "eval/result.json")
+    assert tracker.read_text(run_id, "eval/result.json") == '{"acc": 0.5, "name": "τ-blocks"}\n'
+    with pytest.raises(TrackingError, match="nothing.json"):
+        tracker.read_text(run_id, "nothing.json")
+
+
 def test_batches_are_chunked(tracker, monkeypatch):
     tracker.parent_run("sweep")
     run_id = tracker.child_run("chunk", role="trial", name="chunk").run_id

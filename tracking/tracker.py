@@ -6,8 +6,10 @@ is not safe across threads, processes and Ray workers. Every client call goes th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -77,6 +79,20 @@ class ChildRun:
             start_ms=run.info.start_time,
             end_ms=run.info.end_time,
         )
+
+
+@contextlib.contextmanager
+def _quiet_downloads():
+    # MLflow draws a progress bar per artifact download; one per run read only clutters the log.
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 def _chunks(items: list[T], size: int) -> list[list[T]]:
@@ -345,6 +361,19 @@ class SweepTracker:
         """Store `text` as artifact `artifact_file` (a relative path, e.g. "logs/out.txt")."""
         self._call(f"log artifact {artifact_file!r} to run {run_id}",
                    self.client.log_text, run_id, text, artifact_file)
+
+    def read_text(self, run_id: str, artifact_file: str) -> str:
+        """The text of the run's artifact `artifact_file` (TrackingError if it is missing or the
+        artifact store is unreachable)."""
+        with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+            try:
+                local = self._call(f"read artifact {artifact_file!r} of run {run_id}",
+                                   self.client.download_artifacts, run_id, artifact_file, tmp)
+            except OSError as exc:  # local artifact stores raise plain OSErrors for a missing file
+                raise TrackingError(f"read artifact {artifact_file!r} of run {run_id} at {self.uri} failed: "
+                                    f"{exc}") from exc
+            with open(local, encoding="utf-8") as f:
+                return f.read()
 
     def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
         """Store `data` as artifact `artifact_file`: YAML if it ends in .yaml/.yml, JSON if .json
