@@ -16,7 +16,7 @@ from sketchwalk.evaluation import EvalResult
 from .records import Objective
 from .session import SweepSession, load_session, log_baseline, open_session, recorded_baseline
 from .space import resolve_objectives
-from .spec import SweepSpec, SweepSpecError, load_spec, new_sweep_id
+from .spec import SweepSpec, SweepSpecError, check_space_for_model, load_spec, new_sweep_id
 
 DEFAULT_SWEEP = Path("sweeps") / "default.yaml"
 
@@ -75,7 +75,9 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
         from .spec import parse_spec
 
         spec = parse_spec(data, source=str(path or "<resume>"))
-    plan_for(spec)  # model, suite, essays, lengths vs context: all before any weight is loaded
+    plan = plan_for(spec)  # model, suite, essays, lengths vs context: all before any weight is loaded
+    if plan.shape is not None:
+        check_space_for_model(spec, *plan.shape, model=spec.model)
     return spec, sweep_id or new_sweep_id(spec), earlier
 
 

@@ -316,6 +316,37 @@ def check_space_values(spec: SweepSpec) -> None:
         seen[key] = name
 
 
+def check_space_for_model(spec: SweepSpec, num_layers: int, head_dim: int, model: str) -> None:
+    """The fields that depend on the model (skip_layers < num_layers, sketch_dim <= head_dim) for
+    `base`, each bound / categorical value of the space and each variant: SweepSpecError naming the
+    dotted field and this model's range, before any weight loads."""
+    def problem(config: Optional[SketchWalkConfig]) -> Optional[ConfigError]:
+        try:
+            if config is not None:
+                config.validate_for_model(num_layers, head_dim)
+        except ConfigError as exc:
+            return exc
+        return None
+
+    def refuse(field: str, exc: ConfigError) -> None:
+        raise SweepSpecError(field, f"{exc.value!r} is invalid for {model}: allowed {exc.allowed}")
+
+    base = SketchWalkConfig.from_dict(_base_with_tau(spec.base, spec.space))
+    for name, p in spec.space.items():
+        for v in p.values if isinstance(p, CategoricalParam) else [p.low, p.high]:
+            exc = problem(base.replace(**{name: v}))
+            if exc is not None:  # the sampled field itself, or a base field no sample overrides
+                where = "values" if isinstance(p, CategoricalParam) else ("low" if v == p.low else "high")
+                refuse(f"space.{name}.{where}" if exc.field == name else f"base.{exc.field}", exc)
+    exc = problem(base)
+    if exc is not None and exc.field not in spec.space:  # a searched field's base value is never used
+        refuse(f"base.{exc.field}", exc)
+    for name in spec.variants:
+        exc = problem(variant_config(spec, name))
+        if exc is not None:
+            refuse(f"variants.{name}.{exc.field}", exc)
+
+
 def _base_with_tau(base: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
     """`base` with τ expressed the way the space searches it (top_k xor density)."""
     out = dict(base)

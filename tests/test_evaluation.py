@@ -15,7 +15,7 @@ from sketchwalk import cli, models
 from sketchwalk.evaluation import (BaselineKey, EvalResult, SampleResult, bootstrap_ci, dense_baseline,
                                    load_baseline, store_baseline, suite_fingerprint)
 from sketchwalk.evaluation.harness import accuracy_table
-from sketchwalk.evaluation.model_facts import context_length, gguf_metadata, model_identity
+from sketchwalk.evaluation.model_facts import context_length, gguf_metadata, model_identity, model_shape
 from sketchwalk.evaluation.report import result_filename, write_result
 from sketchwalk.evaluation.timing import TokenClock
 from sketchwalk.ruler import load_suite
@@ -303,11 +303,30 @@ def test_gguf_context_length_from_header(tmp_path):
     assert model_identity(models.resolve(str(p))) != ident
 
 
-def _hf_dir(tmp_path: Path, context: int = 512) -> Path:
+def _hf_dir(tmp_path: Path, context: int = 512, **config) -> Path:
     d = tmp_path / "tiny-llama"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": context}))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": context, **config}))
     return d
+
+
+def test_model_shape_without_weights(tmp_path):
+    """(num_layers, head_dim) from a GGUF header (key_length, else embedding / heads) or config.json."""
+    g = _gguf(tmp_path / "a.gguf", [("general.architecture", 8, "llama"), ("llama.block_count", 4, 30),
+                                    ("llama.attention.head_count", 4, 9), ("llama.embedding_length", 4, 576)])
+    assert model_shape(models.resolve(str(g))) == (30, 64)
+    g = _gguf(tmp_path / "b.gguf", [("general.architecture", 8, "qwen2"), ("qwen2.block_count", 4, 2),
+                                    ("qwen2.attention.head_count", 4, 4), ("qwen2.embedding_length", 4, 256),
+                                    ("qwen2.attention.key_length", 4, 128)])
+    assert model_shape(models.resolve(str(g))) == (2, 128)
+    assert model_shape(models.resolve(str(_gguf(tmp_path / "c.gguf", [("general.architecture", 8, "llama")])))) is None
+    d = _hf_dir(tmp_path, num_hidden_layers=6, num_attention_heads=8, hidden_size=512)
+    assert model_shape(models.resolve(str(d))) == (6, 64)
+    (d / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3, "head_dim": 32,
+                                                               "num_attention_heads": 2, "hidden_size": 512}}))
+    assert model_shape(models.resolve(str(d))) == (3, 32)
+    (d / "config.json").write_text("{}")
+    assert model_shape(models.resolve(str(d))) is None
 
 
 # -- `sketchwalk eval`: bad input fails before any weights load ---------------------------------
@@ -366,6 +385,20 @@ def test_eval_bad_config(tmp_path, capsys, no_load, config_text, extra, expect):
         cfg.write_text(config_text)
         args += ["--config", str(cfg)]
     rc, out = _eval(capsys, *args)
+    assert rc == 2 and expect in out, out
+
+
+@pytest.mark.parametrize("config_text, expect", [
+    ("skip_layers: 4\n", "skip_layers = 4 is invalid: allowed an integer in [0, 3] for this model (4 layers)"),
+    ("sketch_dim: 64\n", "sketch_dim = 64 is invalid: allowed a power of two <= head_dim = 32"),
+])
+def test_eval_config_too_big_for_the_model(tmp_path, capsys, no_load, config_text, expect):
+    """Fields that depend on the model's shape are checked against its header/config, before loading."""
+    model = _hf_dir(tmp_path, num_hidden_layers=4, num_attention_heads=4, hidden_size=128)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(config_text)
+    rc, out = _eval(capsys, "--model", str(model), "--suite", _suite(tmp_path, "tasks: [vt]\nlengths: [256]\nsamples: 1\n"),
+                    "--config", str(cfg))
     assert rc == 2 and expect in out, out
 
 

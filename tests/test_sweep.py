@@ -174,6 +174,37 @@ def test_bad_model_or_suite_fails_before_loading(tmp_path):
         prepare_sweep(str(f), workdir=tmp_path)
 
 
+@pytest.mark.parametrize("patch, field, needle", [
+    ({"space": {"skip_layers": {"type": "int", "low": 0, "high": 4}}}, "space.skip_layers.high", "[0, 3]"),
+    ({"space": {"sketch_dim": {"type": "categorical", "values": [16, 128]}}}, "space.sketch_dim.values", "head_dim = 64"),
+    ({"space": SPACE, "base": {"sketch_dim": 128}}, "base.sketch_dim", "head_dim = 64"),
+    ({"space": {"skip_layers": {"type": "int", "low": 0, "high": 3}}, "base": {"skip_layers": 9}}, None, None),
+    ({"space": SPACE, "base": {"skip_layers": 5}}, "base.skip_layers", "(4 layers)"),
+    ({"variants": {"ok": {}, "deep": {"skip_layers": 4}}}, "variants.deep.skip_layers", "[0, 3]"),
+])
+def test_space_is_checked_against_the_model_shape(tmp_path, patch, field, needle):
+    """A space, base or variant the model cannot run (skip_layers >= its layers, sketch_dim > its
+    head_dim) is refused up front, naming the dotted field and the model's range; the base value of
+    a searched field is never used, so it is not checked."""
+    from search.launch import prepare_sweep
+
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512,
+                                                   "num_hidden_layers": 4, "num_attention_heads": 4,
+                                                   "hidden_size": 256}))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [vt]\nlengths: [256]\nsamples: 1\n")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"name": "t", "model": str(model), "suite": str(suite), **patch}))
+    if field is None:  # a searched field's base value is never used: no complaint
+        prepare_sweep(str(f), workdir=tmp_path)
+        return
+    with pytest.raises(SweepSpecError) as err:
+        prepare_sweep(str(f), workdir=tmp_path)
+    assert err.value.field == field and needle in str(err.value), str(err.value)
+
+
 # -- end to end on the bundled model (slow) ------------------------------------------------------
 
 def _write_sweep(tmp_path: Path, name: str, **over) -> Path:

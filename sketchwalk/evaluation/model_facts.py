@@ -93,6 +93,30 @@ def context_length(resolved: ResolvedModel) -> Optional[int]:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def model_shape(resolved: ResolvedModel) -> Optional[tuple[int, int]]:
+    """(num_layers, head_dim) of the model without loading weights; None if the header or config
+    does not say. GGUF: '<arch>.block_count' and '<arch>.attention.key_length' (else
+    embedding_length / head_count); HF directory: config.json (text_config for multimodal)."""
+    if resolved.gguf_file:
+        meta = gguf_metadata(resolved.file)  # the whole header: ~0.03 s, arrays are skipped
+        arch = meta.get("general.architecture")
+        layers, heads, width = (meta.get(f"{arch}.{k}") for k in
+                                ("block_count", "attention.head_count", "embedding_length"))
+        head_dim = meta.get(f"{arch}.attention.key_length")
+        if head_dim is None and heads and width:
+            head_dim = int(width) // int(heads)
+        return (int(layers), int(head_dim)) if layers and head_dim else None
+    cfg_path = Path(resolved.path) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFactsError(f"cannot read model config {cfg_path}: {e}") from e
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
+    return (int(layers), int(head_dim)) if isinstance(layers, int) and head_dim else None
+
+
 def model_identity(resolved: ResolvedModel) -> dict[str, Any]:
     """{name, files: [[path, size bytes, mtime ns], ...]}: changes when any weight/config file does.
 

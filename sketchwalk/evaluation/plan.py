@@ -14,7 +14,7 @@ from typing import Any, Optional
 from ..config import ConfigError, SketchWalkConfig
 from ..models import ModelFetchError, ModelSpecError, ResolvedModel
 from ..ruler import RulerError, Suite, read_jsonl
-from .model_facts import ModelFactsError, context_length
+from .model_facts import ModelFactsError, context_length, model_shape
 
 
 class EvalInputError(ValueError):
@@ -33,6 +33,7 @@ class EvalPlan:
     config: Optional[SketchWalkConfig]
     essays: Optional[str]
     dtype: Optional[str]
+    shape: Optional[tuple[int, int]] = None  # (num_layers, head_dim) from the header / config; None if unknown
 
 
 def _needs_essays(task: str) -> bool:
@@ -94,10 +95,16 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
         if resolved.kind == "bundled" and fetch:
             models.ensure_bundled_gguf(progress=True)
         limit = context_length(resolved)
+        shape = model_shape(resolved)
     except (ModelSpecError, ModelFetchError, ModelFactsError, OSError) as e:
         raise EvalInputError(f"--model {model}: {e}") from e
     _check_lengths(st, limit, model)
-    return EvalPlan(model, resolved, limit, st, cfg, essays, dtype)
+    if cfg is not None and shape is not None:
+        try:  # skip_layers / sketch_dim vs this model: fail here, not after the weights load
+            cfg.validate_for_model(*shape)
+        except ConfigError as e:
+            raise EvalInputError(f"{f'config {config}' if config else 'config'}: {e}") from e
+    return EvalPlan(model, resolved, limit, st, cfg, essays, dtype, shape)
 
 
 def _check_lengths(suite: Suite, limit: Optional[int], model: str) -> None:
