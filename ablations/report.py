@@ -160,8 +160,6 @@ def collect_results(session: SweepSession, variants: list[Variant]) -> dict[str,
     return out
 
 
-
-
 def label_runs(session: SweepSession, variants: list[Variant]) -> None:
     """Name every MLflow child run of a variant (an interrupted attempt included) after it: tags
     sketchwalk.variant, sketchwalk.variant_group and the displayed run name, so the MLflow UI reads

@@ -37,7 +37,8 @@ def analyze(session: SweepSession, *, noise_aware: Optional[bool] = None, rule: 
 
     spec, objectives = session.spec, session.objectives
     noise_aware = spec.analysis.noise_aware if noise_aware is None else noise_aware
-    records, baseline = load_records(session)
+    runs = session.tracker().children()  # one read for the records and the throughput
+    records, baseline = load_records(session, runs)
     candidates = [r for r in records if r.state == "COMPLETE" and feasible(r, spec)]
     front = pareto_front(candidates, objectives, noise_aware=noise_aware)
     out = session.sweep_dir
@@ -49,7 +50,7 @@ def analyze(session: SweepSession, *, noise_aware: Optional[bool] = None, rule: 
         files += plot_front(complete, objectives, front, baseline=baseline, path_stem=out / "front")
         files += plot_parallel_coordinates(complete, objectives, list(spec.space), path_stem=out / "parallel")
     result = Analysis(records, baseline, front, files, table,
-                      throughput=sweep_throughput(session.tracker().children(), slots=spec.concurrency))
+                      throughput=sweep_throughput(runs, slots=spec.concurrency))
     if export and candidates:
         rule_text = rule or spec.analysis.export_rule
         try:

@@ -184,11 +184,12 @@ def fail_trial(tracker: SweepTracker, run: Optional[ChildRun], exc: BaseExceptio
     return text
 
 
-def load_records(session: SweepSession) -> tuple[list[TrialRecord], Optional[TrialRecord]]:
-    """All trials of the sweep from MLflow as TrialRecords, plus the dense baseline (or None)."""
-    tracker = session.tracker()
+def load_records(session: SweepSession, runs: Optional[list[ChildRun]] = None
+                 ) -> tuple[list[TrialRecord], Optional[TrialRecord]]:
+    """All trials of the sweep as TrialRecords, plus the dense baseline (or None); from `runs` (the
+    sweep's child runs, already read) or else read from MLflow."""
     records, baseline = [], None
-    for run in tracker.children():
+    for run in session.tracker().children() if runs is None else runs:
         state = {"FINISHED": "COMPLETE", "FAILED": "FAIL"}.get(run.status, run.status)
         if run.role == "baseline":
             baseline = TrialRecord(-1, state, None, dict(run.metrics), run.run_id)

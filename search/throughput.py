@@ -49,10 +49,6 @@ class Throughput:
     occupancy: float
     workers: list[WorkerUse]
 
-    @property
-    def trial_workers(self) -> list[WorkerUse]:
-        return [w for w in self.workers if w.role == "trial"]
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -77,6 +73,7 @@ def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughpu
     if not ended:
         return None
     complete = sum(r.status == "FINISHED" for r in ended)
+    intervals = {r.run_id: trial_interval(r) for r in ended}
     workers: dict[tuple, WorkerUse] = {}
     windows: dict[tuple, list[float]] = {}
     for r in ended + [r for r in runs if r.role == "baseline" and r.status == "FINISHED"]:
@@ -87,13 +84,12 @@ def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughpu
         if r.role == "trial":
             w.trials += 1
             w.eval_s += float(r.metrics.get("eval_s", 0.0))
-            start, end = trial_interval(r)
+            start, end = intervals[r.run_id]
             win = windows.setdefault(key, [start, end])
             win[0], win[1] = min(win[0], start), max(win[1], end)
     span_s = max(_union_length(list(windows.values())), 1e-3)
-    intervals = [trial_interval(r) for r in ended]
-    wall_s = max(e for _, e in intervals) - min(s for s, _ in intervals)
-    busy_s = sum(e - s for s, e in intervals)
+    wall_s = max(e for _, e in intervals.values()) - min(s for s, _ in intervals.values())
+    busy_s = sum(e - s for s, e in intervals.values())
     return Throughput(complete, sum(r.status == "FAILED" for r in ended), span_s, wall_s,
                       complete / span_s * 3600.0, busy_s / (span_s * max(1, slots)),
                       sorted(workers.values(), key=lambda w: (w.role, w.host, w.pid)))

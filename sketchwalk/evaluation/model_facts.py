@@ -83,14 +83,20 @@ def context_length(resolved: ResolvedModel) -> Optional[int]:
             return None
         value = gguf_metadata(path, (f"{arch}.context_length",)).get(f"{arch}.context_length")
         return int(value) if value else None
+    cfg = _hf_text_config(resolved)
+    value = cfg.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _hf_text_config(resolved: ResolvedModel) -> dict[str, Any]:
+    """The HF directory's config.json (its text_config for multimodal configs); {} if not a dict."""
     cfg_path = Path(resolved.path) / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelFactsError(f"cannot read model config {cfg_path}: {e}") from e
     cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
-    value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
-    return int(value) if isinstance(value, int) and value > 0 else None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def model_shape(resolved: ResolvedModel) -> Optional[tuple[int, int]]:
@@ -106,12 +112,7 @@ def model_shape(resolved: ResolvedModel) -> Optional[tuple[int, int]]:
         if head_dim is None and heads and width:
             head_dim = int(width) // int(heads)
         return (int(layers), int(head_dim)) if layers and head_dim else None
-    cfg_path = Path(resolved.path) / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelFactsError(f"cannot read model config {cfg_path}: {e}") from e
-    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    cfg = _hf_text_config(resolved)
     layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
     head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
     return (int(layers), int(head_dim)) if isinstance(layers, int) and head_dim else None
