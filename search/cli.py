@@ -35,7 +35,22 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default=None, help="override the RULER suite (name, name@4k,8k, or YAML path)")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="override concurrency: trials in parallel, one GPU each (ray backend); a resume may change it")
+    p.add_argument("--gpus-per-trial", type=_gpus_per_trial, default=None, metavar="G",
+                   help="override resources.gpus (ray backend): 'auto', 0, a fraction in (0, 1] or a whole number. "
+                        "A fraction packs several trials on one GPU (0.5: two per GPU); that raises throughput "
+                        "when one trial leaves the GPU idle, but the packed trials share the GPU while their "
+                        "latency is timed (see results/ray-scaling-h200/)")
     add_run_arguments(p, source="the file's")
+
+
+def _gpus_per_trial(text: str):
+    """'auto' or a number (validated with the spec: the error names resources.gpus)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: 'auto' or a number") from None
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, source: str) -> None:
@@ -71,7 +86,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     overrides = {"backend": args.backend, "budget.trials": args.trials, "budget.wall_time_s": args.wall_time,
                  "suite": args.suite,
-                 "samples": args.samples, "essays": args.essays, "concurrency": args.concurrency}
+                 "samples": args.samples, "essays": args.essays, "concurrency": args.concurrency,
+                 "resources.gpus": args.gpus_per_trial}
     try:
         spec, sweep_id, earlier = prepare_sweep(args.file, resume=args.resume, workdir=workdir, overrides=overrides)
         if args.sweep_id:
@@ -126,11 +142,11 @@ def _print_throughput(console, t) -> None:
     console.print(f"throughput: {t.complete} complete trials in {t.span_s:.0f} s of trial phase{down} = "
                   f"{t.trials_per_hour:.1f} trials/hour; slot occupancy {t.occupancy:.0%}", highlight=False)
     table = Table(title="workers")
-    for col in ("role", "host", "pid", "GPUs", "trials", "model loads", "load s", "eval s"):
+    for col in ("role", "host", "pid", "GPUs", "GPU share", "trials", "model loads", "load s", "eval s"):
         table.add_column(col)
     for w in t.workers:
-        table.add_row(w.role, w.host, w.pid, w.gpus or "(all)", str(w.trials), str(w.model_loads),
-                      f"{w.load_s:.1f}", f"{w.eval_s:.1f}")
+        table.add_row(w.role, w.host, w.pid, w.gpus or "(all)", w.gpu_share or "-", str(w.trials),
+                      str(w.model_loads), f"{w.load_s:.1f}", f"{w.eval_s:.1f}")
     console.print(table)
 
 

@@ -82,18 +82,21 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
 
 
 # What a resumed sweep may not change: its trials would no longer be comparable with the earlier
-# ones (suite, samples) or the study would be driven differently (backend). Budget, wall time and
-# the essays' path (another machine) may change.
-RESUME_FIXED = ("suite", "samples", "backend")
+# ones (suite, samples; resources.gpus: a packed trial is timed on a shared GPU) or the study would
+# be driven differently (backend). Budget, wall time, concurrency and the essays' path (another
+# machine) may change.
+RESUME_FIXED = ("suite", "samples", "backend", "resources.gpus")
 
 
 def _refuse_changed_identity(stored: dict, overrides: dict, sweep_id: str) -> None:
-    """Raise SweepSpecError naming the first RESUME_FIXED key an override would change (stored: the
-    resumed spec as JSON data)."""
+    """Raise SweepSpecError naming the first RESUME_FIXED key (dotted) an override would change
+    (stored: the resumed spec as JSON data)."""
     for key in RESUME_FIXED:
-        value = overrides.get(key)
-        if value is not None and value != stored[key]:
-            raise SweepSpecError(key, f"a resumed sweep keeps its {key} ({stored[key]!r} in sweep {sweep_id!r}); "
+        value, node = overrides.get(key), stored
+        for part in key.split("."):
+            node = node[part]
+        if value is not None and value != node:
+            raise SweepSpecError(key, f"a resumed sweep keeps its {key} ({node!r} in sweep {sweep_id!r}); "
                                       f"got {value!r}: start a new sweep to change it")
 
 
@@ -118,6 +121,10 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
         if any(o.name == "density" for o in objectives) and "speed" in spec.objectives and not cuda:
             display.log("no CUDA device: the speed objective is measured density (CPU latency of the reference "
                         "path says nothing about GPU speed)")
+        if _packs_timed_trials(spec, objectives, cuda):
+            display.log(f"[yellow]resources.gpus = {spec.resources.gpus:g}:[/yellow] trials share a GPU while their "
+                        f"latency is timed, so latency objectives include the other trials' load (compare trials "
+                        f"of one sweep with each other, not with an unpacked sweep)")
         recorded = recorded_baseline(session)
         baseline = recorded[0] if recorded else None
         if recorded:
@@ -155,6 +162,16 @@ def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] =
     storage = spec.storage or default_storage(session.workdir)
     return run_study(session, work, storage_url=storage, heartbeat_s=spec.heartbeat_s,
                      on_result=display.trial_done, on_status=display.status)
+
+
+TIMED_OBJECTIVES = ("prefill_latency", "decode_latency")
+
+
+def _packs_timed_trials(spec: SweepSpec, objectives: list[Objective], cuda: bool) -> bool:
+    """Ray with a fractional `resources.gpus` on CUDA and a latency objective: timings are shared-GPU timings."""
+    g = spec.resources.gpus
+    return (spec.backend == "ray" and cuda and g != "auto" and 0 < g < 1
+            and any(o.name in TIMED_OBJECTIVES for o in objectives))
 
 
 def _accuracy(result: EvalResult) -> str:

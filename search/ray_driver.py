@@ -73,7 +73,7 @@ class SweepTrainable(tune.Trainable):
         params = {k: v for k, v in self.config.items() if k in CONFIG_FIELDS or k == VARIANT_PARAM}
         config = config_from_params(spec, params)
         run = start_trial(self.session, number, config, self.tracker,
-                          extra_tags={"sketchwalk.ray_trial_id": self.trial_id, **worker_tags()})
+                          extra_tags={"sketchwalk.ray_trial_id": self.trial_id, **worker_tags(_gpu_share())})
         t0 = time.perf_counter()
         try:
             result = run_trial(self.work, config)
@@ -116,7 +116,14 @@ def _baseline_task(session_dict: dict) -> dict:
     work = load_workload(session.spec)
     result = dense_result(work, progress=False)
     metrics = {**result_metrics(result, model=work.model), "worker_load_s": work.load_s}
-    return {"result": result.to_dict(), "metrics": metrics, "tags": worker_tags()}
+    return {"result": result.to_dict(), "metrics": metrics, "tags": worker_tags(_gpu_share())}
+
+
+def _gpu_share() -> float:
+    """GPUs Ray assigned to this actor or task (0.5: it shares its GPU with another trial)."""
+    import ray
+
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 
 
 def resolve_gpus(spec: SweepSpec, cluster_gpus: float) -> float:

@@ -12,7 +12,7 @@ from typing import Optional
 
 from tracking import ChildRun
 
-from .trial import WORKER_GPUS, WORKER_HOST, WORKER_PID
+from .trial import WORKER_GPU_SHARE, WORKER_GPUS, WORKER_HOST, WORKER_PID
 
 
 @dataclasses.dataclass
@@ -28,6 +28,7 @@ class WorkerUse:
     model_loads: int
     load_s: float
     eval_s: float
+    gpu_share: str = ""  # GPUs the scheduler assigned it ("0.5": two trials per GPU; "" unknown)
 
 
 @dataclasses.dataclass
@@ -78,7 +79,8 @@ def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughpu
     windows: dict[tuple, list[float]] = {}
     for r in ended + [r for r in runs if r.role == "baseline" and r.status == "FINISHED"]:
         key = (r.tags.get(WORKER_HOST, "?"), r.tags.get(WORKER_PID, "?"), r.role)
-        w = workers.setdefault(key, WorkerUse(key[0], key[1], r.tags.get(WORKER_GPUS, "?"), r.role, 0, 0, 0.0, 0.0))
+        w = workers.setdefault(key, WorkerUse(key[0], key[1], r.tags.get(WORKER_GPUS, "?"), r.role, 0, 0, 0.0, 0.0,
+                                              r.tags.get(WORKER_GPU_SHARE, "")))
         w.load_s = max(w.load_s, float(r.metrics.get("worker_load_s", 0.0)))
         w.model_loads = max(w.model_loads, int(r.metrics.get("worker_model_loads", 1)))
         if r.role == "trial":

@@ -142,12 +142,15 @@ def objective_values(metrics: dict[str, float], objectives: list[Objective]) -> 
 
 #: Trial-run tags naming the worker process that ran the trial (see `worker_tags`).
 WORKER_HOST, WORKER_PID, WORKER_GPUS = "sketchwalk.worker.host", "sketchwalk.worker.pid", "sketchwalk.worker.gpus"
+WORKER_GPU_SHARE = "sketchwalk.worker.gpu_share"
 
 
-def worker_tags() -> dict[str, str]:
+def worker_tags(gpu_share: Optional[float] = None) -> dict[str, str]:
     """Where this trial runs: host name, process id and the GPUs the process sees (its
     CUDA_VISIBLE_DEVICES, which Ray sets per actor to the GPU ids it assigned; "" = not set, "-" = no
-    CUDA). Tagged on every trial run, so placement and model reuse can be checked from MLflow alone."""
+    CUDA), plus `gpu_share` when the scheduler assigned one (Ray: GPUs per trial, 0.5 = the GPU is
+    shared with another trial). Tagged on every trial run, so placement, packing and model reuse can be
+    checked from MLflow alone."""
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     if gpus is None:
         try:
@@ -156,7 +159,10 @@ def worker_tags() -> dict[str, str]:
             gpus = "" if torch.cuda.is_available() else "-"
         except Exception:
             gpus = "-"
-    return {WORKER_HOST: socket.gethostname(), WORKER_PID: str(os.getpid()), WORKER_GPUS: gpus}
+    tags = {WORKER_HOST: socket.gethostname(), WORKER_PID: str(os.getpid()), WORKER_GPUS: gpus}
+    if gpu_share is not None:
+        tags[WORKER_GPU_SHARE] = f"{gpu_share:g}"
+    return tags
 
 
 def worker_metrics(work: Workload, model_loads: int, eval_s: float) -> dict[str, float]:

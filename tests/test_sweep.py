@@ -120,6 +120,8 @@ def test_throughput_counts_trials_per_hour_and_worker_loads():
 
     def run(key, role, status, start, end, pid, gpus, **metrics):
         tags = {"sketchwalk.worker.host": "h", "sketchwalk.worker.pid": pid, "sketchwalk.worker.gpus": gpus}
+        if pid == "12":
+            tags["sketchwalk.worker.gpu_share"] = "0.5"
         return ChildRun(f"id-{key}", key, role, status, False, {}, metrics, tags,
                         start_ms=start * 1000, end_ms=None if end is None else end * 1000)
 
@@ -144,7 +146,8 @@ def test_throughput_counts_trials_per_hour_and_worker_loads():
     assert by_pid[("baseline", "10")].load_s == 5.0 and by_pid[("baseline", "10")].trials == 0
     w11, w12 = by_pid[("trial", "11")], by_pid[("trial", "12")]
     assert (w11.trials, w11.model_loads, w11.load_s, w11.eval_s, w11.gpus) == (2, 1, 6.0, 38.0, "0")
-    assert (w12.trials, w12.model_loads, w12.eval_s, w12.gpus) == (2, 2, 97.0, "1")
+    assert (w12.trials, w12.model_loads, w12.eval_s, w12.gpus, w12.gpu_share) == (2, 2, 97.0, "1", "0.5")
+    assert w11.gpu_share == ""  # no tag: unknown
     assert by_pid[("trial", "13")].trials == 2
     assert sweep_throughput(runs[:1] + runs[-2:-1]) is None  # no trial has ended yet
 
@@ -337,7 +340,7 @@ def test_resume_may_change_the_budget_not_the_suite(tmp_path):
     assert run.data.tags["sketchwalk.budget.wall_time_s"] == "240.0"
     assert load_session("rb", tmp_path).spec.budget.trials == 5  # a later resume starts from here
 
-    for key, value in (("suite", "ruler-smoke"), ("samples", 9), ("backend", "ray")):
+    for key, value in (("suite", "ruler-smoke"), ("samples", 9), ("backend", "ray"), ("resources.gpus", 0.5)):
         with pytest.raises(SweepSpecError) as err:
             prepare_sweep(None, resume="rb", workdir=tmp_path, overrides={key: value})
         assert err.value.field == key and "start a new sweep" in str(err.value)
@@ -346,6 +349,37 @@ def test_resume_may_change_the_budget_not_the_suite(tmp_path):
     # `--concurrency` is run control (one GPU per trial): new sweeps and resumes may set it
     ray_spec, _, _ = prepare_sweep(str(f), workdir=tmp_path, overrides={"backend": "ray", "concurrency": 2})
     assert ray_spec.concurrency == 2
+    # `--gpus-per-trial` on a new sweep: validated as resources.gpus
+    packed, _, _ = prepare_sweep(str(f), workdir=tmp_path, overrides={"backend": "ray", "resources.gpus": 0.5})
+    assert packed.resources.gpus == 0.5
+    with pytest.raises(SweepSpecError) as err:
+        prepare_sweep(str(f), workdir=tmp_path, overrides={"backend": "ray", "resources.gpus": 1.5})
+    assert err.value.field == "resources.gpus" and "fraction in (0, 1]" in str(err.value)
+
+
+def test_gpus_per_trial_flag(tmp_path, capsys):
+    """`--gpus-per-trial`: a number or 'auto' (else argparse's usage error), range-checked as
+    resources.gpus before anything starts; a packed sweep with a latency objective is flagged."""
+    from search.launch import _packs_timed_trials
+    from search.records import Objective
+    from sketchwalk import cli
+
+    f = _write_sweep(tmp_path, "gp", backend="ray")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sweep", str(f), "--gpus-per-trial", "half", "--workdir", str(tmp_path)])
+    assert exit_.value.code == 2 and "'half': 'auto' or a number" in capsys.readouterr().err
+    assert cli.main(["sweep", str(f), "--gpus-per-trial", "2.5", "--workdir", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "resources.gpus" in out and "fraction in (0, 1]" in out
+    assert not (tmp_path / "runs").exists()  # refused before any store or worker was created
+
+    latency = [Objective("accuracy", "maximize"), Objective("prefill_latency", "minimize")]
+    spec = parse_spec({"name": "t", "space": SPACE, "backend": "ray", "resources": {"gpus": 0.5}})
+    assert _packs_timed_trials(spec, latency, cuda=True)
+    assert not _packs_timed_trials(spec, latency, cuda=False)
+    assert not _packs_timed_trials(spec, [Objective("accuracy", "maximize"), Objective("density", "minimize")], True)
+    assert not _packs_timed_trials(spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": 1.0})}),
+                                   latency, cuda=True)
 
 
 @pytest.mark.slow
@@ -434,12 +468,14 @@ def test_ray_backend_on_cpu_reuses_the_worker(tmp_path):
     assert all(c.status == "FINISHED" and "accuracy" in c.metrics for c in trials)
     assert sum(c.role == "baseline" for c in children) == 1
     assert (tmp_path / "runs" / "sweeps" / "rayt" / "front.png").is_file()
-    _assert_workers_from_mlflow(tmp_path, "rayt", trials=3, trial_workers=1)
+    _assert_workers_from_mlflow(tmp_path, "rayt", trials=3, trial_workers=1, gpu_share="0")
 
 
-def _assert_workers_from_mlflow(workdir: Path, sweep_id: str, *, trials: int, trial_workers: int) -> dict:
-    """What the issue asks to verify from the store alone: each trial run names its worker, each
-    worker loaded the model once, load and eval times are recorded; summary.json agrees."""
+def _assert_workers_from_mlflow(workdir: Path, sweep_id: str, *, trials: int, trial_workers: int,
+                                gpu_share: str) -> dict:
+    """What the issue asks to verify from the store alone: each trial run names its worker and the
+    GPU share Ray gave it, each worker loaded the model once, load and eval times are recorded;
+    summary.json agrees."""
     children = _mlflow_children(workdir, sweep_id)
     runs = [c for c in children if c.role == "trial"]
     assert len(runs) == trials
@@ -448,12 +484,14 @@ def _assert_workers_from_mlflow(workdir: Path, sweep_id: str, *, trials: int, tr
     for c in runs:
         assert c.metrics["worker_model_loads"] == 1.0 and c.metrics["worker_load_s"] > 0 and c.metrics["eval_s"] > 0
         assert c.start_ms <= c.end_ms
+        assert c.tags["sketchwalk.worker.gpu_share"] == gpu_share
     base = next(c for c in children if c.role == "baseline")
     assert base.metrics["worker_load_s"] > 0 and base.tags["sketchwalk.worker.pid"]
     t = json.loads((workdir / "runs" / "sweeps" / sweep_id / "summary.json").read_text())["throughput"]
     assert t["complete"] == trials and t["trials_per_hour"] == pytest.approx(trials / t["span_s"] * 3600)
     assert sum(w["trials"] for w in t["workers"] if w["role"] == "trial") == trials
     assert all(w["model_loads"] == 1 for w in t["workers"]), t["workers"]
+    assert {w["gpu_share"] for w in t["workers"]} == {gpu_share}  # the baseline task has a trial's resources
     return t
 
 
@@ -475,17 +513,21 @@ def test_dense_variant_reuses_the_workload_baseline(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_ray_backend_spreads_trials_over_the_gpus(tmp_path):
-    """On a CUDA machine: concurrency = the GPUs visible, 2 trials per GPU. Every GPU runs trials, each
-    worker sees exactly one GPU (Ray's CUDA_VISIBLE_DEVICES) and keeps it, no two workers share one,
-    each worker loads the model once, and MLflow holds exactly one run per trial."""
+@pytest.mark.parametrize("per_gpu", [1, 2], ids=["one-per-gpu", "packed-two-per-gpu"])
+def test_ray_backend_spreads_trials_over_the_gpus(tmp_path, per_gpu):
+    """On a CUDA machine: `per_gpu` trials at once on each visible GPU (resources.gpus = 1 / per_gpu),
+    2 trials per worker. Every GPU runs trials, each worker sees exactly one GPU (Ray's
+    CUDA_VISIBLE_DEVICES) and keeps it, each GPU hosts exactly `per_gpu` workers, each worker loads
+    the model once, and MLflow holds exactly one run per trial."""
     import torch
 
     from search.launch import prepare_sweep, run_sweep
 
     gpus = torch.cuda.device_count()
-    f = _write_sweep(tmp_path, "raygpu", backend="ray", budget={"trials": 2 * gpus}, concurrency=gpus,
-                     resources={"gpus": "auto", "cpus": 1})
+    workers_n = gpus * per_gpu
+    share = 1.0 / per_gpu
+    f = _write_sweep(tmp_path, "raygpu", backend="ray", budget={"trials": 2 * workers_n}, concurrency=workers_n,
+                     resources={"gpus": "auto" if per_gpu == 1 else share, "cpus": 1})
     spec, _, _ = prepare_sweep(str(f), workdir=tmp_path)
     try:
         outcome = run_sweep(spec, "raygpu", workdir=tmp_path, progress=False)
@@ -493,10 +535,11 @@ def test_ray_backend_spreads_trials_over_the_gpus(tmp_path):
         import ray
 
         ray.shutdown()
-    assert outcome.counts["gpus_per_trial"] == 1.0 and outcome.counts["complete"] == 2 * gpus, outcome.counts
-    t = _assert_workers_from_mlflow(tmp_path, "raygpu", trials=2 * gpus, trial_workers=gpus)
+    assert outcome.counts["gpus_per_trial"] == share and outcome.counts["complete"] == 2 * workers_n, outcome.counts
+    t = _assert_workers_from_mlflow(tmp_path, "raygpu", trials=2 * workers_n, trial_workers=workers_n,
+                                    gpu_share=f"{share:g}")
     workers = [w for w in t["workers"] if w["role"] == "trial"]
-    assert sorted(w["gpus"] for w in workers) == sorted(_visible_gpu_ids(gpus)), workers
+    assert sorted(w["gpus"] for w in workers) == sorted(_visible_gpu_ids(gpus) * per_gpu), workers
     runs = [c for c in _mlflow_children(tmp_path, "raygpu") if c.role == "trial"]
     assert {c.tags["sketchwalk.device"] for c in runs} == {"cuda:0"}  # the one GPU the worker sees
 
