@@ -109,7 +109,8 @@ def _print_report(console, ablation_id: str, report, workdir: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"Ablation {ablation_id}: accuracy x100, difference to base with its paired 95% interval")
-    for col in ("variant", "accuracy [95%]", "diff vs base [95%]", "excl. 0", "prefill s", "decode ms/tok", "density"):
+    for col in ("variant", "accuracy [95%]", "diff vs base [95%]", "excl. 0", "prefill s", "forward s", "decode ms/tok",
+                "density"):
         table.add_column(col)
     for r in report.rows:
         if r["state"] == "COMPLETE":
@@ -118,7 +119,7 @@ def _print_report(console, ablation_id: str, report, workdir: Path) -> None:
             acc = r["state"]
         diff = f"{r['diff']:+.2f} [{r['diff_lo']:+.2f}, {r['diff_hi']:+.2f}]" if r["pairs"] else ""
         table.add_row(r["variant"], acc, diff, r["excludes_zero"], _cell(r["prefill_s"]),
-                      _cell(r["decode_ms_per_token"]), _cell(r["density"]))
+                      _cell(r["prefill_forward_s"]), _cell(r["decode_ms_per_token"]), _cell(r["density"]))
     console.print(table)
     for f in report.files:
         console.print(f"wrote {f}", highlight=False)

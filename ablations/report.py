@@ -90,7 +90,7 @@ def report_rows(variants: list[Variant], results: dict[str, VariantResult], *, b
     Columns: variant, group, state; accuracy, accuracy_lo, accuracy_hi (x100, the trial's own 95%
     bootstrap); diff, diff_lo, diff_hi (accuracy minus base's, x100, paired bootstrap at `level` with
     `seed`); excludes_zero ('yes' | 'no'; '' without both results); pairs (samples compared);
-    prefill_s (s), decode_ms_per_token (ms), density and density_decode (measured fractions of
+    prefill_s (s), prefill_forward_s (s; CUDA only), decode_ms_per_token (ms), density and density_decode (measured fractions of
     causal block pairs); changes (fields differing from base); also (aliases); trial.
     """
     ref = results.get(base)
@@ -110,7 +110,8 @@ def report_rows(variants: list[Variant], results: dict[str, VariantResult], *, b
             "diff": diff, "diff_lo": lo, "diff_hi": hi,
             "excludes_zero": ("yes" if excludes_zero(lo, hi) else "no") if pairs else "",
             "pairs": pairs,
-            "prefill_s": m.get("prefill_s", math.nan), "decode_ms_per_token": m.get("decode_ms_per_token", math.nan),
+            "prefill_s": m.get("prefill_s", math.nan), "prefill_forward_s": m.get("prefill_forward_s", math.nan),
+            "decode_ms_per_token": m.get("decode_ms_per_token", math.nan),
             "density": m.get("density", math.nan), "density_decode": m.get("density_decode", math.nan),
             "changes": _changes(v), "also": ", ".join(v.aliases), "trial": r.trial,
         })
@@ -120,6 +121,7 @@ def report_rows(variants: list[Variant], results: dict[str, VariantResult], *, b
 LEGEND = ("accuracy: RULER score x100 with the trial's 95% bootstrap interval; diff: accuracy minus base's "
           "(points) with a paired-bootstrap 95% interval over the same samples; excludes_zero: whether that "
           "interval excludes 0; prefill_s: median time to first token (s, mean over lengths); "
+          "prefill_forward_s: median bare prefill forward (s, CUDA events, mean over lengths; GPU only); "
           "decode_ms_per_token: ms per generated token; density / density_decode: measured fraction of causal "
           "block pairs computed (prefill, all layers / decode); also: other names of the same config.")
 

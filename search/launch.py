@@ -164,7 +164,7 @@ def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] =
                      on_result=display.trial_done, on_status=display.status)
 
 
-TIMED_OBJECTIVES = ("prefill_latency", "decode_latency")
+TIMED_OBJECTIVES = ("prefill_latency", "prefill_forward", "decode_latency")
 
 
 def _packs_timed_trials(spec: SweepSpec, objectives: list[Objective], cuda: bool) -> bool:

@@ -22,7 +22,7 @@ from sketchwalk.config import ConfigError, SketchWalkConfig
 
 from .records import OBJECTIVES
 
-SPEED_AUTO = "speed"  # resolves to prefill_latency on CUDA, density on CPU (see resolve_objectives)
+SPEED_AUTO = "speed"  # resolves to prefill_forward on CUDA, density on CPU (see resolve_objectives)
 BACKENDS = ("optuna", "ray")
 VARIANT_PARAM = "variant"  # the one parameter of a fixed-variant sweep; its values are the variant names
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=@,+-]{0,127}$")  # safe in MLflow filters and file names

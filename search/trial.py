@@ -86,6 +86,7 @@ def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalRes
 
     accuracy / accuracy_lo / accuracy_hi (x100, 95% bootstrap), acc.<task>.<len>[.lo|.hi];
     prefill_s (mean over lengths of the per-length median TTFT, s) and prefill_s.<len>;
+    prefill_forward_s and prefill_forward_s.<len> (the same for the bare prefill forward; CUDA only);
     decode_ms_per_token (mean over lengths of 1000 / median tokens/s) and decode_tok_s.<len>;
     density (prefill, all layers), density_decode, density_sparse_layers; attention_tflop
     (prefill attention FLOPs per sample at the measured density, mean over samples; needs `model`);
@@ -103,6 +104,11 @@ def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalRes
     for n, v in result.prefill_s.items():
         m[f"prefill_s.{n}"] = v
     m["prefill_s"] = sum(prefill) / len(prefill) if prefill else math.nan
+    forward = [v for v in result.prefill_forward_s.values() if not _nan(v)]
+    if result.prefill_forward_s:
+        for n, v in result.prefill_forward_s.items():
+            m[f"prefill_forward_s.{n}"] = v
+        m["prefill_forward_s"] = sum(forward) / len(forward) if forward else math.nan
     rates = [v for v in result.decode_tokens_per_s.values() if not _nan(v) and v > 0]
     for n, v in result.decode_tokens_per_s.items():
         m[f"decode_tok_s.{n}"] = v

@@ -456,3 +456,89 @@ def test_eval_end_to_end_dense_and_sparse(tmp_path, capsys):
     assert sparse["config"]["density"] == 0.5 and 0 < sparse["density"]["prefill"] < 1
     assert set(sparse["accuracy_delta_vs_dense"]) == set(sparse["accuracy"])
     assert sparse["dense_baseline"]["cached"] is True
+
+
+# -- bare prefill timing ---------------------------------------------------------------------------
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=64, max_position_embeddings=512,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_prefill_forward_timing_leaves_density_and_answers_alone():
+    """Bare prefill forwards (prefill_repeats) are timed per timed sample and reported per length,
+    but change neither the answers nor the measured density: the runtime's counters and the
+    attention timer skip them. Without repeats nothing is reported."""
+    from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.evaluation.harness import evaluate
+
+    model, tok = _tiny_llama(), _CharTokenizer()
+    samples = {("niah_single_1", 128): [{"input": "q" * (100 + 7 * i), "answer_prefix": "", "outputs": ["ab"],
+                                         "index": i} for i in range(2)],
+               ("vt", 256): [{"input": "r" * 230, "answer_prefix": "", "outputs": ["ab"], "index": 0}]}
+    cfg = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, density=0.3)
+    plain = evaluate(model, tok, cfg, samples, progress=False, attention_timing=True)
+    timed = evaluate(model, tok, cfg, samples, progress=False, attention_timing=True, prefill_repeats=3)
+    assert plain.prefill_forward_s == {} and all(s.prefill_forward_s is None for s in plain.samples)
+    assert set(timed.prefill_forward_s) == {"128", "256"}
+    assert all(0 < v < 60 for v in timed.prefill_forward_s.values())
+    assert all(s.prefill_forward_s > 0 for s in timed.samples)
+    assert [s.prediction for s in timed.samples] == [s.prediction for s in plain.samples]
+    assert timed.density == plain.density and 0 < timed.density["prefill"] < 1
+    batched = evaluate(model, tok, cfg, samples, progress=False, batch_size=2, timing_samples=1, prefill_repeats=2)
+    assert set(batched.prefill_forward_s) == {"128", "256"}  # copied from the batch-1 timing pass
+    assert sum(s.prefill_forward_s is not None for s in batched.samples) == 2  # one timed per length
+
+
+def test_uncounted_forwards_and_suspended_timer_record_nothing():
+    """Forwards inside `runtime.uncounted()` leave the density counters as they were, and attention
+    calls inside `AttentionTimer.suspended()` are not recorded (the harness's timing forwards)."""
+    import torch
+
+    from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.evaluation.timing import AttentionTimer
+    from sketchwalk.integration import attach, detach
+
+    model = _tiny_llama()
+    runtime = attach(model, SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, density=0.3))
+    try:
+        short, long = torch.randint(1, 64, (1, 70)), torch.randint(1, 64, (1, 250))
+        with torch.no_grad(), AttentionTimer(model, torch.device("cpu")) as timer:
+            model(short)
+            alone, calls = runtime.density(), sum(len(v) for v in timer.calls["prefill"].values())
+            with runtime.uncounted(), timer.suspended():
+                model(long)
+            after = runtime.density()
+            assert (after.overall["prefill"], after.per_layer) == (alone.overall["prefill"], alone.per_layer)
+            assert sum(len(v) for v in timer.calls["prefill"].values()) == calls
+            model(long)  # counted and recorded: the weighting changes, so the density does
+            assert runtime.density().overall["prefill"] != alone.overall["prefill"]
+            assert sum(len(v) for v in timer.calls["prefill"].values()) == 2 * calls
+    finally:
+        detach(model)
+
+
+def test_prefill_forward_s_needs_a_repeat():
+    import torch
+
+    from sketchwalk.evaluation.timing import prefill_forward_s
+
+    model = _tiny_llama()
+    assert prefill_forward_s(model, torch.randint(1, 64, (1, 40)), 2) > 0
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        prefill_forward_s(model, torch.randint(1, 64, (1, 40)), 0)
+
+
+def test_gpu_baseline_keys_carry_the_prefill_timing():
+    """A GPU dense baseline cached before prefill_forward_s existed must not be reused (it lacks it);
+    CPU keys are unchanged (nothing new is measured there)."""
+    from sketchwalk.evaluation.timing import PREFILL_FORWARD_REPEATS
+
+    assert _key(device="NVIDIA H200").as_dict()["prefill_forward_repeats"] == PREFILL_FORWARD_REPEATS
+    assert "prefill_forward_repeats" not in _key().as_dict()

@@ -85,7 +85,7 @@ def test_speed_objective_resolves_by_device():
     spec = parse_spec({"name": "t", "space": SPACE})
     assert [o.name for o in resolve_objectives(spec, cuda=False)] == ["accuracy", "density"]
     cuda = resolve_objectives(spec, cuda=True)
-    assert [(o.name, o.direction) for o in cuda] == [("accuracy", "maximize"), ("prefill_latency", "minimize")]
+    assert [(o.name, o.direction) for o in cuda] == [("accuracy", "maximize"), ("prefill_forward", "minimize")]
 
 
 def test_result_metrics_and_nan_objectives():
@@ -101,6 +101,13 @@ def test_result_metrics_and_nan_objectives():
                                                               "sparse_layers": {"prefill": density / 2}},
                           None, [s])
 
+    cpu = result_metrics(result(80.0, 0.25, 0.4))
+    assert not any(k.startswith("prefill_forward_s") for k in cpu)  # not measured on CPU: not logged
+    gpu = result(80.0, 0.25, 0.4)
+    gpu.prefill_forward_s = {"1024": 0.02, "2048": 0.04}
+    g = result_metrics(gpu)
+    assert g["prefill_forward_s"] == pytest.approx(0.03) and g["prefill_forward_s.2048"] == 0.04
+    assert objective_values(g, [Objective("prefill_forward", "minimize")]) == [pytest.approx(0.03)]
     m = result_metrics(result(80.0, 0.25, 0.4), baseline=result(100.0, 0.5, 1.0))
     assert m["accuracy"] == 80 and m["accuracy_lo"] == 75 and m["acc.niah_single_1.1024.hi"] == 85
     assert m["prefill_s"] == 0.25 and m["decode_ms_per_token"] == pytest.approx(100.0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .result import EvalResult
+from .timing import PREFILL_FORWARD_REPEATS
 
 CACHE_FORMAT = 3  # bump when EvalResult or the harness changes what a cached number means
 
@@ -83,6 +84,8 @@ class BaselineKey:
         d = {"format": CACHE_FORMAT, "model": self.model, "suite": self.suite, "dtype": self.dtype, "device": self.device}
         if self.batch_size > 1:  # batch-1 keys stay what they were, so existing cache entries still hit
             d["run"] = self.eval_options()
+        if self.device != "cpu":  # GPU results carry prefill_forward_s: older entries (without it) must miss
+            d["prefill_forward_repeats"] = PREFILL_FORWARD_REPEATS
         return d
 
     def digest(self) -> str:

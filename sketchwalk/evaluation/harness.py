@@ -18,7 +18,7 @@ from ..ruler.scoring import metric_for_task, postprocess
 from ..ruler.templates import tokens_to_generate
 from .result import EvalResult, SampleResult
 from .stats import bootstrap_ci
-from .timing import AttentionTimer, TokenClock, synchronize
+from .timing import PREFILL_FORWARD_REPEATS, AttentionTimer, TokenClock, prefill_forward_s, synchronize
 
 __all__ = ["EvalResult", "SampleResult", "evaluate", "TIMING_METHOD"]
 
@@ -30,7 +30,10 @@ TIMING_METHOD = ("SDPA (dense layers, dense baseline) pinned to FlashAttention f
                  "one greedy generate() per sample at batch 1, timed by a streamer that synchronises the "
                  "device at every new token: prefill_s = start to first new token (time to first token); "
                  "decode tokens/s = (timed new tokens - 1) / (last token - first token), per length the "
-                 "median over the timed samples; GPU runs are warmed up (one untimed generate per length) "
+                 "median over the timed samples; prefill_forward_s = per timed sample the median of "
+                 f"{PREFILL_FORWARD_REPEATS} bare prefill forwards of its prompt (CUDA events; GPU only; the "
+                 "prefill without generate()'s per-call host work), per length the median over samples; "
+                 "GPU runs are warmed up (one untimed generate per length) "
                  "and synchronised; attention_s (optional) wraps the registered attention function (CUDA "
                  "events on GPU, wall time on CPU)")
 BATCHED_TIMING = ("; with batch_size > 1 the answers come from left-padded batched generate() calls over "
@@ -49,7 +52,8 @@ def _encode(tokenizer, sample: dict[str, Any], device: torch.device) -> torch.Te
 
 def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samples, *, model_name: str = "",
              progress: bool = True, warmup: bool = True, attention_timing: bool = False,
-             backend: str = "auto", batch_size: int = 1, timing_samples: int = 2) -> EvalResult:
+             backend: str = "auto", batch_size: int = 1, timing_samples: int = 2,
+             prefill_repeats: Optional[int] = None) -> EvalResult:
     """Greedy-generate every sample with SketchWalk attached (dense when `config` is None) and score it.
 
     samples: {(task, length in tokens): [RULER sample dicts with input, outputs, answer_prefix]}.
@@ -64,11 +68,15 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     and peak memory then come from a batch-1 pass over `timing_samples` samples per length from
     different tasks, at most TIMING_NEW_TOKENS new tokens each, run first (so the density counters
     cover exactly the answered samples).
+    prefill_repeats: bare prefill forwards timed per timed sample (`prefill_forward_s`; outside the
+    density counters); None = PREFILL_FORWARD_REPEATS on CUDA, 0 (not measured) on CPU.
     """
     if batch_size < 1 or timing_samples < 1:
         raise ValueError(f"batch_size and timing_samples must be >= 1, got {batch_size} and {timing_samples}")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    if prefill_repeats is None:
+        prefill_repeats = PREFILL_FORWARD_REPEATS if device.type == "cuda" else 0
     runtime = attach(model, config, backend=backend) if config is not None else None
     if config is None:
         detach(model)
@@ -86,7 +94,8 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
             with attn if attn is not None else contextlib.nullcontext():
                 timed = _run_samples(model, tokenizer, timed_flat, device, progress, attn,
                                      label="evaluating" if batch_size == 1 else "timing (batch 1)",
-                                     max_new_tokens=None if batch_size == 1 else TIMING_NEW_TOKENS)
+                                     max_new_tokens=None if batch_size == 1 else TIMING_NEW_TOKENS,
+                                     runtime=runtime, prefill_repeats=prefill_repeats)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             results = timed
             if batch_size > 1:
@@ -104,7 +113,8 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         decode_tokens_per_s=_median_by_length(results, lambda r: r.decode_tokens_per_s),
         density=density, peak_memory_bytes=peak, samples=results,
         attention_s=attn.medians() if attn is not None else {},
-        timing=TIMING_METHOD + (BATCHED_TIMING if batch_size > 1 else ""))
+        timing=TIMING_METHOD + (BATCHED_TIMING if batch_size > 1 else ""),
+        prefill_forward_s=_median_by_length(results, lambda r: _nan_if_none(r.prefill_forward_s)) if prefill_repeats else {})
 
 
 def prefer_flash_sdpa(device: torch.device):
@@ -171,8 +181,11 @@ def _timing_samples(flat, n: int):
 
 
 def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[AttentionTimer],
-                 label: str = "evaluating", max_new_tokens: Optional[int] = None) -> list[SampleResult]:
-    """Greedy generate() per sample at batch 1, timed per token; max_new_tokens caps the task's budget."""
+                 label: str = "evaluating", max_new_tokens: Optional[int] = None, runtime=None,
+                 prefill_repeats: int = 0) -> list[SampleResult]:
+    """Greedy generate() per sample at batch 1, timed per token; max_new_tokens caps the task's budget.
+    prefill_repeats > 0: then `prefill_repeats` bare prefill forwards of the prompt, timed, left out of
+    the SketchWalk `runtime`'s density counters and of the attention timer."""
     from rich.progress import Progress
 
     results = []
@@ -190,11 +203,16 @@ def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[
             total = clock.stamps[-1] - clock.t0 if clock.stamps else float("nan")
             if attn is not None:
                 attn.collect()
+            forward_s = None
+            if prefill_repeats:
+                with (runtime.uncounted() if runtime is not None else contextlib.nullcontext()), \
+                        (attn.suspended() if attn is not None else contextlib.nullcontext()):
+                    forward_s = prefill_forward_s(model, ids, prefill_repeats)
             new = out[0, ids.shape[1]:]
             pred, score = _score(tokenizer, task, sample, new)
             results.append(SampleResult(task, length, int(sample.get("index", len(results))), ids.shape[1], pred,
                                         list(sample["outputs"]), score, clock.prefill_s, total, int(new.numel()),
-                                        clock.decode_s))
+                                        clock.decode_s, prefill_forward_s=forward_s))
             bar.advance(job)
     return results
 
@@ -245,7 +263,8 @@ def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int
                     results[i] = SampleResult(task, length, index, int(encoded[i].numel()), pred,
                                               list(sample["outputs"]), score, t.prefill_s if t else nan,
                                               t.generate_s if t else nan, int(new.numel()),
-                                              t.decode_s if t else nan, t.new_tokens if t else None)
+                                              t.decode_s if t else nan, t.new_tokens if t else None,
+                                              t.prefill_forward_s if t else None)
                 bar.advance(job, len(chunk))
     return results
 
@@ -311,6 +330,11 @@ def accuracy_table(results: Sequence[SampleResult]) -> dict[str, dict[str, float
     m, lo, hi = bootstrap_ci([r.score for r in results])
     acc["overall"] = {"mean": m, "lo": lo, "hi": hi, "n": len(results)}
     return acc
+
+
+def _nan_if_none(v: Optional[float]) -> float:
+    """A per-sample timing for medians: None (not timed) as NaN."""
+    return float("nan") if v is None else v
 
 
 def _median_by_length(results: Sequence[SampleResult], value) -> dict[str, float]:

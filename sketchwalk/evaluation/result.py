@@ -30,6 +30,7 @@ class SampleResult:
     new_tokens: int
     decode_s: float = float("nan")
     timed_tokens: Optional[int] = None
+    prefill_forward_s: Optional[float] = None  # median of bare prefill forwards of this prompt, s; None = not timed
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -46,6 +47,8 @@ class EvalResult:
 
     accuracy: {"task@length" | "overall": {mean, lo, hi (×100, 95% percentile bootstrap), n}};
     prefill_s / decode_tokens_per_s: {length: median over samples} in s and tokens/s;
+    prefill_forward_s: {length: median over samples of each sample's bare-prefill median}, s ({}
+    when not measured: CPU, or results from before it existed);
     attention_s: {phase: {layer: median s per forward}} when attention timing was on, else {};
     density: measured fraction of causal block pairs (see `SketchWalkRuntime.density`);
     peak_memory_bytes: CUDA max_memory_allocated, None on CPU.
@@ -63,6 +66,7 @@ class EvalResult:
     samples: list[SampleResult]
     attention_s: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     timing: str = ""  # how the speed numbers were measured, for readers of the JSON
+    prefill_forward_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the whole result (per-sample predictions included)."""

@@ -1,7 +1,8 @@
 """Timing that is honest on asynchronous devices: wall clocks with synchronisation, per-token
-clocks inside `generate()`, and per-layer attention timers."""
+clocks inside `generate()`, bare prefill forwards, and per-layer attention timers."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -13,6 +14,41 @@ def synchronize(device: torch.device) -> None:
     """Wait for all queued work on `device` (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+#: Bare prefill forwards per timed sample on CUDA (`prefill_forward_s`); 0 on CPU, where speed is
+#: not measured for its own sake and each forward costs seconds.
+PREFILL_FORWARD_REPEATS = 5
+
+
+def prefill_forward_s(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds of `repeats` bare prefill forwards of `ids` ([1, prompt_tokens]): the model
+    call generate() makes first (KV cache built, logits of the last position only), without
+    generate()'s per-call host work. CUDA events around each forward on GPU, wall time on CPU.
+
+    Why: for a small model the host work of a generate() call (cache and processor setup, Python)
+    is most of its time to first token and jitters run to run, drowning what the attention config
+    changes; the bare forward is what the config changes.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    cuda = ids.device.type == "cuda"
+    mask = torch.ones_like(ids)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            if cuda:
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop) / 1000.0)
+            else:
+                t0 = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class TokenClock:
@@ -73,6 +109,7 @@ class AttentionTimer:
         self.calls: dict[str, dict[int, list[float]]] = {"prefill": {}, "decode": {}}
         self._pending: list[tuple[str, int, Any, Any]] = []
         self._original: Optional[Callable] = None
+        self._suspended = False
 
     def __enter__(self) -> "AttentionTimer":
         if not self.measurable:
@@ -84,6 +121,8 @@ class AttentionTimer:
         original, cuda = self._original, self.device.type == "cuda"
 
         def timed(module, query, key, value, *args, **kwargs):
+            if self._suspended:
+                return original(module, query, key, value, *args, **kwargs)
             phase = "prefill" if query.shape[-2] == key.shape[-2] else "decode"
             layer = int(getattr(module, "layer_idx", -1))
             if cuda:
@@ -100,6 +139,15 @@ class AttentionTimer:
 
         AttentionInterface.register(self.name, timed)
         return self
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Within: attention calls run unrecorded (forwards that are timed some other way)."""
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = False
 
     def collect(self) -> None:
         """Read the CUDA events recorded so far (synchronises); a no-op on CPU."""

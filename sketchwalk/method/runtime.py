@@ -16,6 +16,7 @@ only yields block indices, through which no gradient flows; attention keeps the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Union
 
@@ -104,6 +105,17 @@ class SketchWalkRuntime:
         self._pairs = {"prefill": {}, "decode": {}}
         self._dense_layers = {"prefill": set(), "decode": set()}
         self.last_selection = {}
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Within: attention runs as usual, but the density counters and `last_selection` are left
+        as they were (the harness re-runs an already counted prompt to time it)."""
+        saved = ({ph: {l: list(v) for l, v in d.items()} for ph, d in self._pairs.items()},
+                 {ph: set(v) for ph, v in self._dense_layers.items()}, self.last_selection)
+        try:
+            yield
+        finally:
+            self._pairs, self._dense_layers, self.last_selection = saved
 
     def _count(self, phase: str, layer: int, selected: int, causal: int, dense: bool) -> None:
         acc = self._pairs[phase].setdefault(layer, [0, 0])
