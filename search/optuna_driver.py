@@ -34,9 +34,6 @@ def open_study(session: SweepSession, *, storage_url: str, heartbeat_s: int = 10
 
     spec = session.spec
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # Optuna 5 prefers Trial.set_constraint, which Ray Tune's OptunaSearch cannot call; the
-    # sampler's constraints_func serves both drivers and works until Optuna 7.
-    warnings.filterwarnings("ignore", message=".*constraints_func.* has been deprecated", category=FutureWarning)
     storage = optuna.storages.RDBStorage(
         storage_url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
         heartbeat_stale_trial_callback=_StaleTrialCallback(session),

@@ -54,8 +54,15 @@ def make_sampler(spec: SweepSpec):
     at most 10); NSGA-II would stay random for its whole first population of 50, longer than our
     budgets. GP suits small, mostly continuous spaces.
     """
+    import warnings
+
     import optuna
 
+    # Optuna 5 prefers Trial.set_constraint, which Ray Tune's OptunaSearch cannot call; the
+    # sampler's constraints_func serves both drivers and works until Optuna 7. Filtered here, where
+    # both drivers build their sampler (the Ray driver never opens a study of its own).
+    warnings.filterwarnings("ignore", message=".*constraints_func.* has been deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Argument ``group`` is an experimental feature")
     n = spec.budget.trials or 20
     startup = max(3, min(10, n // 4))
     if spec.sampler == "tpe":
