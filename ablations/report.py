@@ -90,8 +90,9 @@ def report_rows(variants: list[Variant], results: dict[str, VariantResult], *, b
     Columns: variant, group, state; accuracy, accuracy_lo, accuracy_hi (x100, the trial's own 95%
     bootstrap); diff, diff_lo, diff_hi (accuracy minus base's, x100, paired bootstrap at `level` with
     `seed`); excludes_zero ('yes' | 'no'; '' without both results); pairs (samples compared);
-    prefill_s (s), prefill_forward_s (s; CUDA only), decode_ms_per_token (ms), density and density_decode (measured fractions of
-    causal block pairs); changes (fields differing from base); also (aliases); trial.
+    prefill_s (s), prefill_forward_s (s; CUDA only), decode_ms_per_token (ms), density and
+    density_decode (measured fractions of causal block pairs); changes (fields differing from base);
+    also (aliases); trial.
     """
     ref = results.get(base)
     ref_ok = ref is not None and ref.state == "COMPLETE" and ref.scores

@@ -65,13 +65,9 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
         if earlier is not None:
             _refuse_changed_identity(data, overrides, resume)
         for dotted, value in overrides.items():
-            if value is None:
-                continue
-            node = data
-            *head, last = dotted.split(".")
-            for h in head:
-                node = node.setdefault(h, {})
-            node[last] = value
+            if value is not None:
+                node, last = _dotted(data, dotted)
+                node[last] = value
         from .spec import parse_spec
 
         spec = parse_spec(data, source=str(path or "<resume>"))
@@ -92,12 +88,19 @@ def _refuse_changed_identity(stored: dict, overrides: dict, sweep_id: str) -> No
     """Raise SweepSpecError naming the first RESUME_FIXED key (dotted) an override would change
     (stored: the resumed spec as JSON data)."""
     for key in RESUME_FIXED:
-        value, node = overrides.get(key), stored
-        for part in key.split("."):
-            node = node[part]
-        if value is not None and value != node:
-            raise SweepSpecError(key, f"a resumed sweep keeps its {key} ({node!r} in sweep {sweep_id!r}); "
+        value = overrides.get(key)
+        node, last = _dotted(stored, key)
+        if value is not None and value != node.get(last):
+            raise SweepSpecError(key, f"a resumed sweep keeps its {key} ({node.get(last)!r} in sweep {sweep_id!r}); "
                                       f"got {value!r}: start a new sweep to change it")
+
+
+def _dotted(data: dict, key: str) -> tuple[dict, str]:
+    """(the mapping holding dotted `key`'s last part, that part), creating missing levels."""
+    *head, last = key.split(".")
+    for h in head:
+        data = data.setdefault(h, {})
+    return data, last
 
 
 def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), address: Optional[str] = None,

@@ -13,7 +13,8 @@ from typing import Any, Optional
 OBJECTIVES: dict[str, tuple[str, str, str]] = {
     "accuracy": ("accuracy", "maximize", "RULER score x100"),
     "prefill_latency": ("prefill_s", "minimize", "s (median time to first token, mean over lengths)"),
-    "prefill_forward": ("prefill_forward_s", "minimize", "s (median bare prefill forward, CUDA events, mean over lengths)"),
+    "prefill_forward": ("prefill_forward_s", "minimize",
+                        "s (median bare prefill forward, CUDA events, mean over lengths)"),
     "decode_latency": ("decode_ms_per_token", "minimize", "ms per generated token"),
     "density": ("density", "minimize", "fraction of causal block pairs computed (prefill)"),
     "attention_flops": ("attention_tflop", "minimize", "TFLOP of attention per sample (prefill, measured density)"),
@@ -49,7 +50,8 @@ class TrialRecord:
     number: trial number within the sweep (0-based, unique); state: 'COMPLETE' | 'FAIL' | 'RUNNING'
     | 'KILLED'; config: `SketchWalkConfig.to_dict()` (None for the dense baseline); metrics: the
     MLflow metrics of the trial's run, e.g. accuracy, accuracy_lo, accuracy_hi (x100, 95% bootstrap),
-    prefill_s, prefill_forward_s, decode_ms_per_token, density, attention_tflop, peak_memory_mb; run_id: its MLflow run.
+    prefill_s, prefill_forward_s, decode_ms_per_token, density, attention_tflop, peak_memory_mb;
+    run_id: its MLflow run.
     """
 
     number: int

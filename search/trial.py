@@ -100,15 +100,9 @@ def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalRes
             task, length = key.rsplit("@", 1)
             base = f"acc.{task}.{length}"
             m[base], m[base + ".lo"], m[base + ".hi"] = acc["mean"], acc["lo"], acc["hi"]
-    prefill = [v for v in result.prefill_s.values() if not _nan(v)]
-    for n, v in result.prefill_s.items():
-        m[f"prefill_s.{n}"] = v
-    m["prefill_s"] = sum(prefill) / len(prefill) if prefill else math.nan
-    forward = [v for v in result.prefill_forward_s.values() if not _nan(v)]
-    if result.prefill_forward_s:
-        for n, v in result.prefill_forward_s.items():
-            m[f"prefill_forward_s.{n}"] = v
-        m["prefill_forward_s"] = sum(forward) / len(forward) if forward else math.nan
+    _log_by_length(m, "prefill_s", result.prefill_s)
+    if result.prefill_forward_s:  # {} = not measured (CPU): not logged at all
+        _log_by_length(m, "prefill_forward_s", result.prefill_forward_s)
     rates = [v for v in result.decode_tokens_per_s.values() if not _nan(v) and v > 0]
     for n, v in result.decode_tokens_per_s.items():
         m[f"decode_tok_s.{n}"] = v
@@ -125,6 +119,14 @@ def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalRes
         m["accuracy_drop"] = baseline.accuracy["overall"]["mean"] - m["accuracy"]
         m["dense_accuracy"] = baseline.accuracy["overall"]["mean"]
     return m
+
+
+def _log_by_length(m: dict[str, float], name: str, by_length: dict[str, float]) -> None:
+    """`name.<len>` per length and `name` = their mean over the finite ones (NaN if none), in s."""
+    for n, v in by_length.items():
+        m[f"{name}.{n}"] = v
+    finite = [v for v in by_length.values() if not _nan(v)]
+    m[name] = sum(finite) / len(finite) if finite else math.nan
 
 
 def attention_tflop(result: EvalResult, model) -> float:

@@ -114,7 +114,8 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         density=density, peak_memory_bytes=peak, samples=results,
         attention_s=attn.medians() if attn is not None else {},
         timing=TIMING_METHOD + (BATCHED_TIMING if batch_size > 1 else ""),
-        prefill_forward_s=_median_by_length(results, lambda r: _nan_if_none(r.prefill_forward_s)) if prefill_repeats else {})
+        prefill_forward_s=(_median_by_length(results, lambda r: _nan_if_none(r.prefill_forward_s))
+                           if prefill_repeats else {}))
 
 
 def prefer_flash_sdpa(device: torch.device):

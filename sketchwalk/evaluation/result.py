@@ -30,7 +30,7 @@ class SampleResult:
     new_tokens: int
     decode_s: float = float("nan")
     timed_tokens: Optional[int] = None
-    prefill_forward_s: Optional[float] = None  # median of bare prefill forwards of this prompt, s; None = not timed
+    prefill_forward_s: Optional[float] = None  # median bare prefill forward of this prompt, s; None: not timed
 
     @property
     def decode_tokens_per_s(self) -> float:

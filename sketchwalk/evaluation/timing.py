@@ -40,13 +40,14 @@ def prefill_forward_s(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -
             if cuda:
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            else:
+                t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            if cuda:
                 stop.record()
                 stop.synchronize()
                 times.append(start.elapsed_time(stop) / 1000.0)
             else:
-                t0 = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
                 times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
