@@ -69,6 +69,9 @@ def _collect_arguments(p: argparse.ArgumentParser) -> None:
                    help="RULER prompt length, e.g. 1024 or 8k (default: 1024 with --task; the suite's lengths "
                         "with --suite)")
     p.add_argument("--samples", type=int, default=None, help="prompts per task x length (default: 1)")
+    p.add_argument("--append-answer", action="store_true",
+                   help="append each RULER prompt's reference answer (teacher forcing): its tokens are the "
+                        "answer rows `tensors study` measures decode recall on")
     p.add_argument("--seed", type=int, default=42, help="RULER generation seed (default: %(default)s)")
     p.add_argument("--essays", default=None, metavar="PATH", help="PaulGrahamEssays.json for essay-haystack tasks")
     p.add_argument("--layers", type=_index_list, default=None, metavar="LIST",
@@ -139,23 +142,36 @@ def cmd_tensors(args: argparse.Namespace) -> int:
 
 # -- collect ----------------------------------------------------------------------------------
 
-def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
-    """Prompt texts as evaluation feeds them (RULER input + answer prefix)."""
+def _prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], Optional[list[dict]]]:
+    """Prompt texts as evaluation feeds them (RULER input + answer prefix) and, for RULER prompts,
+    their answer annotations (needle token spans; with --append-answer the first reference answer
+    is appended, teacher-forced, and its token span recorded too)."""
     if args.prompt_file:
         path = Path(args.prompt_file)
         if path.suffix == ".jsonl":
-            return _jsonl_prompts(path)[:args.samples]
-        return [path.read_text()]
+            return _jsonl_prompts(path)[:args.samples], None
+        return [path.read_text()], None
     from sketchwalk.ruler import generate_task, load_suite
+    from sketchwalk.validation import answer_annotation
 
     if args.suite:
         suite = load_suite(args.suite)
         tasks, lengths = suite.tasks, ([args.length] if args.length else suite.lengths)
     else:
         tasks, lengths = [args.task or "niah_single_1"], [args.length or 1024]
-    return [s["input"] + s.get("answer_prefix", "")
-            for task in tasks for length in lengths
-            for s in generate_task(task, length, args.samples or 1, tokenizer, seed=args.seed, essays_path=args.essays)]
+    prompts, notes = [], []
+    for task in tasks:
+        for length in lengths:
+            for s in generate_task(task, length, args.samples or 1, tokenizer, seed=args.seed, essays_path=args.essays):
+                text = s["input"] + s.get("answer_prefix", "")
+                start = None
+                if args.append_answer:
+                    start = len(text)
+                    text += " " + ", ".join(s["outputs"])  # the answer as a greedy reply would write it
+                notes.append({"task": task, "length": length,
+                              **answer_annotation(tokenizer, text, s["outputs"], start)})
+                prompts.append(text)
+    return prompts, notes
 
 
 def _jsonl_prompts(path: Path) -> list[str]:
@@ -186,10 +202,10 @@ def _collect(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = models.load(args.model, dtype=args.dtype, device=args.device, attn_implementation="sdpa",
                                        progress=not args.no_progress)
-        prompts = _prompts(args, tokenizer)
+        prompts, notes = _prompts(args, tokenizer)
         rec = collect(model, tokenizer, prompts, args.out, layers=args.layers, heads=args.heads,
                       max_bytes=int(args.max_gb * 1024 ** 3), force=args.force, model_name=args.model,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, annotations=notes)
     except (models.ModelSpecError, models.ModelFetchError, RulerError, OSError, ValueError) as exc:
         return _error(console, exc)
     table = Table(title=f"recorded {args.model} -> {rec.path}", show_header=False, title_justify="left")

@@ -25,7 +25,8 @@ SELECTORS = ("sketchwalk", "oracle", "random", "streaming")
 DEFAULT_DENSITY = 0.2  # the paper's "80% sparsity"
 # Fields added after config hashes were first recorded (sweeps, baselines, exports): left out of
 # short_hash() while at these defaults, so every earlier config keeps its hash.
-_HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk"}
+_HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None}
+SCORE_BLOCK_SIZES = (4, 8, 16, 32, 64)
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,12 @@ class SketchWalkConfig:
     defaults to 0.2. Paper defaults: block_size 64, sketch_dim 64, sparsity_exponent 8,
     skip_layers 2.
 
+    `score_block_size` (None = block_size, the paper): the key granularity of the block scores.
+    Smaller (a power of two dividing block_size) scores each key block by the log-sum-exp of its
+    sub-blocks' scores instead of one mean key, so a block whose few relevant tokens the mean
+    would dilute (a needle) still scores high; W[i, j] = sum over j's sub-blocks u of
+    softmax(s * Â)[i, u]. Selection and attention stay on block_size blocks.
+
     `selector` swaps the block scores for a baseline at the same density (same forced blocks and
     τ rule, so the same counts per row): `oracle` (exact dense block attention mass), `random`,
     `streaming` (sink + most recent blocks); `sketchwalk` is the method itself.
@@ -84,11 +91,14 @@ class SketchWalkConfig:
     decode_window: int = 32
     seed: int = 0
     selector: Literal["sketchwalk", "oracle", "random", "streaming"] = "sketchwalk"
+    score_block_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.top_k is None and self.density is None:
             object.__setattr__(self, "density", DEFAULT_DENSITY)
         self._validate()
+        if self.score_block_size == self.block_size:  # the paper's scores: one spelling, one hash
+            object.__setattr__(self, "score_block_size", None)
         # Normalise numeric types so that 8 and 8.0 hash and serialise identically.
         for name in ("sparsity_exponent", "damping") + (("density",) if self.density is not None else ()):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -133,6 +143,11 @@ class SketchWalkConfig:
             raise ConfigError("seed", self.seed, "an integer >= 0")
         if self.selector not in SELECTORS:
             raise ConfigError("selector", self.selector, f"one of {list(SELECTORS)}")
+        if self.score_block_size is not None and (
+                not _is_int(self.score_block_size) or self.score_block_size not in SCORE_BLOCK_SIZES
+                or self.score_block_size > self.block_size):
+            raise ConfigError("score_block_size", self.score_block_size,
+                              f"null or one of {list(SCORE_BLOCK_SIZES)} and <= block_size = {self.block_size}")
 
     def validate_for_model(self, num_layers: int, head_dim: int) -> None:
         """Check the fields that depend on the model: skip_layers < num_layers, sketch_dim <= head_dim."""
@@ -142,6 +157,16 @@ class SketchWalkConfig:
             raise ConfigError("sketch_dim", self.sketch_dim, f"a power of two <= head_dim = {head_dim} for this model")
 
     # -- derived ----------------------------------------------------------------------
+    @property
+    def sub_blocks(self) -> int:
+        """Key sub-blocks per block in the block scores (1 = one mean key per block, the paper)."""
+        return 1 if self.score_block_size is None else self.block_size // self.score_block_size
+
+    @property
+    def score_block(self) -> int:
+        """Tokens per key sub-block of the block scores (block_size unless score_block_size is set)."""
+        return self.block_size // self.sub_blocks
+
     @property
     def sparse_prefill(self) -> bool:
         return self.phases in ("prefill", "both")

@@ -121,6 +121,11 @@ CASES = [
     (dict(head_aggregation="sum_probs", decode_query="window", decode_window=8, walk="damped", density=0.3),
      [48, 35, 5]),
     (dict(head_aggregation="sum_probs", decode_query="block_mean", walk="none", top_k=2, local_blocks=2), [64, 17, 30]),
+    # Sub-block scores: keys at score_block granularity (4 tokens: sub-blocks fill and start mid-block).
+    (dict(score_block_size=4, decode_query="token", walk="product", top_k=3), [50, 39, 21]),
+    (dict(score_block_size=8, decode_query="block_mean", walk="damped", density=0.3), [48, 35, 5]),
+    (dict(score_block_size=4, head_aggregation="sum_probs", decode_query="window", decode_window=8, top_k=3),
+     [64, 17, 30]),
     # The baseline selectors: scores from the cache, no state.
     (dict(selector="oracle", density=0.3), [50, 39, 21]),
     (dict(selector="random", top_k=3, sink_blocks=0), [48, 35, 5]),
@@ -129,7 +134,9 @@ CASES = [
 
 
 def case_id(overrides: dict) -> str:
-    parts = [overrides.get("selector", "sketchwalk"), overrides.get("head_aggregation", "mean_qk"),
+    parts = [overrides.get("selector", "sketchwalk") + (f"-sub{overrides['score_block_size']}"
+                                                          if "score_block_size" in overrides else ""),
+             overrides.get("head_aggregation", "mean_qk"),
              overrides.get("decode_query", "token"), overrides.get("walk", "product"), overrides.get("phases", "both")]
     return "-".join(parts)
 

@@ -149,7 +149,7 @@ class NaiveReference:
         B, m0 = self.cfg.block_size, self.m0
         nb = -(-m0 // B)
         q_sk = sketch_features(block_means(qf[:, :m0], B), self.cfg, layer)
-        k_sk = sketch_features(block_means(kf[:, :m0], B), self.cfg, layer)
+        k_sk = sketch_features(block_means(kf[:, :m0], self.cfg.score_block), self.cfg, layer)
         return transition_rows(q_sk, k_sk, torch.arange(nb), self.d, self.cfg)
 
     def current_query(self, qf: torch.Tensor, t: int) -> torch.Tensor:
@@ -174,10 +174,12 @@ class NaiveReference:
         pre_final = self.m0 // B
         pw = self.prefill_w(layer)
         w[:pre_final, :pw.shape[1]] = pw[:pre_final]
-        k_sk = sketch_features(token_order_block_means(kf, t + 1, B), cfg, layer)  # [G, i+1, r]
+        # Keys at the score granularity: [G, i+1, r] blocks, or [G, nf, r] sub-blocks (score_block_size).
+        k_sk = sketch_features(token_order_block_means(kf, t + 1, cfg.score_block), cfg, layer)
         if pre_final < i:
             q_sk = sketch_features(token_order_block_means(qf, i * B, B)[:, pre_final:i], cfg, layer)
-            w[pre_final:i, :i] = transition_rows(q_sk, k_sk[:, :i], torch.arange(pre_final, i), self.d, cfg)
+            w[pre_final:i, :i] = transition_rows(q_sk, k_sk[:, :i * cfg.sub_blocks], torch.arange(pre_final, i),
+                                                 self.d, cfg)
         q_cur = sketch_features(self.current_query(qf, t)[:, None], cfg, layer)
         w[i] = transition_rows(q_cur, k_sk, torch.tensor([i]), self.d, cfg)[0]
         return w
@@ -209,6 +211,8 @@ DECODE_CASES = [
     (dict(decode_query="window", walk="damped", density=0.3, decode_window=24), [47], 40),
     (dict(decode_query="window", walk="none", top_k=3, decode_window=1, sketch="exact"), [33], 20),
     (dict(decode_query="window", walk="product", top_k=2, decode_window=40, sketch_dim=16, sink_blocks=2), [70, 3], 40),
+    (dict(decode_query="token", walk="product", top_k=3, score_block_size=4), [45, 30], 40),
+    (dict(decode_query="window", walk="damped", density=0.3, score_block_size=8, decode_window=5), [37], 30),
 ]
 
 

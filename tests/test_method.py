@@ -584,12 +584,14 @@ _BM_SUM_PROBS = SketchWalkConfig(block_size=16, sketch_dim=16, top_k=3, skip_lay
                                  head_aggregation="sum_probs", local_blocks=2, sink_blocks=0)
 _BM_EXACT_NONE = SketchWalkConfig(block_size=16, sketch="exact", top_k=4, skip_layers=2, decode_query="block_mean",
                                   walk="none")
+_BM_SUB_BLOCKS = SketchWalkConfig(block_size=16, sketch_dim=8, top_k=3, skip_layers=1, decode_query="block_mean",
+                                  score_block_size=4)
 
 
 # n0 = 40: the prefill ends inside a block; n0 = 64: it ends exactly on a block boundary.
 @pytest.mark.parametrize("n0", [40, 64])
-@pytest.mark.parametrize("cfg", [_BM_PRODUCT, _BM_DAMPED, _BM_SUM_PROBS, _BM_EXACT_NONE],
-                         ids=["product-topk", "damped-density", "sum_probs", "exact-none"])
+@pytest.mark.parametrize("cfg", [_BM_PRODUCT, _BM_DAMPED, _BM_SUM_PROBS, _BM_EXACT_NONE, _BM_SUB_BLOCKS],
+                         ids=["product-topk", "damped-density", "sum_probs", "exact-none", "sub-blocks"])
 def test_decode_block_mean_matches_from_scratch_prefill(cfg, n0):
     layers, hq, hkv, d, T = 4, 4, 2, 16, 38  # crosses two block boundaries
     N = n0 + T
@@ -898,3 +900,36 @@ def test_sparse_attention_helper_dense_when_no_selection():
     q, k, v = rand(4, 33, 8, seed=1), rand(2, 33, 8, seed=2), rand(2, 33, 8, seed=3)
     out = sparse_attention(q, k, v, torch.arange(33), None, 0.35)
     assert rel_err(out, ref_attention(q, k, v, 0.35)) <= 1e-5
+
+
+def test_sub_block_scores_are_log_sum_exp_of_sub_block_means():
+    """score_block_size: W[i, j] = sum over j's key sub-blocks u of softmax_u(s * q̄_i·k̄_u / sqrt(d)) over
+    every causal sub-block (exact sketch, mean_qk), computed here by hand; a needle-like key that one
+    block mean dilutes wins its block a higher W than under the paper's block-mean score."""
+    B, Bs, d, n = 16, 4, 8, 56  # 4 blocks, the last one partial (8 tokens: 2 real sub-blocks)
+    cfg = SketchWalkConfig(block_size=B, sketch="exact", score_block_size=Bs, sparsity_exponent=2.0)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, n, d, generator=g, dtype=torch.float64)
+    qf, kf = group_features(q, k, cfg)
+    qm, km = block_means(qf, B), block_means(kf, Bs)
+    w = transition_rows(qm, km, torch.arange(4), d, cfg)
+    for i in range(4):
+        causal_u = [u for u in range(km.shape[1]) if u // (B // Bs) <= i]
+        logits = torch.stack([cfg.sparsity_exponent * (qm[0, i] @ km[0, u]) / math.sqrt(d) for u in causal_u])
+        p = torch.softmax(logits, 0)
+        expected = torch.zeros(4, dtype=torch.float64)
+        for u, pu in zip(causal_u, p):
+            expected[u // (B // Bs)] += pu
+        assert torch.allclose(w[i], expected, atol=1e-12), i
+    # A block whose one sub-block matches the query strongly (the rest opposed) is diluted by its mean.
+    q1 = torch.ones(1, n, d, dtype=torch.float64)
+    k1 = torch.zeros(1, n, d, dtype=torch.float64)
+    k1[0, 16:20] = 3.0   # block 1: one strong sub-block ...
+    k1[0, 20:32] = -1.0  # ... whose mean the rest pulls to 0
+    k1[0, 32:48] = 0.1   # block 2: mildly positive everywhere
+    paper = cfg.replace(score_block_size=None)
+    rows = torch.tensor([3])
+    w_sub = transition_rows(block_means(q1, B)[:, 3:], block_means(k1, Bs), rows, d, cfg)[0]
+    w_mean = transition_rows(block_means(q1, B)[:, 3:], block_means(k1, B), rows, d, paper)[0]
+    assert w_sub[1] > w_sub[2] and w_mean[1] < w_mean[2]

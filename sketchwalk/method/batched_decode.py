@@ -124,6 +124,17 @@ class StepPlan:
         self.vblock = self._rows_of(self.block)
         self.vdivisor = self._rows_of(self.divisor)
         self.vcausal = self._rows_of(self.causal)
+        # Sub-block scores (cfg.sub_blocks = f > 1): keys live at score_block granularity, so the
+        # current key sub-block u_b, its token count and the sub-block columns holding real tokens.
+        self.sub_causal: Optional[torch.Tensor] = None
+        if cfg.sub_blocks > 1:
+            kb, f = cfg.score_block, cfg.sub_blocks
+            sub = [(m - 1) // kb for m in n]
+            dsub = _device_ints([sub, [m - u * kb for m, u in zip(n, sub)]], device)
+            self.vsub = self._rows_of(dsub[0])
+            self.vsubdivisor = self._rows_of(self.count_values[dsub[1]])
+            fine = selector.arange(cap * f, device)
+            self.sub_causal = self._rows_of(fine[None, :] <= dsub[0][:, None])
 
     def _rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """A per-sequence tensor [B, ...] repeated for the feature rows: [V, ...] (itself when G = 1)."""
@@ -132,6 +143,14 @@ class StepPlan:
     def group_mean(self, rows: torch.Tensor) -> torch.Tensor:
         """Feature rows [V, cap] -> per-sequence rows [B, cap]: the mean over each sequence's G groups."""
         return rows if self.groups == 1 else rows.view(-1, self.groups, rows.shape[-1]).mean(1)
+
+    def previous_sub_causal(self) -> Optional[torch.Tensor]:
+        """[V, cap * f] the sub-blocks of blocks 0..i_b - 1 (all complete) when f > 1, else None."""
+        if self.sub_causal is None:
+            return None
+        f = self.selector.cfg.sub_blocks
+        fine = self.selector.arange(self.cap * f, self.block.device)
+        return self._rows_of(fine[None, :] < (self.block * f)[:, None])
 
     def previous(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(j [V], causal [V, cap]) per feature row: the block before i_b (clamped at 0) and its causal
@@ -168,14 +187,17 @@ class BatchedDecodeState:
     blocks 0..i_b (rows < final_rows[b] final, row i_b the current row, everything else zero, so
     a walk row that is zero past i_b stays so); window: [V, 2W, d] the last decode_window queries
     of each feature row, right-aligned at the shared `window_end` (decode_query = window only).
-    n, final_rows: host lists per sequence.
+    n, final_rows: host lists per sequence. With sub-block scores (f = cfg.sub_blocks > 1) the keys
+    live at sub-block granularity: ksub [V, cap * f, d] their sums and k_sk [V, cap * f, r] their
+    sketched means (the key slot of `sums` is then unused).
     """
 
     def __init__(self, cfg: SketchWalkConfig, layer_idx: int, head_dim: int, sums: torch.Tensor,
                  k_sk: torch.Tensor, w: torch.Tensor, n: tuple[int, ...], final_rows: list[int],
-                 window: Optional[torch.Tensor], groups: int = 1):
+                 window: Optional[torch.Tensor], groups: int = 1, ksub: Optional[torch.Tensor] = None):
         self.cfg, self.layer_idx, self.head_dim, self.groups = cfg, layer_idx, head_dim, groups
         self.sums, self.k_sk, self.w = sums, k_sk, w
+        self.ksub = ksub
         self.n, self.final_rows = n, final_rows
         self.window = window
         self.window_end = cfg.decode_window
@@ -202,7 +224,16 @@ class BatchedDecodeState:
             w[b, :rows, :rows] = st.w
         # The sketch of a complete block's key mean is what the per-sequence state caches for it
         # (the same sums and divisor); other rows are overwritten (block i_b) or masked before use.
-        k_sk = sketch_features(sums[:, :, 1] / plan.count_values[bs], cfg, first.layer_idx)
+        ksub = None
+        if cfg.sub_blocks > 1:  # keys per sub-block, as the per-sequence states hold them
+            f, kb = cfg.sub_blocks, cfg.score_block
+            ksub = first.ksum.new_zeros(len(states) * g, cap * f, d)
+            for b, st in enumerate(states):
+                nf = -(-st.n_tokens // kb)
+                ksub[b * g:(b + 1) * g, :nf] = st.ksum[:nf].transpose(0, 1)
+            k_sk = sketch_features(ksub / plan.count_values[kb], cfg, first.layer_idx)
+        else:
+            k_sk = sketch_features(sums[:, :, 1] / plan.count_values[bs], cfg, first.layer_idx)
         window = None
         if cfg.decode_query == "window":
             win = cfg.decode_window
@@ -211,7 +242,7 @@ class BatchedDecodeState:
                 recent = st.recent_queries()  # [G, min(W, n_b), d]
                 window[b * g:(b + 1) * g, win - recent.shape[1]:win] = recent
         return cls(cfg, first.layer_idx, first.head_dim, sums, k_sk, w, tuple(st.n_tokens for st in states),
-                   [st.final_rows for st in states], window, g)
+                   [st.final_rows for st in states], window, g, ksub)
 
     # -- storage ------------------------------------------------------------------------
     def _grow(self, cap: int) -> None:
@@ -219,24 +250,32 @@ class BatchedDecodeState:
         old = self.w.shape[-1]
         if cap <= old:
             return
-        bsz, rows = self.w.shape[0], self.sums.shape[0]
+        bsz, rows, f = self.w.shape[0], self.sums.shape[0], self.cfg.sub_blocks
         sums = self.sums.new_zeros(rows, cap, *self.sums.shape[2:])
-        k_sk = self.k_sk.new_zeros(rows, cap, self.k_sk.shape[-1])
+        k_sk = self.k_sk.new_zeros(rows, cap * f, self.k_sk.shape[-1])
         w = self.w.new_zeros(bsz, cap, cap)
-        sums[:, :old], k_sk[:, :old], w[:, :old, :old] = self.sums, self.k_sk, self.w
+        sums[:, :old], k_sk[:, :old * f], w[:, :old, :old] = self.sums, self.k_sk, self.w
         self.sums, self.k_sk, self.w = sums, k_sk, w
+        if self.ksub is not None:
+            ksub = self.ksub.new_zeros(rows, cap * f, self.ksub.shape[-1])
+            ksub[:, :old * f] = self.ksub
+            self.ksub = ksub
 
     def _sketch(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., r] (rows are independent: batching them changes no value)."""
         return sketch_features(x, self.cfg, self.layer_idx)
 
-    def _rows(self, plan: StepPlan, q_sk: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    def _rows(self, plan: StepPlan, q_sk: torch.Tensor, causal: torch.Tensor,
+              sub_causal: Optional[torch.Tensor] = None) -> torch.Tensor:
         """W rows of each sequence from its query sketches q_sk [V, 1, r] over the causal columns [V, cap]: [B, cap].
 
         The feature rows are `transition_rows`' row axis under a single group, so the scores, the
         mask and the softmax are that function's; the mean over a sequence's G groups follows.
+        sub_causal [V, cap * f]: the key sub-blocks holding real tokens (sub-block scores only).
         """
-        rows = transition_rows(q_sk[None], self.k_sk[None], None, self.head_dim, self.cfg, causal=causal[:, None])[:, 0]
+        sub = None if sub_causal is None else sub_causal[:, None]
+        rows = transition_rows(q_sk[None], self.k_sk[None], None, self.head_dim, self.cfg, causal=causal[:, None],
+                               sub_causal=sub)[:, 0]
         return plan.group_mean(rows)
 
     def _push_window(self, qf: torch.Tensor) -> None:
@@ -284,9 +323,15 @@ class BatchedDecodeState:
         means = cur / plan.vdivisor[:, None, None]  # block i_b's query mean and key mean
         mode = self.cfg.decode_query
         query = qf if mode == "token" else means[:, 0] if mode == "block_mean" else self._window_mean()
-        sk = self._sketch(torch.stack([query, means[:, 1]], dim=1))  # [V, 2, r]: one SRHT call for both
-        self.k_sk[plan.vbatch, plan.vblock] = sk[:, 1]
-        row = self._rows(plan, sk[:, :1], plan.vcausal)
+        if self.ksub is None:
+            k_mean, k_at = means[:, 1], plan.vblock
+        else:  # the current key sub-block u_b instead of the block
+            k_cur = self.ksub[plan.vbatch, plan.vsub] + kf
+            self.ksub[plan.vbatch, plan.vsub] = k_cur
+            k_mean, k_at = k_cur / plan.vsubdivisor[:, None], plan.vsub
+        sk = self._sketch(torch.stack([query, k_mean], dim=1))  # [V, 2, r]: one SRHT call for both
+        self.k_sk[plan.vbatch, k_at] = sk[:, 1]
+        row = self._rows(plan, sk[:, :1], plan.vcausal, plan.sub_causal)
         self.w[plan.batch, plan.block] = row
         return self.w, row
 
@@ -295,7 +340,7 @@ class BatchedDecodeState:
         final, scored with block j's mean query against the final key sketches of blocks 0..j."""
         vj, causal = plan.previous()
         q_mean = self.sums[plan.vbatch, vj, 0] / plan.count_values[self.cfg.block_size]  # [V, d]
-        rows = self._rows(plan, self._sketch(q_mean[:, None]), causal)
+        rows = self._rows(plan, self._sketch(q_mean[:, None]), causal, plan.previous_sub_causal())
         j = vj if plan.groups == 1 else vj[::plan.groups]
         self.w[plan.batch, j] = torch.where(mask[:, None], rows, self.w[plan.batch, j])
 

@@ -25,8 +25,9 @@ class LayerDecodeState:
     """Running block statistics and the cached transition matrix of one layer for one sequence.
 
     Holds, per block j (real-token coordinates): the sums of the group query/key features
-    (qsum, ksum: [cap, G, d]; the token count of block j is min(B, n_tokens - j*B)); the sketched
-    key-block means (k_sk: [G, cap, r], final for j < current block); W over blocks 0..i
+    (qsum: [cap, G, d]; the token count of block j is min(B, n_tokens - j*B)); keys at the score
+    granularity Bk = cfg.score_block (block_size unless sub-block scores are on): ksum [cap*f, G, d]
+    and the sketched key (sub-)block means k_sk: [G, cap*f, r], final for completed ones; W over blocks 0..i
     (w: [i+1, i+1]; rows < final_rows are final, row i is the current row); the last
     `decode_window` query features (decode_query = window only).
     """
@@ -41,11 +42,11 @@ class LayerDecodeState:
         g, m, d = qf.shape
         nb = -(-m // B)
         qsum = qf.new_zeros(_capacity(nb), g, d)
-        ksum = kf.new_zeros(_capacity(nb), g, d)
+        ksum = kf.new_zeros(_capacity(nb) * cfg.sub_blocks, g, d)
         # index_add_ accumulates in token order, as the decode steps then continue (`+=`).
-        blk = torch.arange(m, device=qf.device) // B
-        qsum.index_add_(0, blk, qf.transpose(0, 1))
-        ksum.index_add_(0, blk, kf.transpose(0, 1))
+        pos = torch.arange(m, device=qf.device)
+        qsum.index_add_(0, pos // B, qf.transpose(0, 1))
+        ksum.index_add_(0, pos // cfg.score_block, kf.transpose(0, 1))
         window_q = qf[:, m - min(m, cfg.decode_window):] if cfg.decode_query == "window" else None
         self._seed(cfg, layer_idx, head_dim, qsum, ksum, m, window_q, w)
 
@@ -60,6 +61,8 @@ class LayerDecodeState:
         the last queries' group features (decode_query == "window"; else ignored, may be None);
         w: [nb, nb] transition matrix (not copied, as in __init__).
         """
+        if cfg.sub_blocks != 1:
+            raise ValueError("from_block_sums takes block sums: sub-block scores (score_block_size) seed from features")
         if q_sums.dim() == 2:
             q_sums, k_sums = q_sums[:, None], k_sums[:, None]
         nb, g, d = q_sums.shape
@@ -82,6 +85,7 @@ class LayerDecodeState:
         # Token counts 0..B as device scalars: dividing by a device tensor keeps true division
         # (a Python divisor would be turned into a multiplication by its reciprocal on CUDA).
         self._count_values = torch.arange(B + 1, device=qsum.device, dtype=qsum.dtype)
+        self._f, self._kb = cfg.sub_blocks, cfg.score_block  # key sub-blocks per block, tokens per key sub-block
         self.w = w
         self._w_owned = False
         self.final_rows = m // B  # rows of complete query blocks are final
@@ -101,11 +105,12 @@ class LayerDecodeState:
         if need <= cap:
             return
         pad = max(need, 2 * cap) - cap
+        kpad = pad * self._f
         self.qsum = torch.cat([self.qsum, self.qsum.new_zeros(pad, *self.qsum.shape[1:])])
-        self.ksum = torch.cat([self.ksum, self.ksum.new_zeros(pad, *self.ksum.shape[1:])])
+        self.ksum = torch.cat([self.ksum, self.ksum.new_zeros(kpad, *self.ksum.shape[1:])])
         if self.k_sk is not None:
             g, _, r = self.k_sk.shape
-            self.k_sk = torch.cat([self.k_sk, self.k_sk.new_zeros(g, pad, r)], dim=1)
+            self.k_sk = torch.cat([self.k_sk, self.k_sk.new_zeros(g, kpad, r)], dim=1)
 
     def _divide(self, sums: torch.Tensor, count: int) -> torch.Tensor:
         """sums / count with the count as a device scalar (the reference divides by its count tensor)."""
@@ -149,7 +154,7 @@ class LayerDecodeState:
         if self.final_rows < i:
             rows = torch.arange(self.final_rows, i, device=w.device)
             q_sk = self._sketch(self._divide(self.qsum[self.final_rows:i], B).transpose(0, 1))
-            w[self.final_rows:i, :i] = transition_rows(q_sk, self.k_sk[:, :i], rows, self.head_dim, self.cfg)
+            w[self.final_rows:i, :i] = transition_rows(q_sk, self.k_sk[:, :i * self._f], rows, self.head_dim, self.cfg)
             self.final_rows = i
 
     def current_row_query(self, qf_t: torch.Tensor) -> torch.Tensor:
@@ -167,13 +172,14 @@ class LayerDecodeState:
         """Add one token's group features (qf_t, kf_t: [G, d]); returns its query-block index."""
         B = self.cfg.block_size
         i = self.n_tokens // B
+        u = self.n_tokens // self._kb  # the token's key (sub-)block
         self._grow(i + 1)
-        if self.k_sk is None:  # first step after the prefill: sketch the complete key blocks once
+        if self.k_sk is None:  # first step after the prefill: sketch the complete key (sub-)blocks once
             self.k_sk = self.ksum.new_zeros(self.ksum.shape[1], self.ksum.shape[0], self._sketch_dim())
-            if i:
-                self.k_sk[:, :i] = self._sketch(self._divide(self.ksum[:i], B).transpose(0, 1))
+            if u:
+                self.k_sk[:, :u] = self._sketch(self._divide(self.ksum[:u], self._kb).transpose(0, 1))
         self.qsum[i].add_(qf_t)
-        self.ksum[i].add_(kf_t)
+        self.ksum[u].add_(kf_t)
         if self._window is not None:
             self._push_window(qf_t)
         self.n_tokens += 1
@@ -192,10 +198,11 @@ class LayerDecodeState:
         """
         B = self.cfg.block_size
         i = (self.n_tokens - 1) // B
-        k_mean = self._divide(self.ksum[i], self.n_tokens - i * B)
+        u = (self.n_tokens - 1) // self._kb
+        k_mean = self._divide(self.ksum[u], self.n_tokens - u * self._kb)
         sk = self._sketch(torch.stack([self.current_row_query(qf_t), k_mean], dim=1))  # [G, 2, r]
-        self.k_sk[:, i] = sk[:, 1]
-        row = current_transition_row(sk[:, :1], self.k_sk[:, :i + 1], self.head_dim, self.cfg)
+        self.k_sk[:, u] = sk[:, 1]
+        row = current_transition_row(sk[:, :1], self.k_sk[:, :u + 1], self.head_dim, self.cfg)
         if not self._w_owned:  # the prefill's W may be aliased by its walk: copy before writing
             self.w, self._w_owned = self.w.clone(), True
         self.w[i] = row[0]

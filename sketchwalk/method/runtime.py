@@ -311,7 +311,8 @@ class SketchWalkRuntime:
     def _prefill_transition(self, layer: int, qf: torch.Tensor, kf: torch.Tensor, head_dim: int) -> torch.Tensor:
         """W [nb, nb] of one sequence from its group features qf, kf: [G, m, d]."""
         cfg = self.config
-        qm, km = block_means(qf, cfg.block_size), block_means(kf, cfg.block_size)  # [G, nb, d] each
+        # Keys are pooled at the score granularity (sub-blocks when score_block_size is set).
+        qm, km = block_means(qf, cfg.block_size), block_means(kf, cfg.score_block)  # [G, nb, d], [G, nf, d]
         nb = qm.shape[-2]
         # One SRHT call for both (rows are independent, so the values are those of two calls).
         sk = sketch_features(torch.cat([qm, km], dim=-2), cfg, layer)
@@ -378,10 +379,10 @@ class SketchWalkRuntime:
 
 
 def _fused_front_end_applies(q: torch.Tensor, cfg: SketchWalkConfig) -> bool:
-    """Whether `block_sketch` covers this prefill: mean_qk, a kernel dtype, head_dim <= 256, a device it runs on."""
+    """Whether `block_sketch` covers this prefill: mean_qk, block-mean keys, a kernel dtype, head_dim <= 256, a device it runs on."""
     from ..kernels._triton import interpreting
 
-    return (cfg.head_aggregation == "mean_qk" and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (cfg.head_aggregation == "mean_qk" and cfg.sub_blocks == 1 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and q.shape[-1] <= 256 and (q.device.type == "cuda" or interpreting()))
 
 

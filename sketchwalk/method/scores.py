@@ -37,22 +37,28 @@ def sketch_features(x: torch.Tensor, cfg: SketchWalkConfig, layer_idx: int) -> t
 
 def transition_rows(q_sk: torch.Tensor, k_sk: torch.Tensor, row_blocks: torch.Tensor, head_dim: int,
                     cfg: SketchWalkConfig, key_blocks_valid: int | None = None,
-                    causal: torch.Tensor | None = None) -> torch.Tensor:
+                    causal: torch.Tensor | None = None, sub_causal: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of the transition matrix W for the given query blocks.
 
-    q_sk: [G, rows, r] sketched query-block features; k_sk: [G, b, r] sketched key-block means;
+    q_sk: [G, rows, r] sketched query-block features; k_sk: [G, b, r] sketched key-block means
+    (with cfg.sub_blocks = f > 1: [G, nf, r] sketched key sub-block means, nf <= b * f the
+    sub-blocks holding real tokens, and b = ceil(nf / f); see `coarse_softmax`);
     row_blocks: [rows] block index of each row (causal: column j <= row block).
     causal: optional precomputed [rows, b] bool mask of the causal columns (the runtime caches it;
-    it must equal the one built from row_blocks and key_blocks_valid here).
+    it must equal the one built from row_blocks and key_blocks_valid here); sub_causal: optional
+    sub-block mask for f > 1 (see `coarse_softmax`).
     Returns W rows: [rows, b], each row a probability vector over its causal blocks,
     W = mean over G of softmax(s * Â), Â = q̃·k̃ / sqrt(head_dim) (softmax^s renormalised == softmax(s·Â)).
     """
-    b = k_sk.shape[-2]
+    f = cfg.sub_blocks
+    b = -(-k_sk.shape[-2] // f)
     if causal is None:
         cols = torch.arange(b, device=q_sk.device)
         causal = cols[None, :] <= row_blocks[:, None]
         if key_blocks_valid is not None:
             causal = causal & (cols[None, :] < key_blocks_valid)
+    if f > 1:
+        return coarse_softmax(_block_scores(q_sk, k_sk, head_dim, cfg), f, causal, sub_causal)
     return _softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg).masked_fill(~causal, float("-inf")))
 
 
@@ -62,7 +68,30 @@ def current_transition_row(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int
     q_sk: [G, 1, r]; k_sk: [G, b, r]. Every column is causal, so this is transition_rows(q_sk,
     k_sk, [b-1], ...) without the (all-false) mask: the same values, fewer launches.
     """
+    if cfg.sub_blocks > 1:
+        b = -(-k_sk.shape[-2] // cfg.sub_blocks)
+        return coarse_softmax(_block_scores(q_sk, k_sk, head_dim, cfg), cfg.sub_blocks,
+                              torch.ones(1, b, dtype=torch.bool, device=q_sk.device))
     return _softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg))
+
+
+def coarse_softmax(logits: torch.Tensor, f: int, causal: torch.Tensor,
+                   sub_causal: torch.Tensor | None = None) -> torch.Tensor:
+    """W rows over blocks from sub-block logits: the softmax over every causal sub-block, summed per block.
+
+    logits: [G, ..., rows, nf] (s·Â per key sub-block, nf <= b * f real sub-blocks); causal: [..., rows, b]
+    bool over blocks (broadcast against the logits' dims after G); sub_causal: optional [..., rows, b * f]
+    bool over sub-blocks, ANDed in (a padded batch whose current block is partly empty).
+    Returns [..., rows, b], rows summing to 1: W[i, j] = sum_{u in j} softmax(logits)[i, u], i.e. the
+    block's score is the log-sum-exp of its sub-blocks' (mean over G of the group rows).
+    """
+    b, nf = causal.shape[-1], logits.shape[-1]
+    full = torch.nn.functional.pad(logits, (0, b * f - nf), value=float("-inf"))
+    keep = causal.repeat_interleave(f, dim=-1)
+    if sub_causal is not None:
+        keep = keep & sub_causal
+    p = torch.softmax(full.masked_fill(~keep, float("-inf")), dim=-1).unflatten(-1, (b, f)).sum(-1)
+    return p[0] if p.shape[0] == 1 else p.mean(0)
 
 
 def _block_scores(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:

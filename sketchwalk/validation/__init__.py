@@ -7,11 +7,12 @@ layer by layer against dense attention, and compare selections with the oracle's
   heatmap(comparison, path)                    -> PNG of one layer's selection vs the oracle's
 """
 from .compare import Comparison, compare, heatmap
-from .record import DEFAULT_MAX_BYTES, Recording, RecordSizeError, collect, estimate_bytes, load_recording
+from .record import (DEFAULT_MAX_BYTES, Recording, RecordSizeError, answer_annotation, collect, estimate_bytes,
+                     load_recording)
 from .replay import mass_recall, replay
 from .validate import ValidationResult, validate
 
 __all__ = [
-    "Comparison", "DEFAULT_MAX_BYTES", "RecordSizeError", "Recording", "ValidationResult", "collect", "compare",
+    "Comparison", "DEFAULT_MAX_BYTES", "RecordSizeError", "Recording", "ValidationResult", "answer_annotation", "collect", "compare",
     "estimate_bytes", "heatmap", "load_recording", "mass_recall", "replay", "validate",
 ]

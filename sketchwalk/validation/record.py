@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -128,6 +129,33 @@ def _token_ids(tokenizer, prompt: Prompt) -> torch.Tensor:
     return ids.view(1, -1)
 
 
+def answer_annotation(tokenizer, prompt: str, answers: Sequence[str], answer_start: Optional[int] = None
+                      ) -> dict[str, Any]:
+    """Where a RULER prompt holds its answers, in token positions of `prompt` (encoded as `collect` does).
+
+    answers: the reference strings; answer_start: the character offset where an appended answer
+    begins (its tokens are the "answer" rows of a teacher-forced decode), or None.
+    Returns {"needles": [[start, end), ...] token spans of each answer's occurrences before
+    answer_start, "answer_tokens": [start, end) or None}. Needs a fast tokenizer (offset mapping).
+    """
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    limit = len(prompt) if answer_start is None else answer_start
+
+    def tokens_of(c0: int, c1: int) -> list[int]:
+        hit = [t for t, (a, b) in enumerate(offsets) if a < c1 and b > c0]
+        return [hit[0], hit[-1] + 1] if hit else []
+
+    needles = []
+    for ans in answers:
+        for m in re.finditer(re.escape(ans), prompt[:limit]):
+            span = tokens_of(m.start(), m.end())
+            if span and span not in needles:
+                needles.append(span)
+    answer_tokens = tokens_of(answer_start, len(prompt)) if answer_start is not None else None
+    return {"needles": sorted(needles), "answer_tokens": answer_tokens or None}
+
+
 class _StopForward(Exception):
     """Raised after the deepest recorded layer: the rest of the forward pass is not needed."""
 
@@ -135,7 +163,7 @@ class _StopForward(Exception):
 def collect(model, tokenizer, prompts: Sequence[Prompt], out_dir: Union[str, Path], *,
             layers: Optional[Sequence[int]] = None, heads: Optional[Sequence[int]] = None,
             max_bytes: int = DEFAULT_MAX_BYTES, force: bool = False, model_name: str = "",
-            progress: bool = True) -> Recording:
+            progress: bool = True, annotations: Optional[Sequence[dict[str, Any]]] = None) -> Recording:
     """Record post-RoPE Q, K, V from one dense prefill forward per prompt.
 
     prompts: text (encoded without special tokens) or token ids; layers: layer indices (default
@@ -145,8 +173,12 @@ def collect(model, tokenizer, prompts: Sequence[Prompt], out_dir: Union[str, Pat
     are produced (one safetensors file per prompt and layer), so memory holds one layer at a time.
     The model must run dense attention (a model with SketchWalk attached would record the inputs
     its sparse layers produce, not the dense model's): ValueError otherwise.
+    annotations: one JSON-able dict per prompt, stored as meta["annotations"] (e.g. `answer_annotation`'s
+    answer spans, which the selector study reads).
     Returns the Recording (meta.json written last, so a partial directory is never mistaken for a whole one).
     """
+    if annotations is not None and len(annotations) != len(prompts):
+        raise ValueError(f"annotations: {len(annotations)} given for {len(prompts)} prompts (one per prompt)")
     facts = _model_facts(model)
     layer_ids = _pick(layers, facts["num_layers"], "layers")
     head_ids = _pick(heads, facts["num_heads"], "heads")
@@ -179,6 +211,8 @@ def collect(model, tokenizer, prompts: Sequence[Prompt], out_dir: Union[str, Pat
             **facts, "dtype": str(dtype).removeprefix("torch."), "layers": layer_ids, "heads": head_ids,
             "kv_heads": kv_ids, "q_to_kv": q_to_kv, "prompts": len(encoded), "bytes": estimate,
             "entries": [dataclasses.asdict(e) for e in recorder.entries]}
+    if annotations is not None:
+        meta["annotations"] = list(annotations)
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return load_recording(out)
 
