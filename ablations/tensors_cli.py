@@ -126,6 +126,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                                      description="Per layer and selector: Jaccard and overlap with the oracle's "
                                                  "selected block pairs, mass recall, density; plus a heatmap PNG."),
                       compare=True)
+    st = sub.add_parser("study", help="selectors x densities on recordings: recall where answers are decided",
+                        description="A study plan (YAML: recordings, densities, base, variants, decode_steps, out) "
+                                    "-> per variant and density: prefill / last-row / decode-answer / needle "
+                                    "recall, Jaccard vs the oracle variant, measured density; block coherence "
+                                    "per layer; a table, JSON and a recall-vs-density plot.")
+    st.add_argument("plan", metavar="PLAN.yaml", help="the study plan (see ablations/plans/selector-study.yaml)")
+    st.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the plan's `out`)")
+    st.add_argument("--device", default="cpu", help="replay device (default: cpu)")
 
 
 @command("tensors", arguments=_arguments,
@@ -137,7 +145,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                      "JSON (and a heatmap PNG) and log an MLflow run.")
 def cmd_tensors(args: argparse.Namespace) -> int:
     """`sketchwalk tensors ACTION`: exit 0 on success, 2 on bad input."""
-    return {"collect": _collect, "validate": _validate, "compare": _compare}[args.action](args)
+    return {"collect": _collect, "validate": _validate, "compare": _compare, "study": _study}[args.action](args)
 
 
 # -- collect ----------------------------------------------------------------------------------
@@ -360,3 +368,121 @@ def _track(console, args: argparse.Namespace, action: str, config, metrics: dict
         return 1
     console.print(f"MLflow run {run_id} in experiment {args.experiment!r} at {uri}", highlight=False)
     return 0
+
+
+# -- study ------------------------------------------------------------------------------------
+
+STUDY_KEYS = ("recordings", "densities", "base", "variants", "decode_steps", "out")
+STUDY_METRICS = ("recall_prefill", "recall_last", "recall_decode", "needle_recall", "jaccard",
+                 "density_prefill", "density_decode")
+
+
+def load_study_plan(path: str) -> dict[str, Any]:
+    """A validated study plan: recordings (existing recording dirs, relative to the plan), densities in
+    (0, 1], variants name -> SketchWalkConfig (base fields + the variant's), decode_steps (None or
+    >= 1), out. Errors name the key and the allowed values (ValueError / ConfigError)."""
+    import yaml
+
+    from sketchwalk import SketchWalkConfig
+
+    plan_path = Path(path)
+    data = yaml.safe_load(plan_path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a study plan is a mapping with keys {list(STUDY_KEYS)}")
+    unknown = sorted(set(data) - set(STUDY_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; allowed: {list(STUDY_KEYS)}")
+    recs = data.get("recordings")
+    if not isinstance(recs, list) or not recs or not all(isinstance(r, str) for r in recs):
+        raise ValueError(f"{path}: recordings: a non-empty list of recording directories")
+    recordings = [str((plan_path.parent / r) if not Path(r).is_absolute() else Path(r)) for r in recs]
+    for r in recordings:
+        if not (Path(r) / "meta.json").is_file():
+            raise ValueError(f"{path}: recordings: {r} is not a recording (no meta.json; make one with "
+                             f"`sketchwalk tensors collect --append-answer`)")
+    densities = data.get("densities", [0.1, 0.2, 0.3])
+    if (not isinstance(densities, list) or not densities
+            or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1 for d in densities)):
+        raise ValueError(f"{path}: densities: a non-empty list of numbers in (0, 1], got {densities!r}")
+    base = data.get("base") or {}
+    variants = data.get("variants")
+    if not isinstance(base, dict):
+        raise ValueError(f"{path}: base: a mapping of SketchWalkConfig fields")
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"{path}: variants: a non-empty mapping name -> SketchWalkConfig fields ({{}} = base)")
+    configs = {}
+    for name, fields in variants.items():
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: variants.{name}: a mapping of SketchWalkConfig fields")
+        configs[str(name)] = SketchWalkConfig.from_dict({**base, **fields, "density": densities[0], "top_k": None})
+    steps = data.get("decode_steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"{path}: decode_steps: null (the recorded answer tokens) or an integer >= 1")
+    return {"recordings": recordings, "densities": [float(d) for d in densities], "variants": configs,
+            "decode_steps": steps, "out": data.get("out")}
+
+
+def _study(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from sketchwalk import ConfigError
+    from sketchwalk.validation.study import study
+
+    console = _console()
+    try:
+        plan = load_study_plan(args.plan)
+        out = Path(args.out or plan["out"] or Path(args.plan).with_suffix(""))
+        result = study(plan["recordings"], plan["variants"], plan["densities"], decode_steps=plan["decode_steps"],
+                       device=args.device)
+    except (ConfigError, OSError, ValueError) as exc:
+        return _error(console, exc)
+    rows = sorted(result.rows, key=lambda r: (r["target_density"], r["variant"]))
+    table = Table(title=f"selector study: {len(result.recordings)} recording(s)")
+    for col in ("variant", "density") + STUDY_METRICS:
+        table.add_column(col.replace("_", " "), justify="right")
+    lines = ["| variant | target density | " + " | ".join(STUDY_METRICS) + " |", "|" + "---|" * (2 + len(STUDY_METRICS))]
+    for r in rows:
+        cells = [_fmt(r.get(m, float("nan"))) for m in STUDY_METRICS]
+        table.add_row(r["variant"], f"{r['target_density']:.2f}", *cells)
+        lines.append(f"| {r['variant']} | {r['target_density']:.2f} | " + " | ".join(cells) + " |")
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    coh = {rec: {str(k): v for k, v in layers.items()} for rec, layers in result.coherence.items()}
+    lines += ["", "Block coherence per layer (within-block key variance / squared norm of the block mean), "
+              "mean over recordings:", "", "| layer | coherence |", "|---|---|"]
+    layers = sorted({int(k) for c in coh.values() for k in c})
+    for layer in layers:
+        vals = [c[str(layer)] for c in coh.values() if str(layer) in c]
+        lines.append(f"| {layer} | {sum(vals) / len(vals):.3f} |")
+    json_path = _write_json(out / "study.json", {**result.to_dict(), "coherence": coh,
+                                                "plan": {k: v for k, v in plan.items() if k != "variants"}})
+    (out / "study.md").write_text("\n".join(lines) + "\n")
+    png = _plot_study(rows, out / "recall_density.png")
+    console.print(f"wrote {json_path}, {out / 'study.md'}" + (f", {png}" if png else ""), highlight=False)
+    return 0
+
+
+def _plot_study(rows: list[dict], path: Path) -> Optional[Path]:
+    """Recall vs measured density per variant: prefill, decode answer rows and needle recall panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("recall_prefill", "density_prefill", "prefill rows"), ("recall_decode", "density_decode", "answer rows (decode)"),
+              ("needle_recall", "density_decode", "needle blocks, answer rows"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (metric, dens, title) in zip(axes, panels):
+        for name in sorted({r["variant"] for r in rows}):
+            pts = sorted((r[dens], r[metric]) for r in rows if r["variant"] == name and metric in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xlabel("measured density (sparse layers)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

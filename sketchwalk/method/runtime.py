@@ -75,6 +75,9 @@ class SketchWalkRuntime:
         self._dense_layers: dict[str, set[int]] = {"prefill": set(), "decode": set()}
         self.last_selection: dict[int, list[Optional[BlockSelection]]] = {}
         self.keep_selections = False
+        # Selections only (tensor-level studies on recorded inputs): attention returns zeros, so a
+        # replay measures what is selected without paying for the attention it would compute.
+        self.selection_only = False
         self._selector = BlockSelector(config)
         self._pads = _PadCache()
         self.batched_decode = True
@@ -253,6 +256,8 @@ class SketchWalkRuntime:
         q: [batch, Hq, q_len, d]; k, v: [batch, Hkv, kv_len, d] -> [batch, Hq, q_len, d].
         selections: one per sequence, or a decode step's `BatchedSelection`.
         """
+        if self.selection_only:
+            return torch.zeros_like(q)
         if self.uses_triton(q.device):
             return _attend_triton(q, k, v, pads, selections, self.selector, scale)
         if isinstance(selections, BatchedSelection):

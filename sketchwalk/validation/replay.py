@@ -69,17 +69,19 @@ def default_device() -> torch.device:
 
 
 def replay(record: Union[str, Path, Recording], configs: dict[str, SketchWalkConfig], *,
-           device: Union[str, torch.device, None] = None, backend: str = "auto") -> Iterator[LayerStep]:
+           device: Union[str, torch.device, None] = None, backend: str = "auto",
+           selection_only: bool = False) -> Iterator[LayerStep]:
     """Yield one LayerStep per recorded (prompt, layer), prompts in order, layers ascending.
 
     configs: label -> config; all must share one block_size (their masks and the mass are on one
     block grid). Each config is checked against the recorded model (ConfigError). backend: the
-    runtime's attention backend (`auto`: Triton on CUDA).
+    runtime's attention backend (`auto`: Triton on CUDA). selection_only: the configs' outputs
+    are zeros (the runtime's `selection_only`), for studies that read only masks and the mass.
     """
     rec = as_recording(record)
     block_size, device, layers = _plan(rec, configs, device)
     for prompt in rec.prompts:
-        runtimes = _runtimes(rec, configs, layers, backend)
+        runtimes = _runtimes(rec, configs, layers, backend, selection_only)
         for layer in layers:
             e = rec.entry(prompt, layer)
             q, k, v = _gqa_inputs(rec, *rec.load(prompt, layer, device))
@@ -92,7 +94,8 @@ def replay(record: Union[str, Path, Recording], configs: dict[str, SketchWalkCon
 
 
 def replay_decode(record: Union[str, Path, Recording], configs: dict[str, SketchWalkConfig], steps: int, *,
-                  device: Union[str, torch.device, None] = None, backend: str = "auto") -> Iterator[LayerStep]:
+                  device: Union[str, torch.device, None] = None, backend: str = "auto",
+                  selection_only: bool = False) -> Iterator[LayerStep]:
     """Yield one LayerStep per (prompt, decode step, recorded layer): the last `steps` tokens of each
     prompt decoded one at a time after a prefill of the others, layers ascending within a step.
 
@@ -100,14 +103,14 @@ def replay_decode(record: Union[str, Path, Recording], configs: dict[str, Sketch
     dense_out [Hq, 1, d], and per config a SelectorStep with mask [1, nb] (its decode selection;
     every block when the layer ran dense) and density = selected / causal blocks of that row.
     `length` is the tokens in the cache at that step (the decoded token included). Same config
-    rules as `replay`; steps must leave at least one prompt token for the prefill.
+    rules as `replay` (selection_only too); steps must leave at least one prompt token for the prefill.
     """
     rec = as_recording(record)
     if steps < 1:
         raise ValueError(f"decode steps must be >= 1, got {steps}")
     block_size, device, layers = _plan(rec, configs, device)
     for prompt in rec.prompts:
-        runtimes = _runtimes(rec, configs, layers, backend)
+        runtimes = _runtimes(rec, configs, layers, backend, selection_only)
         data = {layer: _gqa_inputs(rec, *rec.load(prompt, layer, device)) for layer in layers}
         scales = {layer: rec.entry(prompt, layer).scale for layer in layers}
         n = data[layers[0]][0].shape[-2]
@@ -149,11 +152,14 @@ def _plan(rec: Recording, configs: dict[str, SketchWalkConfig], device) -> tuple
 
 
 def _runtimes(rec: Recording, configs: dict[str, SketchWalkConfig], layers: list[int],
-              backend: str) -> dict[str, SketchWalkRuntime]:
+              backend: str, selection_only: bool = False) -> dict[str, SketchWalkRuntime]:
     """One fresh runtime per config label (a prompt's replay starts from no state)."""
     num_layers, head_dim = rec.meta["num_layers"], rec.meta["head_dim"]
-    return {label: _runtime(_replay_config(cfg, layers), num_layers, head_dim, backend)
-            for label, cfg in configs.items()}
+    runtimes = {label: _runtime(_replay_config(cfg, layers), num_layers, head_dim, backend)
+                for label, cfg in configs.items()}
+    for rt in runtimes.values():
+        rt.selection_only = selection_only
+    return runtimes
 
 
 def _replay_config(cfg: SketchWalkConfig, layers: Sequence[int]) -> SketchWalkConfig:

@@ -1,0 +1,126 @@
+"""A selector study's GPU summary from `sketchwalk eval` result JSONs: per length, each variant's
+RULER score and its paired-bootstrap 95% interval against dense on the same samples.
+
+    python -m ablations.selector_summary --dense dense.json --variant paper=paper.json \
+        --variant sub8=sub8.json --tensors study.json --best sub8 --out results/selector-study
+
+writes `summary.json` (the shape issue 16 names) and `summary.md`. Every eval JSON must hold the
+same samples (same suite, seed and sample count): the pairs are matched by (task, length, position
+of the sample within its task and length), and a variant missing any of dense's samples is refused.
+`--tensors` adds the tensor-level recalls (`sketchwalk tensors study`'s JSON, at density 0.2).
+`--best` names the variant chosen before these samples were scored (chosen on them, it would be
+tuned on what it reports).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from .report import paired_bootstrap
+
+SampleKey = tuple[str, int, int]
+
+
+def sample_scores(result: dict[str, Any]) -> dict[SampleKey, float]:
+    """{(task, length, position within task x length): score in [0, 1]} of one eval result JSON."""
+    seen: dict[tuple[str, int], int] = collections.Counter()
+    out = {}
+    for s in result["samples"]:
+        key = (s["task"], int(s["length"]))
+        out[(*key, seen[key])] = float(s["score"])
+        seen[key] += 1
+    return out
+
+
+def ruler_score(scores: dict[SampleKey, float], length: int) -> float:
+    """RULER average at one length: the mean over tasks of each task's mean score, x100."""
+    tasks = collections.defaultdict(list)
+    for (task, n, _), v in scores.items():
+        if n == length:
+            tasks[task].append(v)
+    return 100 * sum(sum(v) / len(v) for v in tasks.values()) / len(tasks)
+
+
+def summarize(dense: dict[str, Any], variants: dict[str, dict[str, Any]], *,
+              tensors: Optional[dict[str, Any]] = None, best: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
+    """The summary dict: dense per length, per variant config / measured density (sparse layers,
+    prefill) / score per length / paired interval of variant - dense per length / tensor recalls."""
+    base = sample_scores(dense)
+    lengths = sorted({n for _, n, _ in base})
+    out: dict[str, Any] = {"dense": {str(n): round(ruler_score(base, n), 3) for n in lengths}, "variants": []}
+    for name, res in variants.items():
+        scores = sample_scores(res)
+        missing = sorted(set(base) - set(scores))
+        if missing:
+            raise ValueError(f"variant {name!r} lacks {len(missing)} of dense's samples (first: {missing[0]}): "
+                             f"evaluate it on the same suite, seed and samples")
+        row: dict[str, Any] = {"name": name, "config": res.get("config"),
+                               "density": res["density"].get("sparse_layers", {}).get("prefill")}
+        lo, hi = {}, {}
+        for n in lengths:
+            keys = sorted(k for k in base if k[1] == n)
+            row[str(n)] = round(ruler_score(scores, n), 3)
+            _, lo[str(n)], hi[str(n)] = paired_bootstrap([base[k] for k in keys], [scores[k] for k in keys], seed=seed)
+        row["diff_lo"], row["diff_hi"] = ({k: round(v, 3) for k, v in d.items()} for d in (lo, hi))
+        recall = (tensors or {}).get("variants", {}).get(name, {})
+        row["recall_prefill"], row["recall_decode"] = recall.get("recall_prefill"), recall.get("recall_decode")
+        out["variants"].append(row)
+    if best is not None and best not in variants:
+        raise ValueError(f"--best {best!r} is not a variant: {sorted(variants)}")
+    out["best"] = best
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """A markdown table of the summary: score and paired 95% interval of the difference per length."""
+    lengths = list(summary["dense"])
+    head = ["variant", "density"] + [f"{n} (diff [95%])" for n in lengths] + ["recall prefill", "recall decode"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| dense | 1.000 | " + " | ".join(f"{summary['dense'][n]:.1f}" for n in lengths) + " | | |")
+    for r in summary["variants"]:
+        cells = [r["name"] + (" (best)" if r["name"] == summary.get("best") else ""), _num(r["density"])]
+        for n in lengths:
+            diff = r[n] - summary["dense"][n]
+            cells.append(f"{r[n]:.1f} ({diff:+.1f} [{r['diff_lo'][n]:+.1f}, {r['diff_hi'][n]:+.1f}])")
+        cells += [_num(r["recall_prefill"]), _num(r["recall_decode"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command line: exit 0, or 2 on bad input (a message naming the argument)."""
+    p = argparse.ArgumentParser(prog="python -m ablations.selector_summary", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dense", required=True, help="the dense eval JSON")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH", help="a variant's eval JSON")
+    p.add_argument("--tensors", default=None, help="`sketchwalk tensors study` JSON (tensor-level recalls)")
+    p.add_argument("--best", default=None, help="the variant chosen before these samples were scored")
+    p.add_argument("--out", required=True, help="directory for summary.json and summary.md")
+    args = p.parse_args(argv)
+    try:
+        pairs = [v.split("=", 1) for v in args.variant]
+        if not pairs or any(len(pv) != 2 or not pv[0] for pv in pairs):
+            raise ValueError("--variant: give at least one, each as NAME=PATH")
+        load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+        summary = summarize(load(args.dense), {name: load(path) for name, path in pairs},
+                            tensors=load(args.tensors) if args.tensors else None, best=args.best)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
