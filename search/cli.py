@@ -9,14 +9,15 @@ from sketchwalk.cli import command
 
 
 def _console():
-    from rich.console import Console
+    from sketchwalk.console import make_console
 
-    return Console()
+    return make_console()
 
 
 def _error(console, exc: Exception) -> int:
-    console.print(f"[red]error:[/red] {exc}", highlight=False)
-    return 2
+    from sketchwalk.console import print_error
+
+    return print_error(console, exc)
 
 
 # -- sweep ------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def _print_throughput(console, t) -> None:
         table.add_column(col)
     for w in t.workers:
         table.add_row(w.role, w.host, w.pid, w.gpus or "(all)", w.gpu_share or "-", str(w.trials),
-                      str(w.model_loads), f"{w.load_s:.1f}", f"{w.eval_s:.1f}")
+                      str(w.model_loads), f"{w.load_s:.1f}", "-" if w.eval_s is None else f"{w.eval_s:.1f}")
     console.print(table)
 
 

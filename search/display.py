@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from sketchwalk.console import make_console
+
 from .records import Objective
 
 
@@ -12,11 +14,10 @@ class SweepDisplay:
     """Rich progress over the trial budget; `trial_done` / `status` are the drivers' callbacks."""
 
     def __init__(self, objectives: list[Objective], total: Optional[int], *, enabled: bool = True):
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.objectives = objectives
-        self.console = Console()
+        self.console = make_console()
         self.points: list[tuple[int, list[float]]] = []
         self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[state]}"), TimeElapsedColumn(),

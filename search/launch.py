@@ -157,9 +157,10 @@ def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] =
     work = load_workload(spec)
     display.log(f"loaded in {work.load_s:.1f} s on {work.device}")
     if baseline is None:
+        started = time.time()
         baseline = dense_result(work, progress=False)
-        log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s},
-                     worker_tags())
+        log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s,
+                                         "eval_s": time.time() - started}, worker_tags(), started_at=started)
         display.log(f"dense baseline: {_accuracy(baseline)}")
     work.baseline = baseline
     storage = spec.storage or default_storage(session.workdir)

@@ -107,13 +107,16 @@ def load_session(sweep_id: str, workdir: Path) -> SweepSession:
 
 
 def log_baseline(session: SweepSession, baseline: EvalResult, metrics: dict[str, float],
-                 tags: Optional[dict[str, str]] = None) -> str:
+                 tags: Optional[dict[str, str]] = None, started_at: Optional[float] = None) -> str:
     """Log the dense baseline as its own child run, once per sweep: `metrics` (`result_metrics` of
-    it, plus the loading worker's `worker_load_s`) and `tags` (its `worker_tags`). A resume finds it
-    FINISHED and leaves it as it is, the worker that made it included."""
+    it, plus the loading worker's `worker_load_s` and the evaluation's `eval_s`) and `tags` (its
+    `worker_tags`). `started_at` (epoch s): when the evaluation began, the run's start time, so its
+    MLflow duration is the evaluation's (the run is only created once the result exists). A resume
+    finds it FINISHED and leaves it as it is, the worker that made it included."""
     tracker = session.tracker()
     run = tracker.child_run(BASELINE_KEY, role="baseline", name="dense baseline",
-                            params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite})
+                            params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite},
+                            start_ms=None if started_at is None else int(started_at * 1000))
     if run.status != "FINISHED":
         tracker.set_tags(run.run_id, tags or {})
         tracker.log_metrics(run.run_id, metrics)

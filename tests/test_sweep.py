@@ -132,7 +132,7 @@ def test_throughput_counts_trials_per_hour_and_worker_loads():
         return ChildRun(f"id-{key}", key, role, status, False, {}, metrics, tags,
                         start_ms=start * 1000, end_ms=None if end is None else end * 1000)
 
-    runs = [run("baseline", "baseline", "FINISHED", 0, 8, "10", "0", worker_load_s=5.0),
+    runs = [run("baseline", "baseline", "FINISHED", 0, 8, "10", "0", worker_load_s=5.0, eval_s=7.5),
             run("trial-00000", "trial", "FINISHED", 10, 50, "11", "0", started_at=10.0, eval_s=38.0,
                 worker_load_s=6.0, worker_model_loads=1.0),
             run("trial-00001", "trial", "FINISHED", 10, 60, "12", "1", started_at=10.0, eval_s=48.0,
@@ -151,12 +151,15 @@ def test_throughput_counts_trials_per_hour_and_worker_loads():
     assert t.occupancy == pytest.approx((40 + 50 + 20 + 50 + 30 + 20) / (150 * 2))
     by_pid = {(w.role, w.pid): w for w in t.workers}
     assert by_pid[("baseline", "10")].load_s == 5.0 and by_pid[("baseline", "10")].trials == 0
+    assert by_pid[("baseline", "10")].eval_s == 7.5  # the dense evaluation's time, not 0.0 (issue 21)
     w11, w12 = by_pid[("trial", "11")], by_pid[("trial", "12")]
     assert (w11.trials, w11.model_loads, w11.load_s, w11.eval_s, w11.gpus) == (2, 1, 6.0, 38.0, "0")
     assert (w12.trials, w12.model_loads, w12.eval_s, w12.gpus, w12.gpu_share) == (2, 2, 97.0, "1", "0.5")
     assert w11.gpu_share == ""  # no tag: unknown
     assert by_pid[("trial", "13")].trials == 2
     assert sweep_throughput(runs[:1] + runs[-2:-1]) is None  # no trial has ended yet
+    runs[0].metrics.pop("eval_s")  # a baseline logged without eval_s: unknown, not 0 s
+    assert next(w for w in sweep_throughput(runs).workers if w.role == "baseline").eval_s is None
 
 
 def test_ray_refuses_gpus_the_cluster_lacks():

@@ -227,6 +227,9 @@ def test_child_run_is_idempotent_by_key(store, tracker):
         tracker.child_run("it's", role="trial", name="q")
     assert tracker.find_child("t-001").run_id == first.run_id
     assert tracker.find_child("missing") is None
+    # A run logged after its work (the dense baseline) starts when the work began.
+    late = tracker.child_run("b", role="baseline", name="dense baseline", start_ms=1_700_000_000_000)
+    assert late.start_ms == 1_700_000_000_000
 
 
 def test_children_filter_sort_and_paginate(tracker, monkeypatch):
