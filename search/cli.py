@@ -112,9 +112,15 @@ def _cell(value) -> str:
 def _print_outcome(console, outcome) -> None:
     from rich.table import Table
 
+    from rich.markup import escape
+
     a, s = outcome.analysis, outcome.session
+    split = a.feasibility
+    what = ("complete trials, none feasible: infeasible front" if split and split.fallback
+            else "complete trials" if not split or split.max_accuracy_drop is None
+            else f"complete trials, {len(split.feasible)} feasible")
     table = Table(title=f"Pareto front of {s.sweep_id} ({len(a.front)} of "
-                        f"{sum(r.state == 'COMPLETE' for r in a.records)} complete trials)")
+                        f"{sum(r.state == 'COMPLETE' for r in a.records)} {what})")
     if a.table:
         for col in a.table[0]:
             table.add_column(str(col))
@@ -128,11 +134,12 @@ def _print_outcome(console, outcome) -> None:
         _print_throughput(console, a.throughput)
     for f in a.files:
         console.print(f"wrote {f}", highlight=False)
+    for note in a.notes:  # why it stopped early, nothing feasible, a front within noise, no export
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     if a.exported:
-        console.print(f"best config (trial {a.chosen.number}): {a.exported}  ->  sketchwalk eval --config {a.exported}",
-                      highlight=False)
-    elif a.export_error:
-        console.print(f"[yellow]no export:[/yellow] {a.export_error}", highlight=False)
+        label = " [yellow](infeasible: see the note above)[/yellow]" if split and split.fallback else ""
+        console.print(f"best config (trial {a.chosen.number}){label}: {a.exported}  ->  "
+                      f"sketchwalk eval --config {a.exported}", highlight=False)
     console.print(f"MLflow: mlflow ui --backend-store-uri {s.tracking_uri}", highlight=False)
 
 
@@ -193,8 +200,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
          description="Pick one config from a sweep's finished trials by a rule -- fastest-within-drop:POINTS "
                      "(fastest trial at most POINTS below dense accuracy), most-accurate-under:VALUE (most "
                      "accurate with the speed objective <= VALUE), knee (the front's knee point) -- and write "
-                     "it as YAML with its provenance. `sketchwalk eval --config` and SketchWalkConfig.from_yaml "
-                     "accept the file unchanged.")
+                     "it as YAML with its provenance. Only trials feasible under the sweep's constraints.max_accuracy_drop "
+                     "are candidates; when none is, the most accurate finished trial is written, labelled "
+                     "`feasible: false` in its provenance, with a warning naming the constraint. `sketchwalk eval "
+                     "--config` and SketchWalkConfig.from_yaml accept the file unchanged.")
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
@@ -212,10 +221,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _error(console, exc)
     a = analyze(session, noise_aware=args.noise_aware, rule=args.rule, export=True)
     if a.exported is None:
-        return _error(console, LookupError(a.export_error or "no finished trial to export"))
+        return _error(console, LookupError(a.export_error))
     path = a.exported
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         path = Path(shutil.copyfile(a.exported, args.out))
+    if a.feasibility.fallback:  # exported all the same (labelled in the file): say why, loudly
+        from sketchwalk.console import print_error
+
+        print_error(console, a.feasibility.note, label="warning")
     console.print(f"trial {a.chosen.number} -> {path}", highlight=False)
     return 0

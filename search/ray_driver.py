@@ -93,7 +93,9 @@ class SweepTrainable(tune.Trainable):
     def _report(self, number: int, values: list[float], metrics: dict[str, float]) -> dict[str, Any]:
         """The step result Tune hands to OptunaSearch: objective values by name, plus worker facts."""
         out = {o.name: v for o, v in zip(self.session.objectives, values)}
-        out.update(trial_number=number, eval_s=metrics.get("eval_s"), load_s=self.work.load_s,
+        # accuracy_drop: the live display judges feasibility by it, as the analysis does.
+        out.update(trial_number=number, eval_s=metrics.get("eval_s"), accuracy_drop=metrics.get("accuracy_drop"),
+                   load_s=self.work.load_s,
                    worker_pid=os.getpid(), model_loads=MODEL_LOADS["count"], done=True)
         return out
 

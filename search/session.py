@@ -217,15 +217,6 @@ def _config_from_params(params: dict[str, str]) -> Optional[dict[str, Any]]:
         return None
 
 
-def feasible(record: TrialRecord, spec: SweepSpec) -> bool:
-    """Whether a finished trial meets the spec's constraints (accuracy drop vs dense)."""
-    limit = spec.constraints.max_accuracy_drop
-    if limit is None:
-        return True
-    drop = record.metrics.get("accuracy_drop")
-    return drop is not None and drop <= limit + 1e-9
-
-
 def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))

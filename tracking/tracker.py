@@ -359,6 +359,10 @@ class SweepTracker:
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self._call(f"set tags on run {run_id}", self.client.log_batch, run_id, tags=chunk)
 
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """The run's tags as stored now."""
+        return dict(self._get(run_id).data.tags)
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Store `text` as artifact `artifact_file` (a relative path, e.g. "logs/out.txt")."""
         self._call(f"log artifact {artifact_file!r} to run {run_id}",
