@@ -140,7 +140,17 @@ def _print_outcome(console, outcome) -> None:
         label = " [yellow](infeasible: see the note above)[/yellow]" if split and split.fallback else ""
         console.print(f"best config (trial {a.chosen.number}){label}: {a.exported}  ->  "
                       f"sketchwalk eval --config {a.exported}", highlight=False)
-    console.print(f"MLflow: mlflow ui --backend-store-uri {s.tracking_uri}", highlight=False)
+    console.print(mlflow_hint(s), highlight=False)
+
+
+def mlflow_hint(session) -> str:
+    """How to look at the sweep in MLflow: the `mlflow ui` command for a local store (a server's
+    URI is opened as is) and the address of the sweep's parent run, which shows its front."""
+    uri = session.tracking_uri
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    run = f"{server}/#/experiments/{session.experiment_id}/runs/{session.parent_run_id}"
+    start = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then "
+    return f"MLflow: {start}open {run} (the sweep's run: front.png, front.md, best.yaml)"
 
 
 def _print_throughput(console, t) -> None:

@@ -122,6 +122,12 @@ def test_nothing_feasible_still_ends_with_a_labelled_front_and_export(tmp_path):
     assert tags["sketchwalk.front_feasible"] == "false" and "infeasible" in tags["sketchwalk.notes"]
     assert "Pareto front (no trial feasible" in tags["mlflow.note.content"]
 
+    # The UI opens on the runs: trials named by their config, the front as the parent's main artifacts.
+    names = {c.tags["mlflow.runName"] for c in session.tracker().children("trial")}
+    assert names == {"t0 d0.3", "t1 d0.6"}
+    root = {f.path for f in session.tracker().client.list_artifacts(session.parent_run_id)}
+    assert {"front.png", "front.md", "best.yaml", "analysis"} <= root
+
     rc = cli.main(["export", "syn", "--workdir", str(tmp_path), "--out", str(tmp_path / "b.yaml")])
     assert rc == 0 and SketchWalkConfig.from_yaml(tmp_path / "b.yaml").density == pytest.approx(0.6)
 
