@@ -4,7 +4,7 @@ import argparse
 import math
 from pathlib import Path
 
-from search.cli import add_run_arguments
+from search.cli import add_run_arguments, mlflow_hint
 from sketchwalk.cli import command
 from sketchwalk.console import print_error
 
@@ -68,7 +68,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     except (PlanError, SweepSpecError, EvalInputError, FileNotFoundError, TrackingError) as exc:
         return print_error(console, exc)
     _print_report(console, prep.ablation_id, outcome.report, workdir)
-    console.print(f"MLflow: mlflow ui --backend-store-uri {outcome.sweep.session.tracking_uri}", highlight=False)
+    console.print(mlflow_hint(outcome.sweep.session), highlight=False)
     return _exit_code(outcome.report)
 
 

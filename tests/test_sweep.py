@@ -38,6 +38,17 @@ def test_shipped_sweeps_validate():
     assert ray.backend == "ray" and ray.concurrency == 2 and ray.budget.trials >= 16
 
 
+def test_default_space_leaves_out_configs_that_cannot_work_on_the_bundled_model():
+    """A CPU user gets a handful of trials: issue 21's two were sketch_dim 16 and answered '8877777...'.
+    The default space keeps sketch_dim >= 32, density >= 0.3, s >= 4, at least one dense layer, and
+    a constraint (its fallback keeps the front from being empty: tests/test_analysis.py)."""
+    spec = load_spec(REPO / "sweeps" / "default.yaml")
+    assert min(spec.space["sketch_dim"].values) >= 32
+    assert spec.space["density"].low >= 0.3 and spec.space["sparsity_exponent"].low >= 4
+    assert spec.space["skip_layers"].low >= 1
+    assert spec.constraints.max_accuracy_drop is not None and spec.budget.trials >= 2
+
+
 @pytest.mark.parametrize("patch, field, needle", [
     ({"space": {"block_size": {"type": "categorical", "values": [48]}}}, "space.block_size.values", "[16, 32, 64, 128]"),
     ({"space": {"density": {"type": "float", "low": 0.0, "high": 0.5}}}, "space.density.low", "(0, 1]"),
