@@ -47,6 +47,7 @@ def test_default_space_leaves_out_configs_that_cannot_work_on_the_bundled_model(
     assert spec.space["density"].low >= 0.3 and spec.space["sparsity_exponent"].low >= 4
     assert spec.space["skip_layers"].low >= 1
     assert spec.constraints.max_accuracy_drop is not None and spec.budget.trials >= 2
+    assert spec.base["phases"] == "prefill"  # no objective of the default sweep measures decode
 
 
 @pytest.mark.parametrize("patch, field, needle", [
