@@ -110,9 +110,8 @@ def _cell(value) -> str:
 
 
 def _print_outcome(console, outcome) -> None:
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     a, s = outcome.analysis, outcome.session
     split = a.feasibility

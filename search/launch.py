@@ -106,7 +106,7 @@ def _dotted(data: dict, key: str) -> tuple[dict, str]:
 def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), address: Optional[str] = None,
               resume: bool = False, progress: bool = True, tracking_uri: Optional[str] = None) -> SweepOutcome:
     """Run (or resume) the sweep to its budget, then analyse and export; returns what happened."""
-    from .analysis import analyze
+    from .analysis import TAG_STOP_REASON, analyze
     from .display import SweepDisplay
 
     t0 = time.perf_counter()
@@ -144,7 +144,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
                               on_result=display.trial_done, on_status=display.status)
         reason = stop_reason(spec, counts, time.perf_counter() - driver_t0, sweep_id=sweep_id)
     # A tag, so that `sketchwalk pareto` / `export` later and the MLflow UI say it too.
-    session.tracker().set_tags(session.parent_run_id, {"sketchwalk.stop_reason": reason})
+    session.tracker().set_tags(session.parent_run_id, {TAG_STOP_REASON: reason})
     analysis = analyze(session, stop_reason=reason)
     session.tracker().finish(session.parent_run_id, "FINISHED")
     return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)

@@ -91,7 +91,7 @@ def _sweep(tmp_path: Path, trials: list[dict], *, max_drop=50, dense=(90.0, 70.0
     return session
 
 
-def test_nothing_feasible_still_ends_with_a_labelled_front_and_export(tmp_path):
+def test_nothing_feasible_still_ends_with_a_labelled_front_and_export(tmp_path, capsys):
     """The issue's sweep: every trial > 50 points below dense. Before: empty front, no best.yaml,
     `"export_error": null`, `export` said 'no finished trial'. Now the infeasible trials form the
     front, labelled; best.yaml is the most accurate one with `feasible: false`; the reason is in the
@@ -128,8 +128,12 @@ def test_nothing_feasible_still_ends_with_a_labelled_front_and_export(tmp_path):
     root = {f.path for f in session.tracker().client.list_artifacts(session.parent_run_id)}
     assert {"front.png", "front.md", "best.yaml", "analysis"} <= root
 
+    capsys.readouterr()
     rc = cli.main(["export", "syn", "--workdir", str(tmp_path), "--out", str(tmp_path / "b.yaml")])
     assert rc == 0 and SketchWalkConfig.from_yaml(tmp_path / "b.yaml").density == pytest.approx(0.6)
+    warning, done = capsys.readouterr().out.splitlines()
+    assert warning.startswith("warning: all 2 finished trial(s) are infeasible under max_accuracy_drop = 50 points")
+    assert done == f"trial 1 -> {tmp_path / 'b.yaml'}"
 
 
 def test_export_names_the_reason_when_no_trial_finished(tmp_path, capsys):
