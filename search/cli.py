@@ -144,10 +144,15 @@ def _print_outcome(console, outcome) -> None:
 
 def mlflow_hint(session) -> str:
     """How to look at the sweep in MLflow: the `mlflow ui` command for a local store (a server's
-    URI is opened as is) and the address of the sweep's parent run, which shows its front."""
+    URI is opened as is) and the address of the sweep's parent run, which shows its front.
+
+    `workflowType=machine_learning`: MLflow 3.17's UI opens every experiment in its GenAI view
+    (traces overview, an assistant) unless told otherwise in the address or by its toggle; the
+    experiment's `mlflow.experimentKind` tag (set by tracking.init_store) is not enough there."""
     uri = session.tracking_uri
     server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    run = f"{server}/#/experiments/{session.experiment_id}/runs/{session.parent_run_id}"
+    run = (f"{server}/#/experiments/{session.experiment_id}/runs/{session.parent_run_id}"
+           f"?workflowType=machine_learning")
     start = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then "
     return f"MLflow: {start}open {run} (the sweep's run: front.png, front.md, best.yaml)"
 

@@ -34,6 +34,7 @@ def test_default_sweep_ends_with_an_answer(tmp_path):
     assert wrote and all(Path(p).is_file() for p in wrote), wrote
     (hint,) = [line for line in out.splitlines() if line.startswith("MLflow: ")]
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/runs/mlflow.db, then open http://" in hint
+    assert "?workflowType=machine_learning" in hint  # MLflow 3.17 opens on the runs, not the GenAI view
     (best_line,) = [line for line in out.splitlines() if line.startswith("best config (trial ")]
     best = tmp_path / "runs" / "sweeps" / "newcomer" / "best.yaml"
     assert best_line.endswith(f"sketchwalk eval --config {best}"), best_line

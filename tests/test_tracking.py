@@ -102,8 +102,10 @@ def test_init_store_idempotent_and_artifacts_beside_db(store, tmp_path):
     assert client.get_experiment(exp_id).artifact_location == (db_dir / "artifacts").as_uri()
     assert client.get_experiment(other).artifact_location == (tmp_path / "art").as_uri()
     # The MLflow 3 UI opens a model-development experiment on its runs, not the GenAI overview;
-    # the UI's own guess is replaced, a kind set by hand is kept.
-    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # set when the experiment is created (and on an existing one), the UI's own guess replaced, a
+    # kind set by hand kept.
+    fresh = init_store(uri, EXPERIMENT + "-3")
+    assert client.get_experiment(fresh).tags["mlflow.experimentKind"] == "custom_model_development"
     client.set_experiment_tag(other, "mlflow.experimentKind", "genai_development_inferred")
     init_store(uri, EXPERIMENT + "-2")
     assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -185,10 +185,12 @@ def _ensure_experiment(client: MlflowClient, uri: str, name: str, location: str 
     exp = retrying(client.get_experiment_by_name, name, what=what)
     if exp is None:
         try:
-            return retrying(
+            created = retrying(
                 client.create_experiment, name, artifact_location=location,
                 what=f"create experiment {name!r} at {uri}",
             )
+            _set_experiment_kind(client, uri, created)
+            return created
         except MlflowException as exc:
             # Another driver created it between our lookup and create: use theirs.
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
