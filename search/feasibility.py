@@ -46,6 +46,7 @@ class FeasibleSplit:
 
     @property
     def fallback(self) -> bool:
+        """Trials finished, none is feasible: the front is taken over the infeasible ones."""
         return bool(self.infeasible) and not self.feasible
 
     @property
@@ -55,6 +56,7 @@ class FeasibleSplit:
 
     @property
     def note(self) -> Optional[str]:
+        """With `fallback`: one line naming the constraint, the closest trial and what to change."""
         if not self.fallback:
             return None
         drops = [(r.metrics.get("accuracy_drop", math.nan), r.number) for r in self.infeasible]
@@ -66,6 +68,7 @@ class FeasibleSplit:
                 f"(a higher space.density.low), or run more trials (--resume ID --trials N)")
 
     def to_dict(self) -> dict:
+        """The split as summary.json holds it (counts and the infeasible trials' numbers)."""
         return {"max_accuracy_drop": self.max_accuracy_drop, "feasible": len(self.feasible),
                 "infeasible": len(self.infeasible), "fallback": self.fallback,
                 "infeasible_trials": [r.number for r in self.infeasible]}
