@@ -104,6 +104,14 @@ def analyze(session: SweepSession, *, noise_aware: Optional[bool] = None, rule: 
             files.append(result.exported)
         except LookupError as exc:
             result.export_error = str(exc)
+    elif (out / "best.yaml").is_file():
+        # `sketchwalk pareto` exports nothing: the sweep's best.yaml stays its answer, and summary.json
+        # must keep saying so rather than "exported": null.
+        import yaml
+
+        trial = (yaml.safe_load((out / "best.yaml").read_text()) or {}).get("provenance", {}).get("trial")
+        result.chosen = next((r for r in records if r.number == trial), None)
+        result.exported = out / "best.yaml" if result.chosen is not None else None
     result.notes = [n for n in (_early_stop(stop_reason), split.note, result.noise,
                                 f"no best.yaml: {result.export_error}" if result.export_error else None) if n]
     files.append(write_json(out / "summary.json", summary(session, result)))

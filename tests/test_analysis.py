@@ -170,6 +170,10 @@ def test_feasible_trials_are_the_front_and_plots_mark_the_rest(tmp_path):
 
     assert "constraint: dense - 50 points" in html
     assert a.noise is None  # trial 2's interval [50, 69] lies below dense's [70, 100]: measurably worse
+    # `sketchwalk pareto` (no export) keeps the sweep's answer in summary.json.
+    again = analyze(session, export=False)
+    summary = json.loads((session.sweep_dir / "summary.json").read_text())
+    assert again.chosen.number == a.chosen.number and summary["exported"] == str(a.exported)
 
 
 def test_stop_reason_names_the_budget_that_stopped_the_sweep():
