@@ -178,6 +178,13 @@ def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] =
     display.log("loading the model and building the RULER samples (once for the whole sweep)")
     work = load_workload(spec)
     display.log(f"loaded in {work.load_s:.1f} s on {work.device}")
+    from rich.markup import escape
+
+    from sketchwalk.ruler import short_samples_note
+
+    note = short_samples_note(work.samples)
+    if note:  # RULER's step back-off: said here, so a short prompt is not read as our bug
+        display.log(f"[yellow]note:[/yellow] {escape(note)}")
     if baseline is None:
         started = time.time()
         baseline = dense_result(work, progress=False)

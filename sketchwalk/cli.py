@@ -239,9 +239,17 @@ def _prepare(console, args: argparse.Namespace, **plan_kwargs):
         plan = prepare_run(args.model, args.suite, config=args.config, essays=args.essays, samples=args.samples,
                            dtype=args.dtype, **plan_kwargs)
         model, tokenizer = load_model(plan)
-        return plan, model, tokenizer, build_samples(plan, tokenizer)
+        samples = build_samples(plan, tokenizer)
     except EvalInputError as exc:
         return _input_error(console, exc)
+    from rich.markup import escape
+
+    from .ruler import short_samples_note
+
+    note = short_samples_note(samples)
+    if note:  # RULER's step back-off: said here, so a short prompt is not read as our bug
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+    return plan, model, tokenizer, samples
 
 
 @command("eval", arguments=_eval_arguments,
