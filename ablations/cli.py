@@ -4,8 +4,9 @@ import argparse
 import math
 from pathlib import Path
 
-from search.cli import add_run_arguments
+from search.cli import add_run_arguments, mlflow_hint
 from sketchwalk.cli import command
+from sketchwalk.console import print_error
 
 REPORT = "report"
 
@@ -65,10 +66,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         outcome = run_ablation(prep, workdir=workdir, address=args.address, progress=not args.no_progress,
                                tracking_uri=args.tracking_uri)
     except (PlanError, SweepSpecError, EvalInputError, FileNotFoundError, TrackingError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return 2
+        return print_error(console, exc)
     _print_report(console, prep.ablation_id, outcome.report, workdir)
-    console.print(f"MLflow: mlflow ui --backend-store-uri {outcome.sweep.session.tracking_uri}", highlight=False)
+    console.print(mlflow_hint(outcome.sweep.session), highlight=False)
     return _exit_code(outcome.report)
 
 
@@ -94,9 +94,9 @@ def _exit_code(report) -> int:
 
 
 def _console():
-    from rich.console import Console
+    from sketchwalk.console import make_console
 
-    return Console()
+    return make_console()
 
 
 def _cell(v) -> str:

@@ -22,7 +22,7 @@ from .plan import BASE, SELECTORS, Variant
 
 LEVEL = 0.95
 RESAMPLES = 2000
-SampleKey = tuple  # (task, length in tokens, sample index)
+SampleKey = tuple  # SampleResult.key: (task, length in tokens, position in the suite)
 ARTIFACT_DIR = "ablation"  # where the report goes among the parent run's artifacts
 
 
@@ -32,7 +32,7 @@ class VariantResult:
 
     state: COMPLETE | FAIL | RUNNING | KILLED (MLflow run status, as in search.records) or MISSING
     (no trial yet); metrics: the trial's MLflow metrics (accuracy x100, prefill_s in s,
-    decode_ms_per_token in ms, density as a fraction, ...); scores: {(task, length, index): score in
+    decode_ms_per_token in ms, density as a fraction, ...); scores: {(task, length, position): score in
     [0, 1]} from the trial's eval.json; run_id, trial: its MLflow run and trial number.
     """
 
@@ -158,7 +158,7 @@ def collect_results(session: SweepSession, variants: list[Variant]) -> dict[str,
         scores: dict[SampleKey, float] = {}
         if state == "COMPLETE":
             result = EvalResult.from_dict(json.loads(tracker.read_text(run.run_id, "eval.json")))
-            scores = {(s.task, int(s.length), int(s.index)): float(s.score) for s in result.samples}
+            scores = {s.key: float(s.score) for s in result.samples}
         out[name] = VariantResult(state, dict(run.metrics), scores, run.run_id, rank[1])
     return out
 

@@ -20,14 +20,15 @@ DEFAULT_OTHERS = "random,streaming"
 
 
 def _console():
-    from rich.console import Console
+    from sketchwalk.console import make_console
 
-    return Console()
+    return make_console()
 
 
 def _error(console, exc: Exception) -> int:
-    console.print(f"[red]error:[/red] {exc}", highlight=False)
-    return 2
+    from sketchwalk.console import print_error
+
+    return print_error(console, exc)
 
 
 def _index_list(text: str) -> Optional[list[int]]:

@@ -9,14 +9,15 @@ from sketchwalk.cli import command
 
 
 def _console():
-    from rich.console import Console
+    from sketchwalk.console import make_console
 
-    return Console()
+    return make_console()
 
 
 def _error(console, exc: Exception) -> int:
-    console.print(f"[red]error:[/red] {exc}", highlight=False)
-    return 2
+    from sketchwalk.console import print_error
+
+    return print_error(console, exc)
 
 
 # -- sweep ------------------------------------------------------------------------------------
@@ -109,11 +110,16 @@ def _cell(value) -> str:
 
 
 def _print_outcome(console, outcome) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     a, s = outcome.analysis, outcome.session
+    split = a.feasibility
+    what = ("complete trials, none feasible: infeasible front" if split and split.fallback
+            else "complete trials" if not split or split.max_accuracy_drop is None
+            else f"complete trials, {len(split.feasible)} feasible")
     table = Table(title=f"Pareto front of {s.sweep_id} ({len(a.front)} of "
-                        f"{sum(r.state == 'COMPLETE' for r in a.records)} complete trials)")
+                        f"{sum(r.state == 'COMPLETE' for r in a.records)} {what})")
     if a.table:
         for col in a.table[0]:
             table.add_column(str(col))
@@ -127,12 +133,28 @@ def _print_outcome(console, outcome) -> None:
         _print_throughput(console, a.throughput)
     for f in a.files:
         console.print(f"wrote {f}", highlight=False)
+    for note in a.notes:  # why it stopped early, nothing feasible, a front within noise, no export
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     if a.exported:
-        console.print(f"best config (trial {a.chosen.number}): {a.exported}  ->  sketchwalk eval --config {a.exported}",
-                      highlight=False)
-    elif a.export_error:
-        console.print(f"[yellow]no export:[/yellow] {a.export_error}", highlight=False)
-    console.print(f"MLflow: mlflow ui --backend-store-uri {s.tracking_uri}", highlight=False)
+        label = " [yellow](infeasible: see the note above)[/yellow]" if split and split.fallback else ""
+        console.print(f"best config (trial {a.chosen.number}){label}: {a.exported}  ->  "
+                      f"sketchwalk eval --config {a.exported}", highlight=False)
+    console.print(mlflow_hint(s), highlight=False)
+
+
+def mlflow_hint(session) -> str:
+    """How to look at the sweep in MLflow: the `mlflow ui` command for a local store (a server's
+    URI is opened as is) and the address of the sweep's parent run, which shows its front.
+
+    `workflowType=machine_learning`: MLflow 3.17's UI opens every experiment in its GenAI view
+    (traces overview, an assistant) unless told otherwise in the address or by its toggle; the
+    experiment's `mlflow.experimentKind` tag (set by tracking.init_store) is not enough there."""
+    uri = session.tracking_uri
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    run = (f"{server}/#/experiments/{session.experiment_id}/runs/{session.parent_run_id}"
+           f"?workflowType=machine_learning")
+    start = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then "
+    return f"MLflow: {start}open {run} (the sweep's run: front.png, front.md, best.yaml)"
 
 
 def _print_throughput(console, t) -> None:
@@ -146,7 +168,7 @@ def _print_throughput(console, t) -> None:
         table.add_column(col)
     for w in t.workers:
         table.add_row(w.role, w.host, w.pid, w.gpus or "(all)", w.gpu_share or "-", str(w.trials),
-                      str(w.model_loads), f"{w.load_s:.1f}", f"{w.eval_s:.1f}")
+                      str(w.model_loads), f"{w.load_s:.1f}", "-" if w.eval_s is None else f"{w.eval_s:.1f}")
     console.print(table)
 
 
@@ -192,8 +214,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
          description="Pick one config from a sweep's finished trials by a rule -- fastest-within-drop:POINTS "
                      "(fastest trial at most POINTS below dense accuracy), most-accurate-under:VALUE (most "
                      "accurate with the speed objective <= VALUE), knee (the front's knee point) -- and write "
-                     "it as YAML with its provenance. `sketchwalk eval --config` and SketchWalkConfig.from_yaml "
-                     "accept the file unchanged.")
+                     "it as YAML with its provenance. Only trials feasible under the sweep's constraints.max_accuracy_drop "
+                     "are candidates; when none is, the most accurate finished trial is written, labelled "
+                     "`feasible: false` in its provenance, with a warning naming the constraint. `sketchwalk eval "
+                     "--config` and SketchWalkConfig.from_yaml accept the file unchanged.")
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
@@ -211,10 +235,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _error(console, exc)
     a = analyze(session, noise_aware=args.noise_aware, rule=args.rule, export=True)
     if a.exported is None:
-        return _error(console, LookupError(a.export_error or "no finished trial to export"))
+        return _error(console, LookupError(a.export_error))
     path = a.exported
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         path = Path(shutil.copyfile(a.exported, args.out))
+    if a.feasibility.fallback:  # exported all the same (labelled in the file): say why, loudly
+        from sketchwalk.console import print_error
+
+        print_error(console, a.feasibility.note, label="warning")
     console.print(f"trial {a.chosen.number} -> {path}", highlight=False)
     return 0

@@ -1,23 +1,35 @@
 """The sweep's live display: a progress bar over trials (done / running / failed) and one line
-per finished trial with its objectives and the size and best point of the front so far."""
+per finished trial with its objectives, its feasibility and the size and best point of the front so far."""
 from __future__ import annotations
 
 import math
 from typing import Any, Optional
 
-from .records import Objective
+from rich.markup import escape
+
+from sketchwalk.console import make_console
+
+from .feasibility import feasible, split_feasible
+from .pareto import pareto_front
+from .records import Objective, TrialRecord
 
 
 class SweepDisplay:
-    """Rich progress over the trial budget; `trial_done` / `status` are the drivers' callbacks."""
+    """Rich progress over the trial budget; `trial_done` / `status` are the drivers' callbacks.
 
-    def __init__(self, objectives: list[Objective], total: Optional[int], *, enabled: bool = True):
-        from rich.console import Console
+    The running front applies the analysis' own rules (`search.feasibility.feasible` under
+    `max_accuracy_drop`, then `search.pareto.pareto_front`), so what it counts is what the end of
+    the sweep reports: feasible trials only, or, while none is feasible, the infeasible ones, said so.
+    """
+
+    def __init__(self, objectives: list[Objective], total: Optional[int], *, enabled: bool = True,
+                 max_accuracy_drop: Optional[float] = None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.objectives = objectives
-        self.console = Console()
-        self.points: list[tuple[int, list[float]]] = []
+        self.max_accuracy_drop = max_accuracy_drop
+        self.console = make_console()
+        self.records: list[TrialRecord] = []
         self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
                                  console=self.console, disable=not enabled)
@@ -36,30 +48,43 @@ class SweepDisplay:
     def status(self, done: int, failed: int, running: int) -> None:
         """Counts from the driver: finished (complete), failed, running now."""
         self.progress.update(self.task, completed=done + failed,
-                             state=f"done {done}  running {running}  failed {failed}  front {len(self._front())}")
+                             state=f"done {done}  running {running}  failed {failed}  {self._front_text()}")
 
     def trial_done(self, number: int, metrics: Optional[dict[str, Any]], error: Optional[str]) -> None:
-        """One trial finished: print its objectives (or its error) and the front so far."""
+        """One trial finished: print its objectives (or its error), its feasibility and the front so far."""
         if metrics is None:
             last = (error or "").strip().splitlines()[-1:] or ["error"]
-            self.log(f"[red]trial {number} failed[/red]: {last[0][:200]}")
+            self.log(f"[red]trial {number} failed[/red]: {escape(last[0][:200])}")
             return
         vals = [metrics.get(o.metric, metrics.get(o.name, math.nan)) for o in self.objectives]
-        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
-            self.points.append((number, [float(v) for v in vals]))
-        shown = "  ".join(f"{o.name} {v:.4g}" for o, v in zip(self.objectives, vals))
-        front = self._front()
-        best = max(front, key=lambda p: p[1][0] if self.objectives[0].maximize else -p[1][0]) if front else None
-        best_txt = f"  | front {len(front)} trial(s), best {self.objectives[0].name}: trial {best[0]}" if best else ""
-        self.log(f"trial {number}: {shown}{best_txt}")
+        record = TrialRecord(number, "COMPLETE", {}, {k: float(v) for k, v in metrics.items() if _number(v)})
+        for o, v in zip(self.objectives, vals):  # Ray reports objectives by name
+            if _number(v):
+                record.metrics.setdefault(o.metric, float(v))
+        if all(_number(v) and math.isfinite(v) for v in vals):
+            self.records.append(record)
+        shown = "  ".join(f"{o.name} {v:.4g}" if _number(v) else f"{o.name} ?" for o, v in zip(self.objectives, vals))
+        verdict = ""
+        if not feasible(record, self.max_accuracy_drop):
+            drop = record.metrics.get("accuracy_drop")
+            verdict = (f"  [yellow]infeasible[/yellow] (drop {drop:.1f} > {self.max_accuracy_drop:g} points)"
+                       if drop is not None else "  [yellow]infeasible[/yellow] (accuracy drop not recorded)")
+        self.log(f"trial {number}: {shown}{verdict}  | {self._front_text(best=True)}")
 
-    def _front(self) -> list[tuple[int, list[float]]]:
-        # Cheap running front for the display only; the analysis uses search.pareto.
-        signs = [1.0 if o.maximize else -1.0 for o in self.objectives]
-        pts = [(n, [s * v for s, v in zip(signs, vals)]) for n, vals in self.points]
+    def _front_text(self, best: bool = False) -> str:
+        split = split_feasible(self.records, self.max_accuracy_drop)
+        front = pareto_front(split.candidates, self.objectives)
+        if not front:
+            return "front empty"
+        if split.fallback:
+            text = f"front {len(front)} (no trial feasible yet: {len(split.infeasible)} infeasible)"
+        else:
+            text = f"front {len(front)} feasible trial(s)"
+        if best:
+            top = front[0]  # pareto_front sorts best first on the first objective
+            text += f", best {self.objectives[0].name}: trial {top.number}"
+        return text
 
-        def dominated(a, b):  # b dominates a
-            return all(x >= y for x, y in zip(b, a)) and any(x > y for x, y in zip(b, a))
 
-        keep = {n for n, v in pts if not any(dominated(v, w) for _, w in pts)}
-        return [(n, vals) for n, vals in self.points if n in keep]
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

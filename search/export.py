@@ -125,6 +125,24 @@ def choose(records: list[TrialRecord], objectives: list[Objective], rule: "str |
     return min(fits, key=lambda r: (-r.value(acc), _better(speed, r.value(speed)), r.number))
 
 
+def most_accurate(records: list[TrialRecord], objectives: list[Objective]) -> TrialRecord:
+    """The most accurate COMPLETE record with a config and finite accuracy (ties: better on the speed
+    objective, then the lower number); NoTrialMatches when there is none. The analysis exports it
+    when no trial is feasible."""
+    acc = _accuracy_objective(objectives)
+    pool = [r for r in records if r.config is not None and is_valid(r, [acc])]
+    if not pool:
+        raise NoTrialMatches(f"no COMPLETE trial with a config has a finite {acc.name}")
+    others = [o for o in objectives if o.name != acc.name]
+    speed = others[0] if others else None
+
+    def key(r: TrialRecord) -> tuple:
+        tie = _better(speed, r.value(speed)) if speed is not None and math.isfinite(r.value(speed)) else math.inf
+        return (-r.value(acc), tie, r.number)
+
+    return min(pool, key=key)
+
+
 def _plain(v: Any) -> Any:
     # yaml.safe_dump only takes builtin types; metric values may be numpy scalars.
     if isinstance(v, dict):

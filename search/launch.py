@@ -106,7 +106,7 @@ def _dotted(data: dict, key: str) -> tuple[dict, str]:
 def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), address: Optional[str] = None,
               resume: bool = False, progress: bool = True, tracking_uri: Optional[str] = None) -> SweepOutcome:
     """Run (or resume) the sweep to its budget, then analyse and export; returns what happened."""
-    from .analysis import analyze
+    from .analysis import TAG_STOP_REASON, analyze
     from .display import SweepDisplay
 
     t0 = time.perf_counter()
@@ -117,7 +117,8 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
     objectives = resolve_objectives(spec, cuda)
     session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=tracking_uri,
                            device="cuda" if cuda else "cpu")
-    display = SweepDisplay(objectives, spec.budget.trials, enabled=progress)
+    display = SweepDisplay(objectives, spec.budget.trials, enabled=progress,
+                           max_accuracy_drop=spec.constraints.max_accuracy_drop)
     with display:
         display.log(f"sweep [bold]{sweep_id}[/bold] ({spec.backend}, {'resumed' if resume else 'new'}): "
                     f"objectives {_describe(objectives)}; MLflow {session.tracking_uri}")
@@ -133,6 +134,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
         if recorded:
             display.log(f"dense baseline: {_accuracy(baseline)}, as logged in MLflow run {recorded[1]} (reused, "
                         f"not evaluated again)")
+        driver_t0 = time.perf_counter()
         if spec.backend == "optuna":
             counts = _run_optuna(session, display, baseline)
         else:
@@ -140,9 +142,29 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
 
             counts = run_tune(session, address=address, resume=resume, baseline=baseline,
                               on_result=display.trial_done, on_status=display.status)
-    analysis = analyze(session)
+        reason = stop_reason(spec, counts, time.perf_counter() - driver_t0, sweep_id=sweep_id)
+    # A tag, so that `sketchwalk pareto` / `export` later and the MLflow UI say it too.
+    session.tracker().set_tags(session.parent_run_id, {TAG_STOP_REASON: reason})
+    analysis = analyze(session, stop_reason=reason)
     session.tracker().finish(session.parent_run_id, "FINISHED")
     return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)
+
+
+def stop_reason(spec: SweepSpec, counts: dict, driver_s: float, *, sweep_id: str) -> str:
+    """Why the trial phase ended, as one line starting with its kind: 'trials:' (the trial budget was
+    spent), 'wall_time:' (budget.wall_time_s stopped it before the trial budget; says how to go on),
+    or 'ended:' (fewer trials than budgeted for another reason, e.g. every fixed variant ran).
+    `driver_s`: seconds the driver ran (the wall-time clock starts inside it, so it is an upper bound)."""
+    done = int(counts.get("complete") or 0) + int(counts.get("failed") or 0)
+    budget, wall = spec.budget.trials, spec.budget.wall_time_s
+    if budget is not None and done >= budget:
+        return f"trials: the budget of {budget} trial(s) was spent ({counts.get('complete')} complete)"
+    if wall is not None and driver_s >= wall:
+        of = f" of {budget}" if budget is not None else ""
+        more = f" --trials {budget}" if budget is not None else ""
+        return (f"wall_time: the {wall:g} s wall-time budget (budget.wall_time_s) stopped the sweep after {done}{of} "
+                f"trial(s); to run more: sketchwalk sweep --resume {sweep_id}{more} --wall-time {max(2 * wall, 600):g}")
+    return f"ended: {done} trial(s) finished or failed" + (f" of a budget of {budget}" if budget is not None else "")
 
 
 def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] = None) -> dict:
@@ -156,10 +178,18 @@ def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] =
     display.log("loading the model and building the RULER samples (once for the whole sweep)")
     work = load_workload(spec)
     display.log(f"loaded in {work.load_s:.1f} s on {work.device}")
+    from rich.markup import escape
+
+    from sketchwalk.ruler import short_samples_note
+
+    note = short_samples_note(work.samples)
+    if note:  # RULER's step back-off: said here, so a short prompt is not read as our bug
+        display.log(f"[yellow]note:[/yellow] {escape(note)}")
     if baseline is None:
+        started = time.time()
         baseline = dense_result(work, progress=False)
-        log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s},
-                     worker_tags())
+        log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s,
+                                         "eval_s": time.time() - started}, worker_tags(), started_at=started)
         display.log(f"dense baseline: {_accuracy(baseline)}")
     work.baseline = baseline
     storage = spec.storage or default_storage(session.workdir)

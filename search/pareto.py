@@ -231,6 +231,15 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """`rows` (from `front_table`) as a markdown table (floats to 4 significant digits); an empty
+    front is the header alone."""
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["number"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def write_front_table(rows: list[dict], path_stem: str | Path) -> tuple[Path, Path]:
     """Write `rows` (from `front_table`) to `<stem>.md` (a markdown table) and `<stem>.csv`.
 
@@ -241,9 +250,7 @@ def write_front_table(rows: list[dict], path_stem: str | Path) -> tuple[Path, Pa
     stem.parent.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".csv")
     columns = list(dict.fromkeys(k for row in rows for k in row)) or ["number"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in columns) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text(markdown_table(rows) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from search.feasibility import constraint_label, feasible
 from search.pareto import build_study, is_valid
 from search.records import Objective, TrialRecord
 
@@ -64,21 +65,34 @@ def plot_front(
     *,
     baseline: Optional[TrialRecord] = None,
     path_stem: str | Path,
+    max_accuracy_drop: Optional[float] = None,
+    noise: bool = False,
 ) -> list[Path]:
     """Write `<stem>.png` and `<stem>.html` of the Pareto front; returns [png, html].
 
     2-D on the first two objectives (accuracy on y when it is one of them). PNG: all COMPLETE
-    trials grey with their 95% accuracy intervals, `front` highlighted and joined by a step line
-    (the attainment staircase), the dense `baseline` as a red star with its interval plus a dashed
-    line at its value. HTML: `optuna.visualization.plot_pareto_front` of an in-memory study of
+    trials grey with their 95% accuracy intervals, trials infeasible under `max_accuracy_drop`
+    (`search.feasibility.feasible`, the analysis' rule) as red crosses, the constraint as a dotted
+    line at dense accuracy minus the allowed drop, `front` highlighted and joined by a step line
+    (the attainment staircase; orange and titled so when no trial is feasible and the front is the
+    infeasible trials'), the dense `baseline` as a red star with its interval plus a dashed line at
+    its value; `noise` adds "(within noise of dense)" to the title. HTML: `optuna.visualization.plot_pareto_front` of an in-memory study of
     all objectives (Optuna's plain front highlighted), plus the baseline and the given front as
     extra traces; plotly.js is inlined so the file works offline.
     """
     x, y = _xy(objectives)
     png, html = _stem_paths(path_stem)
     is_base = lambda r: baseline is not None and (r is baseline or (r.number == baseline.number and r.config is None))
-    cloud = [r for r in records if not is_base(r) and is_valid(r, [x, y])]
+    points = [r for r in records if not is_base(r) and is_valid(r, [x, y])]
+    cloud = [r for r in points if feasible(r, max_accuracy_drop)]
+    bad = [r for r in points if not feasible(r, max_accuracy_drop)]
     line = sorted((r for r in front if is_valid(r, [x, y])), key=lambda r: (r.value(x), r.number))
+    infeasible_front = bool(line) and not any(feasible(r, max_accuracy_drop) for r in line)
+    front_colour = "tab:orange" if infeasible_front else "tab:blue"
+    front_label = "front of infeasible trials" if infeasible_front else "Pareto front"
+    floor = (baseline.value(y) - max_accuracy_drop
+             if max_accuracy_drop is not None and y.name == "accuracy" and baseline is not None
+             and math.isfinite(baseline.value(y)) else None)
     # A minimised x: what is attainable at x comes from the points left of it -> step after each point.
     where = "post" if not x.maximize else "pre"
     base_ok = baseline is not None and math.isfinite(baseline.value(y))
@@ -86,13 +100,22 @@ def plot_front(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     try:
-        ax.errorbar([r.value(x) for r in cloud], [r.value(y) for r in cloud], yerr=_yerr(cloud, y),
-                    fmt="o", color="0.6", ecolor="0.8", ms=4, elinewidth=0.8, label=f"trials ({len(cloud)})", zorder=1)
+        if cloud:
+            ax.errorbar([r.value(x) for r in cloud], [r.value(y) for r in cloud], yerr=_yerr(cloud, y),
+                        fmt="o", color="0.6", ecolor="0.8", ms=4, elinewidth=0.8, zorder=1,
+                        label=f"feasible trials ({len(cloud)})" if max_accuracy_drop is not None else f"trials ({len(cloud)})")
+        if bad:
+            ax.errorbar([r.value(x) for r in bad], [r.value(y) for r in bad], yerr=_yerr(bad, y), fmt="x",
+                        color="tab:red", ecolor="mistyrose", ms=6, elinewidth=0.8,
+                        label=f"infeasible trials ({len(bad)}): drop > {max_accuracy_drop:g}", zorder=1)
+        if floor is not None:
+            ax.axhline(floor, color="tab:red", ls=":", lw=1,
+                       label=f"constraint: dense - {max_accuracy_drop:g} points", zorder=0)
         if line:
             xs, ys = [r.value(x) for r in line], [r.value(y) for r in line]
-            ax.step(xs, ys, where=where, color="tab:blue", lw=1.5, zorder=2)
-            ax.errorbar(xs, ys, yerr=_yerr(line, y), fmt="o", color="tab:blue", ms=6, capsize=3,
-                        label=f"Pareto front ({len(line)})", zorder=3)
+            ax.step(xs, ys, where=where, color=front_colour, lw=1.5, zorder=2)
+            ax.errorbar(xs, ys, yerr=_yerr(line, y), fmt="o", color=front_colour, ms=6, capsize=3,
+                        label=f"{front_label} ({len(line)})", zorder=3)
             for r in line:
                 ax.annotate(f"#{r.number}", (r.value(x), r.value(y)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if base_ok:
@@ -102,7 +125,7 @@ def plot_front(
                             color="tab:red", capsize=3, label="dense baseline", zorder=4)
         ax.set_xlabel(_axis_label(x))
         ax.set_ylabel(_axis_label(y))
-        ax.set_title(f"Pareto front: {y.name} vs {x.name}" + (f" (front over {', '.join(o.name for o in objectives)})" if len(objectives) > 2 else ""))
+        ax.set_title(_front_title(x, y, objectives, line, infeasible_front, max_accuracy_drop, noise), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
@@ -118,7 +141,17 @@ def plot_front(
                                target_names=[_axis_label(x), _axis_label(y)])
     if line:
         fig.add_scatter(x=[r.value(x) for r in line], y=[r.value(y) for r in line], mode="lines",
-                        line_shape="hv" if where == "post" else "vh", name="front", hoverinfo="skip")
+                        line_shape="hv" if where == "post" else "vh", name=front_label, hoverinfo="skip",
+                        line={"color": "orange" if infeasible_front else None})
+    if bad:
+        fig.add_scatter(x=[r.value(x) for r in bad], y=[r.value(y) for r in bad], mode="markers",
+                        name=f"infeasible (drop > {max_accuracy_drop:g})", text=[f"#{r.number}" for r in bad],
+                        marker={"symbol": "x", "size": 10, "color": "red"})
+    if floor is not None:
+        fig.add_hline(y=floor, line_dash="dot", line_color="red",
+                      annotation_text=f"constraint: dense - {max_accuracy_drop:g} points")
+    fig.update_layout(title=_front_title(x, y, objectives, line, infeasible_front, max_accuracy_drop, noise)
+                      .replace("\n", "<br>"))  # plotly breaks lines with <br>
     if base_ok and math.isfinite(baseline.value(x)):
         lo, hi = baseline.accuracy_interval if y.name == "accuracy" else (baseline.value(y),) * 2
         fig.add_scatter(x=[baseline.value(x)], y=[baseline.value(y)], mode="markers", name="dense baseline",
@@ -128,6 +161,23 @@ def plot_front(
         fig.add_hline(y=baseline.value(y), line_dash="dash", line_color="red")
     fig.write_html(html, include_plotlyjs=True)
     return [png, html]
+
+
+def _front_title(x: Objective, y: Objective, objectives: Sequence[Objective], line: Sequence[TrialRecord],
+                 infeasible_front: bool, max_accuracy_drop: Optional[float], noise: bool) -> str:
+    """The front plot's title: what is plotted, under which constraint, and what the front is worth."""
+    title = f"Pareto front: {y.name} vs {x.name}"
+    if len(objectives) > 2:
+        title += f" (front over {', '.join(o.name for o in objectives)})"
+    if max_accuracy_drop is not None:
+        title += f"; feasible: {constraint_label(max_accuracy_drop)}"
+    if not line:
+        title += "\nno front: no finished trial"
+    elif infeasible_front:
+        title += "\nno trial is feasible: the front shown is of infeasible trials"
+    if noise:
+        title += "\nfront within noise of dense (every accuracy interval overlaps dense's)"
+    return title
 
 
 def _category_order(v: Any) -> tuple:

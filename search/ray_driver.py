@@ -93,7 +93,9 @@ class SweepTrainable(tune.Trainable):
     def _report(self, number: int, values: list[float], metrics: dict[str, float]) -> dict[str, Any]:
         """The step result Tune hands to OptunaSearch: objective values by name, plus worker facts."""
         out = {o.name: v for o, v in zip(self.session.objectives, values)}
-        out.update(trial_number=number, eval_s=metrics.get("eval_s"), load_s=self.work.load_s,
+        # accuracy_drop: the live display judges feasibility by it, as the analysis does.
+        out.update(trial_number=number, eval_s=metrics.get("eval_s"), accuracy_drop=metrics.get("accuracy_drop"),
+                   load_s=self.work.load_s,
                    worker_pid=os.getpid(), model_loads=MODEL_LOADS["count"], done=True)
         return out
 
@@ -114,9 +116,10 @@ def _baseline_task(session_dict: dict) -> dict:
     its MLflow metrics and the tags of the process that loaded the model for it."""
     session = SweepSession.from_dict(session_dict)
     work = load_workload(session.spec)
+    started = time.time()
     result = dense_result(work, progress=False)
-    metrics = {**result_metrics(result, model=work.model), "worker_load_s": work.load_s}
-    return {"result": result.to_dict(), "metrics": metrics, "tags": worker_tags(_gpu_share())}
+    metrics = {**result_metrics(result, model=work.model), "worker_load_s": work.load_s, "eval_s": time.time() - started}
+    return {"result": result.to_dict(), "metrics": metrics, "tags": worker_tags(_gpu_share()), "started_at": started}
 
 
 def _gpu_share() -> float:
@@ -159,7 +162,7 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
         task = ray.remote(num_cpus=spec.resources.cpus, num_gpus=gpus, max_calls=1)(_baseline_task)
         base = ray.get(task.remote(session_dict))
         baseline = EvalResult.from_dict(base["result"])
-        log_baseline(session, baseline, base["metrics"], base["tags"])
+        log_baseline(session, baseline, base["metrics"], base["tags"], started_at=base["started_at"])
 
     storage_path = str((session.workdir / "runs" / "ray").resolve())
     exp_dir = os.path.join(storage_path, session.sweep_id)

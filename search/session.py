@@ -16,7 +16,7 @@ from sketchwalk.evaluation import EvalResult
 from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
 
 from .records import Objective, TrialRecord
-from .spec import SweepSpec, spec_to_yaml
+from .spec import SweepSpec, spec_to_yaml, variant_config
 from .trial import objective_values
 
 BASELINE_KEY = "baseline-dense"
@@ -107,13 +107,16 @@ def load_session(sweep_id: str, workdir: Path) -> SweepSession:
 
 
 def log_baseline(session: SweepSession, baseline: EvalResult, metrics: dict[str, float],
-                 tags: Optional[dict[str, str]] = None) -> str:
+                 tags: Optional[dict[str, str]] = None, started_at: Optional[float] = None) -> str:
     """Log the dense baseline as its own child run, once per sweep: `metrics` (`result_metrics` of
-    it, plus the loading worker's `worker_load_s`) and `tags` (its `worker_tags`). A resume finds it
-    FINISHED and leaves it as it is, the worker that made it included."""
+    it, plus the loading worker's `worker_load_s` and the evaluation's `eval_s`) and `tags` (its
+    `worker_tags`). `started_at` (epoch s): when the evaluation began, the run's start time, so its
+    MLflow duration is the evaluation's (the run is only created once the result exists). A resume
+    finds it FINISHED and leaves it as it is, the worker that made it included."""
     tracker = session.tracker()
     run = tracker.child_run(BASELINE_KEY, role="baseline", name="dense baseline",
-                            params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite})
+                            params={"attention": "dense", "model": session.spec.model, "suite": session.spec.suite},
+                            start_ms=None if started_at is None else int(started_at * 1000))
     if run.status != "FINISHED":
         tracker.set_tags(run.run_id, tags or {})
         tracker.log_metrics(run.run_id, metrics)
@@ -142,13 +145,38 @@ def config_hash(config: Optional[SketchWalkConfig]) -> str:
     return DENSE if config is None else config.short_hash()
 
 
+#: Short names of SketchWalkConfig fields in run names (others use the field name).
+_SHORT = {"block_size": "b", "sketch_dim": "r", "density": "d", "top_k": "k", "sparsity_exponent": "s",
+          "skip_layers": "skip", "walk": "walk"}
+
+
+def trial_run_name(number: int, config: Optional[SketchWalkConfig], spec: SweepSpec) -> str:
+    """The trial's MLflow run name: its number and the values of the searched fields, e.g.
+    "t3 b64 r32 d0.42 s8.1 skip2", so the runs table and chart legends tell trials apart by config
+    (a fixed-variant sweep: "t3 walk=none", the variant's name; dense: "t3 dense")."""
+    if spec.variants:
+        name = next((n for n in spec.variants if variant_config(spec, n) == config), None)
+        return f"t{number} {name or ('dense' if config is None else config.short_hash())}"
+    if config is None:
+        return f"t{number} dense"
+    values = config.to_dict()
+    parts = []
+    for field in spec.space:
+        v = values.get(field)
+        text = f"{v:.3g}" if isinstance(v, float) else str(v)
+        short = _SHORT.get(field)
+        parts.append(f"{short}{text}" if short else f"{field}={text}")
+    return " ".join([f"t{number}", *parts])
+
+
 def start_trial(session: SweepSession, number: int, config: Optional[SketchWalkConfig], tracker: SweepTracker,
                 extra_tags: Optional[dict[str, Any]] = None) -> ChildRun:
     """The trial's MLflow child run (created, or re-attached on resume), with the full config as params
     (config None: a dense variant, logged as param attention=dense)."""
     tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": config_hash(config), **(extra_tags or {})}
     params = config.to_dict() if config is not None else {"attention": DENSE}
-    run = tracker.child_run(trial_key(number), role="trial", name=f"trial {number}", params=params, tags=tags)
+    run = tracker.child_run(trial_key(number), role="trial", name=trial_run_name(number, config, session.spec),
+                            params=params, tags=tags)
     # When this attempt began (epoch s): a re-attached run keeps its first attempt's start time.
     tracker.log_metrics(run.run_id, {"started_at": time.time()})
     tracker.log_text(run.run_id, config.to_yaml() if config is not None else "sketchwalk: null  # dense attention\n",
@@ -212,15 +240,6 @@ def _config_from_params(params: dict[str, str]) -> Optional[dict[str, Any]]:
         return SketchWalkConfig.from_dict(data).to_dict()
     except Exception:
         return None
-
-
-def feasible(record: TrialRecord, spec: SweepSpec) -> bool:
-    """Whether a finished trial meets the spec's constraints (accuracy drop vs dense)."""
-    limit = spec.constraints.max_accuracy_drop
-    if limit is None:
-        return True
-    drop = record.metrics.get("accuracy_drop")
-    return drop is not None and drop <= limit + 1e-9
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -27,7 +27,7 @@ class WorkerUse:
     trials: int
     model_loads: int
     load_s: float
-    eval_s: float
+    eval_s: Optional[float]  # None: not recorded (a baseline logged by an older version)
     gpu_share: str = ""  # GPUs the scheduler assigned it ("0.5": two trials per GPU; "" unknown)
 
 
@@ -83,6 +83,9 @@ def sweep_throughput(runs: list[ChildRun], slots: int = 1) -> Optional[Throughpu
                                               r.tags.get(WORKER_GPU_SHARE, "")))
         w.load_s = max(w.load_s, float(r.metrics.get("worker_load_s", 0.0)))
         w.model_loads = max(w.model_loads, int(r.metrics.get("worker_model_loads", 1)))
+        if r.role == "baseline":
+            # None: a baseline logged before eval_s was recorded (shown as "-", not as 0 s).
+            w.eval_s = r.metrics.get("eval_s")
         if r.role == "trial":
             w.trials += 1
             w.eval_s += float(r.metrics.get("eval_s", 0.0))

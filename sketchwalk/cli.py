@@ -160,10 +160,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 1 if failed else 0
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from .console import make_console
+
+    console = make_console()
     for title, section in (("Versions", report["versions"]), ("Device", report["device"]),
                            ("Model", report["model"])):
         table = Table(title=title, show_header=False, title_justify="left")
@@ -225,8 +226,9 @@ def _positive_int(text: str) -> int:
 
 
 def _input_error(console, exc: Exception) -> int:
-    console.print(f"[red]error:[/red] {exc}", highlight=False)
-    return 2
+    from .console import print_error
+
+    return print_error(console, exc)
 
 
 def _prepare(console, args: argparse.Namespace, **plan_kwargs):
@@ -237,28 +239,35 @@ def _prepare(console, args: argparse.Namespace, **plan_kwargs):
         plan = prepare_run(args.model, args.suite, config=args.config, essays=args.essays, samples=args.samples,
                            dtype=args.dtype, **plan_kwargs)
         model, tokenizer = load_model(plan)
-        return plan, model, tokenizer, build_samples(plan, tokenizer)
+        samples = build_samples(plan, tokenizer)
     except EvalInputError as exc:
         return _input_error(console, exc)
+    from rich.markup import escape
+
+    from .ruler import short_samples_note
+
+    note = short_samples_note(samples)
+    if note:  # RULER's step back-off: said here, so a short prompt is not read as our bug
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+    return plan, model, tokenizer, samples
 
 
 @command("eval", arguments=_eval_arguments,
          help="evaluate one config (or dense) on a RULER suite: accuracy, speed, density -> JSON",
          description="Evaluate the model with one SketchWalk config (--config) or dense attention (--dense, the "
-                     "default) on a RULER suite. Prints accuracy per task x length with 95%% bootstrap "
+                     "default) on a RULER suite. Prints accuracy per task x length with 95% bootstrap "
                      "intervals, median prefill time, decode tokens/s and measured density, each with the "
                      "device and dtype, and writes one JSON (per-sample predictions included) into --out. "
                      "A sparse run is compared with the dense baseline, cached on disk per (model, suite, "
                      "dtype, device). All input is checked before the model is loaded (exit 2 on bad input).")
 def cmd_eval(args: argparse.Namespace) -> int:
     """`sketchwalk eval`: exit 0 on success, 2 on bad input."""
-    from rich.console import Console
-
+    from .console import make_console
     from .evaluation import dense_baseline, evaluate
     from .evaluation.plan import baseline_key
     from .evaluation.report import accuracy_delta, result_table, summary_lines, write_result
 
-    console = Console()
+    console = make_console()
     prepared = _prepare(console, args, dense=args.dense)
     if isinstance(prepared, int):
         return prepared
@@ -314,17 +323,16 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 @command("demo", arguments=_demo_arguments,
          help="dense vs Sketch&Walk on a RULER suite: accuracy, prefill time, density",
          description="Evaluate the model twice on the same RULER samples, once with dense attention "
-                     "and once with Sketch&Walk attached, and print accuracy (95%% bootstrap "
+                     "and once with Sketch&Walk attached, and print accuracy (95% bootstrap "
                      "intervals), median prefill time and measured density side by side. "
                      "Everything is checked before the model is loaded.")
 def cmd_demo(args: argparse.Namespace) -> int:
     """`sketchwalk demo`: exit 0 on success, 2 on bad input."""
-    from rich.console import Console
-
+    from .console import make_console
     from .evaluation import evaluate
     from .evaluation.report import result_table, summary_lines
 
-    console = Console()
+    console = make_console()
     prepared = _prepare(console, args, density=None if args.config else args.density)
     if isinstance(prepared, int):
         return prepared

@@ -147,10 +147,10 @@ def _sha256_file(path: Path) -> str:
 
 
 def _console():
-    from rich.console import Console
+    from .console import make_console
 
     # stderr, so that `sketchwalk info --json` keeps a clean stdout.
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 def _progress(console):

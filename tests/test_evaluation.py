@@ -2,6 +2,8 @@
 before any weights load, result files, and a slow end-to-end run on the bundled model."""
 from __future__ import annotations
 
+import dataclasses
+
 import glob
 import json
 import math
@@ -166,11 +168,32 @@ def test_batched_answers_take_speed_from_their_timed_call():
     text = "y" * 61  # answer of 61 * 7 % 90 + 3 = 70 letters: longer than the 32-token timing call
     flat = [("niah_single_1", 1024, {"input": text, "answer_prefix": "", "outputs": ["abc"], "index": 0}),
             ("niah_single_1", 1024, {"input": text + "z", "answer_prefix": "", "outputs": ["abc"], "index": 1})]
-    timed = [SampleResult("niah_single_1", 1024, 0, 61, "abc", ["abc"], 0.0, 0.05, 3.2, 32, 3.1)]
+    timed = [SampleResult("niah_single_1", 1024, 0, 61, "abc", ["abc"], 0.0, 0.05, 3.2, 32, 3.1, position=0)]
     results = _run_batched(_EchoModel(), _CharTokenizer(), flat, torch.device("cpu"), False, 2, timed)
     assert results[0].new_tokens == 71 and results[0].timed_tokens == 32
     assert results[0].prefill_s == 0.05 and results[0].decode_tokens_per_s == pytest.approx(31 / 3.1)
     assert results[1].timed_tokens is None and math.isnan(results[1].decode_tokens_per_s)
+
+
+def test_samples_sharing_a_ruler_index_keep_their_own_identity():
+    """Imported RULER niah files repeat `index` (it is the answer's character offset): keyed by it,
+    two samples merged in the timing join and in the ablation report's pairing. They are keyed by
+    their position in the suite now; RULER's index stays as data."""
+    import torch
+
+    from sketchwalk.evaluation.harness import _run_batched
+
+    flat = [("niah_single_1", 1024, {"input": "y" * 61, "answer_prefix": "", "outputs": ["abc"], "index": 517}),
+            ("niah_single_1", 1024, {"input": "y" * 62, "answer_prefix": "", "outputs": ["abc"], "index": 517})]
+    timed = [SampleResult("niah_single_1", 1024, 517, 61, "abc", ["abc"], 0.0, 0.05, 3.2, 32, 3.1, position=0),
+             SampleResult("niah_single_1", 1024, 517, 62, "abc", ["abc"], 0.0, 0.07, 3.3, 32, 3.2, position=1)]
+    results = _run_batched(_EchoModel(), _CharTokenizer(), flat, torch.device("cpu"), False, 2, timed)
+    assert [r.index for r in results] == [517, 517] and [r.position for r in results] == [0, 1]
+    assert [r.prefill_s for r in results] == [0.05, 0.07]  # each its own timing
+    assert len({r.key for r in results}) == 2
+    old = EvalResult.from_dict({**_result().to_dict(), "samples": [
+        {k: v for k, v in dataclasses.asdict(timed[0]).items() if k != "position"}]})
+    assert old.samples[0].key == ("niah_single_1", 1024, 517)  # a result without positions: RULER's index
 
 
 def test_timing_samples_spread_over_tasks_per_length():

@@ -549,3 +549,18 @@ def test_suite_imports(tmp_path):
     assert data[("qa_1", 1024)] == rows[:2]
     # '@' drops imports pinned to other lengths.
     assert [i.task for i in load_suite(f"{p}@1k").imports] == ["qa_1"]
+
+
+def test_short_samples_are_named_as_rulers_back_off():
+    """Issue 21: half the niah_single_2 samples at 1K/2K were far below their length. That is
+    RULER's step back-off (500 essay words per retry at every length); eval and sweep now say so."""
+    from sketchwalk.ruler import short_samples_note
+
+    samples = {("niah_single_2", 1024): [{"length": 1020}, {"length": 427}],
+               ("niah_single_2", 2048): [{"length": 2040}, {"length": 1450}],
+               ("niah_single_1", 1024): [{"length": 1019}, {"length": 1023}]}
+    note = short_samples_note(samples)
+    assert note.startswith("short samples: 1 of 2 niah_single_2@1024 (shortest 427 tokens), "
+                           "1 of 2 niah_single_2@2048 (shortest 1450 tokens) are more than 20% below")
+    assert "RULER's behaviour" in note and "500 essay words" in note and "niah_single_1" not in note
+    assert short_samples_note({("vt", 1024): [{"length": 1000}]}) is None

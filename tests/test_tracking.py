@@ -101,6 +101,17 @@ def test_init_store_idempotent_and_artifacts_beside_db(store, tmp_path):
     client = MlflowClient(tracking_uri=uri)
     assert client.get_experiment(exp_id).artifact_location == (db_dir / "artifacts").as_uri()
     assert client.get_experiment(other).artifact_location == (tmp_path / "art").as_uri()
+    # The MLflow 3 UI opens a model-development experiment on its runs, not the GenAI overview;
+    # set when the experiment is created (and on an existing one), the UI's own guess replaced, a
+    # kind set by hand kept.
+    fresh = init_store(uri, EXPERIMENT + "-3")
+    assert client.get_experiment(fresh).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(other, "mlflow.experimentKind", "genai_development_inferred")
+    init_store(uri, EXPERIMENT + "-2")
+    assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(other, "mlflow.experimentKind", "genai_development")
+    init_store(uri, EXPERIMENT + "-2")
+    assert client.get_experiment(other).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_init_store_rejects_relative_sqlite():
@@ -227,6 +238,9 @@ def test_child_run_is_idempotent_by_key(store, tracker):
         tracker.child_run("it's", role="trial", name="q")
     assert tracker.find_child("t-001").run_id == first.run_id
     assert tracker.find_child("missing") is None
+    # A run logged after its work (the dense baseline) starts when the work began.
+    late = tracker.child_run("b", role="baseline", name="dense baseline", start_ms=1_700_000_000_000)
+    assert late.start_ms == 1_700_000_000_000
 
 
 def test_children_filter_sort_and_paginate(tracker, monkeypatch):

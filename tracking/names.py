@@ -12,6 +12,13 @@ TAG_ROLE = "sketchwalk.role"
 TAG_ERROR = "sketchwalk.error"
 TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI uses to nest child runs
 
+# The MLflow 3 UI opens an experiment on its GenAI "Overview" (traces, an assistant) unless the
+# experiment says it holds model-development runs; with this kind it opens on the runs table. The
+# values are the UI's (mlflow/server/js: "genai_development" | "custom_model_development"; an
+# "_inferred" suffix is the UI's own guess, which an explicit kind overrides).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 ROLE_SWEEP = "sweep"
 CHILD_ROLES = ("trial", "baseline")
 

@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from tracking.names import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND
 from tracking.retry import TrackingError, retrying
 
 _log = logging.getLogger(__name__)
@@ -152,7 +153,9 @@ def init_store(
     Parallel first writers race on SQLite's schema migration, hence a single call up front.
     Checks reachability (http(s): GET <uri>/health within `timeout_s` seconds; sqlite: the
     database directory exists or can be created and is writable), creates the schema and the
-    experiment if missing (a deleted experiment of that name is restored). For sqlite the
+    experiment if missing (a deleted experiment of that name is restored) and tags it
+    `mlflow.experimentKind = custom_model_development` (the UI then opens on its runs, not on
+    the GenAI overview). For sqlite the
     experiment's artifact location defaults to the file URI of "<dir of the db>/artifacts";
     `artifact_root` (path or URI) overrides it. It applies only when the experiment is created.
     Raises TrackingError naming `uri` on failure.
@@ -182,10 +185,12 @@ def _ensure_experiment(client: MlflowClient, uri: str, name: str, location: str 
     exp = retrying(client.get_experiment_by_name, name, what=what)
     if exp is None:
         try:
-            return retrying(
+            created = retrying(
                 client.create_experiment, name, artifact_location=location,
                 what=f"create experiment {name!r} at {uri}",
             )
+            _set_experiment_kind(client, uri, created)
+            return created
         except MlflowException as exc:
             # Another driver created it between our lookup and create: use theirs.
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -200,4 +205,15 @@ def _ensure_experiment(client: MlflowClient, uri: str, name: str, location: str 
     if location is not None and exp.artifact_location != location:
         _log.info("experiment %r keeps its artifact location %s (requested %s)",
                   name, exp.artifact_location, location)
+    _set_experiment_kind(client, uri, exp.experiment_id)
     return exp.experiment_id
+
+
+def _set_experiment_kind(client: MlflowClient, uri: str, experiment_id: str) -> None:
+    """Tag the experiment as model development (see names.EXPERIMENT_KIND), so the MLflow UI opens
+    on its runs; a kind someone set by hand (not the UI's "_inferred" guess) is left alone."""
+    exp = retrying(client.get_experiment, experiment_id, what=f"get experiment {experiment_id} at {uri}")
+    kind = (exp.tags or {}).get(TAG_EXPERIMENT_KIND)
+    if kind is None or kind.endswith("_inferred"):
+        retrying(client.set_experiment_tag, experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND,
+                 what=f"tag experiment {experiment_id} at {uri}")

@@ -233,13 +233,15 @@ class SweepTracker:
         name: str,
         params: dict | None = None,
         tags: dict | None = None,
+        start_ms: int | None = None,
     ) -> ChildRun:
         """The child run of this sweep with tag sketchwalk.key == `key`, created if missing.
 
         Idempotent by key: an existing run is returned with created=False and only params it
         does not have yet are logged (a differing value for a present param is left as is, with
         a warning); `tags` are (re)set. A new run gets run name `name`, tag mlflow.parentRunId =
-        the parent run id and the sketchwalk.* tags. Raises TrackingError if the sweep has no
+        the parent run id and the sketchwalk.* tags, and starts at `start_ms` (ms since the epoch;
+        default now: a run logged after its work set it to when the work began). Raises TrackingError if the sweep has no
         parent run, or if the existing run has a different role; ValueError for a bad role/key.
         """
         if role not in CHILD_ROLES:
@@ -265,7 +267,7 @@ class SweepTracker:
         all_tags = {**{str(k): v for k, v in (tags or {}).items()}, TAG_PARENT: parent_id,
                     TAG_SWEEP_ID: self.sweep_id, TAG_KEY: key, TAG_ROLE: role}
         run = self._call(f"create child run {key!r}", self.client.create_run, self.experiment_id,
-                         tags=self._tag_values(all_tags), run_name=name)
+                         start_time=start_ms, tags=self._tag_values(all_tags), run_name=name)
         if params:
             self.log_params(run.info.run_id, params)
         return ChildRun.from_run(self._get(run.info.run_id), created=True)
@@ -356,6 +358,10 @@ class SweepTracker:
         items = [RunTag(k, v) for k, v in self._tag_values(tags).items()]
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self._call(f"set tags on run {run_id}", self.client.log_batch, run_id, tags=chunk)
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """The run's tags as stored now."""
+        return dict(self._get(run_id).data.tags)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Store `text` as artifact `artifact_file` (a relative path, e.g. "logs/out.txt")."""

@@ -809,9 +809,9 @@ def run_group(ctx: Context, name: str, n: int, result: dict) -> None:
 def run(settings: KernelBenchSettings, console=None) -> dict:
     """Every (shape, length) group of the settings: {"meta", "prefill", "decode", "skipped"}, also
     written to settings.out after each group. Prints the tables of each shape when it is done."""
-    from rich.console import Console
+    from ..console import make_console
 
-    console = console or Console(width=220)
+    console = console or make_console(width=220)
     ctx = _setup(settings, console)
     start = time.monotonic()
     result = {"meta": environment(ctx), "prefill": [], "decode": [], "skipped": []}

@@ -81,6 +81,7 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     if config is None:
         detach(model)
     flat = [(task, length, s) for (task, length), ss in samples.items() for s in ss]
+    positions = sample_positions(flat)
     try:
         with prefer_flash_sdpa(device):
             if warmup and flat and device.type == "cuda":
@@ -95,13 +96,14 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
                 timed = _run_samples(model, tokenizer, timed_flat, device, progress, attn,
                                      label="evaluating" if batch_size == 1 else "timing (batch 1)",
                                      max_new_tokens=None if batch_size == 1 else TIMING_NEW_TOKENS,
-                                     runtime=runtime, prefill_repeats=prefill_repeats)
+                                     runtime=runtime, prefill_repeats=prefill_repeats, positions=positions)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             results = timed
             if batch_size > 1:
                 if runtime is not None:
                     runtime.reset_stats()  # density over the answered samples only, not the timing pass
-                results = _run_batched(model, tokenizer, flat, device, progress, batch_size, timed, runtime)
+                results = _run_batched(model, tokenizer, flat, device, progress, batch_size, timed, runtime,
+                                       positions=positions)
             density = _density(runtime)
     finally:
         if config is not None:
@@ -164,6 +166,19 @@ def _score(tokenizer, task: str, sample: dict[str, Any], new: torch.Tensor) -> t
     return pred, metric_for_task(task)([pred], [sample["outputs"]]) / 100.0
 
 
+def sample_positions(flat) -> dict[int, int]:
+    """Each sample's identity within its (task, length): its position there (0, 1, ... in file order),
+    keyed by the sample dict's id(). RULER's own `index` cannot serve: in imported niah files it is
+    the answer's character offset and repeats (11 distinct values in 20 samples of
+    niah_multikey_3@2048), so keying by it merged different samples."""
+    seen: dict[tuple, int] = {}
+    out = {}
+    for task, length, sample in flat:
+        out[id(sample)] = seen.get((task, length), 0)
+        seen[(task, length)] = out[id(sample)] + 1
+    return out
+
+
 def _timing_samples(flat, n: int):
     """n samples per length for the batch-1 timing pass, round-robin over the tasks of that length
     (the first sample of each task first): speed depends on the length, not on the task."""
@@ -183,10 +198,12 @@ def _timing_samples(flat, n: int):
 
 def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[AttentionTimer],
                  label: str = "evaluating", max_new_tokens: Optional[int] = None, runtime=None,
-                 prefill_repeats: int = 0) -> list[SampleResult]:
+                 prefill_repeats: int = 0, positions: Optional[dict[int, int]] = None) -> list[SampleResult]:
     """Greedy generate() per sample at batch 1, timed per token; max_new_tokens caps the task's budget.
     prefill_repeats > 0: then `prefill_repeats` bare prefill forwards of the prompt, timed, left out of
-    the SketchWalk `runtime`'s density counters and of the attention timer."""
+    the SketchWalk `runtime`'s density counters and of the attention timer. positions: each sample's
+    `sample_positions` in the whole suite (default: computed from `flat`)."""
+    positions = sample_positions(flat) if positions is None else positions
     from rich.progress import Progress
 
     results = []
@@ -213,13 +230,14 @@ def _run_samples(model, tokenizer, flat, device, progress: bool, attn: Optional[
             pred, score = _score(tokenizer, task, sample, new)
             results.append(SampleResult(task, length, int(sample.get("index", len(results))), ids.shape[1], pred,
                                         list(sample["outputs"]), score, clock.prefill_s, total, int(new.numel()),
-                                        clock.decode_s, prefill_forward_s=forward_s))
+                                        clock.decode_s, prefill_forward_s=forward_s, position=positions[id(sample)]))
             bar.advance(job)
     return results
 
 
 def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int,
-                 timed: Sequence[SampleResult], runtime=None) -> list[SampleResult]:
+                 timed: Sequence[SampleResult], runtime=None,
+                 positions: Optional[dict[int, int]] = None) -> list[SampleResult]:
     """Answer every sample with greedy generate() over left-padded batches of one length.
 
     Tasks are mixed in a batch, sorted by prompt length (least padding); a batch generates up to
@@ -232,7 +250,9 @@ def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int
     """
     from rich.progress import Progress
 
-    timing = {(r.task, r.length, r.index): r for r in timed}
+    positions = sample_positions(flat) if positions is None else positions
+    # Joined by position, not RULER's `index` (which repeats in imported files): see sample_positions.
+    timing = {(r.task, r.length, r.position): r for r in timed}
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
     encoded = [_encode(tokenizer, s, device)[0] for _, _, s in flat]
     by_length: dict[int, list[int]] = {}
@@ -259,13 +279,13 @@ def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int
                     task, _, sample = flat[i]
                     new = _until_eos(out[j, ids.shape[1]:ids.shape[1] + budgets[j]], eos)
                     pred, score = _score(tokenizer, task, sample, new)
-                    index = int(sample.get("index", i))
-                    t = timing.get((task, length, index))
+                    index, position = int(sample.get("index", i)), positions[id(sample)]
+                    t = timing.get((task, length, position))
                     results[i] = SampleResult(task, length, index, int(encoded[i].numel()), pred,
                                               list(sample["outputs"]), score, t.prefill_s if t else nan,
                                               t.generate_s if t else nan, int(new.numel()),
                                               t.decode_s if t else nan, t.new_tokens if t else None,
-                                              t.prefill_forward_s if t else None)
+                                              t.prefill_forward_s if t else None, position=position)
                 bar.advance(job, len(chunk))
     return results
 

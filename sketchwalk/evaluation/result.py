@@ -31,6 +31,15 @@ class SampleResult:
     decode_s: float = float("nan")
     timed_tokens: Optional[int] = None
     prefill_forward_s: Optional[float] = None  # median bare prefill forward of this prompt, s; None: not timed
+    # The sample's identity: its position within its (task, length) in the suite (file order). `index`
+    # is RULER's field, kept as data: imported files repeat it. None: a result written before this field.
+    position: Optional[int] = None
+
+    @property
+    def key(self) -> tuple:
+        """(task, length, position): what pairs this answer with the same sample in another run
+        (falls back to RULER's index for results written without a position)."""
+        return (self.task, int(self.length), int(self.index if self.position is None else self.position))
 
     @property
     def decode_tokens_per_s(self) -> float:
