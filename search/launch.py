@@ -185,11 +185,9 @@ def _accuracy(result: EvalResult) -> str:
 def _ray_has_gpus(address: Optional[str], spec: SweepSpec) -> bool:
     import ray
 
-    if not ray.is_initialized():
-        import os
+    from .ray_cluster import init_ray
 
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if address else {"num_cpus": max(1, int(os.cpu_count() or 1))}))
+    init_ray(address)
     return ray.cluster_resources().get("GPU", 0.0) >= 1 if spec.resources.gpus == "auto" else spec.resources.gpus > 0
 
 

@@ -11,6 +11,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.evaluation import EvalResult
 from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
@@ -142,17 +144,26 @@ def config_hash(config: Optional[SketchWalkConfig]) -> str:
     return DENSE if config is None else config.short_hash()
 
 
+INVALID = "invalid"  # config hash of a trial whose sampled params make no valid config
+
+
 def start_trial(session: SweepSession, number: int, config: Optional[SketchWalkConfig], tracker: SweepTracker,
-                extra_tags: Optional[dict[str, Any]] = None) -> ChildRun:
+                extra_tags: Optional[dict[str, Any]] = None, params: Optional[dict[str, Any]] = None) -> ChildRun:
     """The trial's MLflow child run (created, or re-attached on resume), with the full config as params
-    (config None: a dense variant, logged as param attention=dense)."""
-    tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": config_hash(config), **(extra_tags or {})}
-    params = config.to_dict() if config is not None else {"attention": DENSE}
-    run = tracker.child_run(trial_key(number), role="trial", name=f"trial {number}", params=params, tags=tags)
+    (config None: a dense variant, logged as param attention=dense). `params`: the raw sampled params
+    of a trial whose config was refused; they are logged instead, so the failed run says what was tried."""
+    chash = INVALID if params is not None else config_hash(config)
+    tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": chash, **(extra_tags or {})}
+    if params is not None:
+        logged, text = dict(params), f"# sampled params (not a valid config)\n{yaml.safe_dump(dict(params))}"
+    elif config is not None:
+        logged, text = config.to_dict(), config.to_yaml()
+    else:
+        logged, text = {"attention": DENSE}, "sketchwalk: null  # dense attention\n"
+    run = tracker.child_run(trial_key(number), role="trial", name=f"trial {number}", params=logged, tags=tags)
     # When this attempt began (epoch s): a re-attached run keeps its first attempt's start time.
     tracker.log_metrics(run.run_id, {"started_at": time.time()})
-    tracker.log_text(run.run_id, config.to_yaml() if config is not None else "sketchwalk: null  # dense attention\n",
-                     "config.yaml")
+    tracker.log_text(run.run_id, text, "config.yaml")
     return run
 
 
@@ -176,9 +187,14 @@ def recorded_trial(tracker: SweepTracker, number: int, objectives: list[Objectiv
     return run
 
 
+def error_text(exc: BaseException) -> str:
+    """The full traceback text of `exc`, as a failed trial's run and study record it."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
 def fail_trial(tracker: SweepTracker, run: Optional[ChildRun], exc: BaseException, status: str = "FAILED") -> str:
     """Record a failed trial in MLflow (status + error text); returns the error text."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = error_text(exc)
     if run is not None:
         tracker.finish(run.run_id, status, error=text)
     return text
