@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from search.launch import SweepOutcome, prepare_sweep, run_sweep
 from search.session import SweepSession, load_session
-from search.spec import SweepSpec, SweepSpecError, new_sweep_id, parse_spec
+from search.spec import SweepSpec, SweepSpecError, check_sweep_id, new_sweep_id, parse_spec
 
 from .plan import (AblationPlan, PlanError, Variant, expand_variants, load_plan, load_variants, parse_plan, plan_to_yaml,
                    resolved_plan, save_variants)
@@ -66,6 +66,7 @@ def prepare_ablation(path: Optional[str], *, resume: Optional[str] = None, workd
     from search.trial import plan_for
 
     if resume:
+        check_sweep_id(resume, "--resume")
         if path:
             raise PlanError("<file>", "--resume takes the plan stored with the ablation; omit the file")
         if samples is not None or backend is not None or ablation_id is not None:
@@ -81,6 +82,11 @@ def prepare_ablation(path: Optional[str], *, resume: Optional[str] = None, workd
         return PreparedAblation(plan, variants, spec, resume, earlier)
     if path is None:
         raise PlanError("<file>", "give a plan file (e.g. ablations/plans/tiny.yaml) or --resume ID")
+    if ablation_id is not None:
+        check_sweep_id(ablation_id, "--id")
+        if ablation_dir(workdir, ablation_id).exists():
+            raise SweepSpecError("--id", f"an ablation {ablation_id!r} already exists under {ablation_dir(workdir, '')}; "
+                                         f"continue it with `--resume {ablation_id}` or pick another id")
     plan = load_plan(path)
     update = {k: v for k, v in (("samples", samples), ("essays", essays), ("backend", backend)) if v is not None}
     if update:
@@ -119,7 +125,7 @@ def report_ablation(ablation_id: str, *, workdir: Path = Path(".")):
     """Rebuild the report of a launched ablation from MLflow (no evaluation); returns it."""
     from .report import build_report
 
-    out = ablation_dir(workdir, ablation_id)
+    out = ablation_dir(workdir, check_sweep_id(ablation_id, "ID"))
     if not (out / VARIANTS_FILE).is_file():
         raise FileNotFoundError(f"no ablation {ablation_id!r} under {out.parent}")
     session = load_session(ablation_id, workdir)

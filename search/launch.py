@@ -14,9 +14,9 @@ from typing import Optional
 from sketchwalk.evaluation import EvalResult
 
 from .records import Objective
-from .session import SweepSession, load_session, log_baseline, open_session, recorded_baseline
+from .session import SweepSession, load_session, log_baseline, open_session, recorded_baseline, refuse_existing
 from .space import resolve_objectives
-from .spec import SweepSpec, SweepSpecError, check_space_for_model, load_spec, new_sweep_id
+from .spec import SweepSpec, SweepSpecError, check_space_for_model, check_sweep_id, load_spec, new_sweep_id
 
 DEFAULT_SWEEP = Path("sweeps") / "default.yaml"
 
@@ -53,7 +53,7 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
 
     earlier = None
     if resume:
-        earlier = load_session(resume, workdir)
+        earlier = load_session(check_sweep_id(resume, "--resume"), workdir)
         spec, sweep_id = earlier.spec, resume
         if path:
             raise SweepSpecError("<file>", "--resume takes the sweep definition stored with the sweep; omit the file")
@@ -110,13 +110,16 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
     from .display import SweepDisplay
 
     t0 = time.perf_counter()
+    check_sweep_id(sweep_id)
+    if not resume:
+        refuse_existing(sweep_id, workdir)
     if spec.backend == "ray":
         cuda = spec.resources.gpus != 0 and _ray_has_gpus(address, spec)
     else:
         cuda = _cuda_available()
     objectives = resolve_objectives(spec, cuda)
     session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=tracking_uri,
-                           device="cuda" if cuda else "cpu")
+                           device="cuda" if cuda else "cpu", new=not resume)
     display = SweepDisplay(objectives, spec.budget.trials, enabled=progress)
     with display:
         display.log(f"sweep [bold]{sweep_id}[/bold] ({spec.backend}, {'resumed' if resume else 'new'}): "

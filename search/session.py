@@ -18,7 +18,7 @@ from sketchwalk.evaluation import EvalResult
 from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
 
 from .records import Objective, TrialRecord
-from .spec import SweepSpec, spec_to_yaml
+from .spec import SweepSpec, SweepSpecError, check_sweep_id, spec_to_yaml
 from .trial import objective_values
 
 BASELINE_KEY = "baseline-dense"
@@ -69,16 +69,28 @@ class SweepSession:
                    d["experiment_id"], [Objective(**o) for o in d["objectives"]], d.get("parent_run_id"))
 
 
+def refuse_existing(sweep_id: str, workdir: Path) -> None:
+    """SweepSpecError naming --sweep-id if a sweep `sweep_id` already exists under `workdir`'s
+    runs/sweeps: a new sweep would append its trials to it and overwrite its sweep.yaml."""
+    if (workdir / "runs" / "sweeps" / sweep_id).exists():
+        raise SweepSpecError("--sweep-id", f"a sweep {sweep_id!r} already exists under {workdir / 'runs' / 'sweeps'}; "
+                                           f"continue it with `--resume {sweep_id}` or pick another id")
+
+
 def open_session(spec: SweepSpec, sweep_id: str, objectives: list[Objective], *, workdir: Path,
-                 tracking_uri: Optional[str] = None, device: str = "cpu") -> SweepSession:
+                 tracking_uri: Optional[str] = None, device: str = "cpu", new: bool = False) -> SweepSession:
     """Initialise the MLflow store and experiment once (here, before any worker starts), find or
-    create the sweep's parent run, and write the resolved spec into the sweep directory."""
+    create the sweep's parent run, and write the resolved spec into the sweep directory. `new`: a
+    new sweep, refused (SweepSpecError, nothing written) if MLflow already holds a sweep of that id."""
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.uri, workdir)
     exp = init_store(uri, spec.tracking.experiment)
     session = SweepSession(spec, sweep_id, workdir.resolve(), uri, exp, objectives)
+    tracker = session.tracker()
+    if new and tracker.find_parent() is not None:
+        raise SweepSpecError("--sweep-id", f"MLflow at {uri} already holds a sweep {sweep_id!r}; continue it with "
+                                           f"`--resume {sweep_id}` or pick another id")
     session.sweep_dir.mkdir(parents=True, exist_ok=True)
     (session.sweep_dir / "sweep.yaml").write_text(spec_to_yaml(spec))
-    tracker = session.tracker()
     # Params are what makes trials comparable (immutable in MLflow); the budget and concurrency
     # are run control that a resume may change (`--resume ID --trials N`), so they are tags.
     params = {"model": spec.model, "suite": spec.suite, "samples": spec.samples, "backend": spec.backend,
@@ -100,7 +112,9 @@ SESSION_FILE = "session.json"
 
 
 def load_session(sweep_id: str, workdir: Path) -> SweepSession:
-    """The session of an earlier sweep from `runs/sweeps/<id>/session.json` (for resume, pareto, export)."""
+    """The session of an earlier sweep from `runs/sweeps/<id>/session.json` (for resume, pareto, export);
+    SweepSpecError for an id that is no valid sweep id (it could name a path outside runs/sweeps)."""
+    check_sweep_id(sweep_id, "SWEEP_ID")
     path = workdir / "runs" / "sweeps" / sweep_id / SESSION_FILE
     if not path.is_file():
         known = sorted(p.parent.name for p in (workdir / "runs" / "sweeps").glob(f"*/{SESSION_FILE}"))

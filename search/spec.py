@@ -35,7 +35,8 @@ class SweepSpecError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
-        super().__init__(f"sweep.{field}: {message}")
+        # A command-line flag is named as typed; a file entry as its dotted path under `sweep.`.
+        super().__init__(f"{field}: {message}" if field.startswith("-") else f"sweep.{field}: {message}")
 
 
 class _Strict(BaseModel):
@@ -386,3 +387,12 @@ def new_sweep_id(spec: SweepSpec, now: Optional[_dt.datetime] = None) -> str:
 
 
 SWEEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def check_sweep_id(sweep_id: str, flag: str = "--sweep-id") -> str:
+    """`sweep_id` if it is safe as a directory name, an Optuna study name and an MLflow filter literal
+    (no "/", no quote, no leading "."); else SweepSpecError naming `flag` and the allowed form."""
+    if not SWEEP_ID_RE.match(str(sweep_id)):
+        raise SweepSpecError(flag, f"{sweep_id!r} is not a valid sweep id: allowed 1-96 letters, digits, '_', '.' "
+                                   f"or '-', starting with a letter or digit ({SWEEP_ID_RE.pattern})")
+    return sweep_id

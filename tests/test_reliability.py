@@ -127,3 +127,101 @@ def test_bug9_local_ray_binds_loopback_and_one_helper_starts_it(monkeypatch):
     import inspect
 
     assert "ray.init(" not in inspect.getsource(ray_driver) and "ray.init(" not in inspect.getsource(launch)
+
+
+# -- helpers for CLI runs that must stop before any weight loads -----------------------------------
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Model loading refused: a CLI case that reaches it fails the test (the list records attempts)."""
+    loads = []
+
+    def refuse(*args, **kwargs):
+        loads.append(args)
+        raise AssertionError("model weights were loaded")
+
+    monkeypatch.setattr("sketchwalk.models.load", refuse)
+    return loads
+
+
+SPACE = {"density": {"type": "float", "low": 0.1, "high": 0.5}}
+
+
+def _sweep_file(tmp_path, **over):
+    """A sweep on the bundled model over a tiny vt suite (no essays needed)."""
+    import yaml
+
+    suite = tmp_path / "tiny-suite.yaml"
+    suite.write_text("tasks: [vt]\nlengths: [512]\nsamples: 1\n")
+    data = {"name": "t", "model": "smollm2-135m", "suite": str(suite), "space": SPACE, "budget": {"trials": 2},
+            "tracking": {"experiment": "rel"}}
+    data.update(over)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    from sketchwalk import cli
+
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, " ".join((out.out + out.err).split())  # whitespace-normalised: immune to wrapping
+
+
+# -- bug 5: --sweep-id validated, no path escape, an existing id refused ---------------------------
+
+@pytest.mark.parametrize("bad", ["../../../x", "a/b", "it's", ".hidden", ""])
+def test_bug5_bad_sweep_id_refused_before_anything_is_written(tmp_path, capsys, no_weights, bad):
+    f = _sweep_file(tmp_path)
+    work = tmp_path / "w"
+    rc, out = _cli(capsys, "sweep", str(f), "--sweep-id", bad, "--workdir", str(work), "--no-progress")
+    assert rc == 2 and "--sweep-id" in out and "not a valid sweep id" in out, out
+    assert not (work / "runs" / "sweeps").exists() and not (tmp_path / "x").exists()
+    assert no_weights == []
+
+
+def test_bug5_new_sweep_with_an_existing_id_is_refused(tmp_path, capsys, no_weights):
+    """Reusing a finished sweep's id for a new sweep is refused, pointing to --resume; its parent run
+    stays FINISHED and its sweep.yaml untouched (before: trials appended, sweep.yaml overwritten)."""
+    from search.launch import prepare_sweep
+    from search.session import open_session
+
+    f = _sweep_file(tmp_path)
+    spec, _, _ = prepare_sweep(str(f), workdir=tmp_path)
+    session = open_session(spec, "done", OBJECTIVES, workdir=tmp_path, new=True)
+    tracker = session.tracker()
+    tracker.finish(session.parent_run_id, "FINISHED")
+    stored = (session.sweep_dir / "sweep.yaml").read_text()
+    other = _sweep_file(tmp_path, space={"skip_layers": {"type": "int", "low": 1, "high": 3}}, samples=2)
+    rc, out = _cli(capsys, "sweep", str(other), "--sweep-id", "done", "--workdir", str(tmp_path), "--no-progress")
+    assert rc == 2 and "--sweep-id" in out and "--resume done" in out, out
+    assert (session.sweep_dir / "sweep.yaml").read_text() == stored
+    assert tracker.client.get_run(session.parent_run_id).info.status == "FINISHED"
+    # Known to MLflow only (the sweep directory is gone): still refused, still FINISHED.
+    import shutil
+
+    shutil.rmtree(session.sweep_dir)
+    rc, out = _cli(capsys, "sweep", str(other), "--sweep-id", "done", "--workdir", str(tmp_path), "--no-progress")
+    assert rc == 2 and "already holds a sweep 'done'" in out and "--resume done" in out, out
+    assert tracker.client.get_run(session.parent_run_id).info.status == "FINISHED"
+    assert not session.sweep_dir.exists() and no_weights == []
+
+
+def test_bug5_conflicting_params_never_flip_a_finished_parent(tmp_path):
+    from tracking import SweepTracker, TrackingError, init_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(None, tmp_path)
+    tracker = SweepTracker(uri, init_store(uri, "flip"), "s1")
+    run_id = tracker.parent_run("s1", params={"samples": 1})
+    tracker.finish(run_id, "FINISHED")
+    with pytest.raises(TrackingError, match="immutable"):
+        SweepTracker(uri, tracker.experiment_id, "s1").parent_run("s1", params={"samples": 2})
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_bug5_resume_and_report_ids_cannot_escape(tmp_path, capsys, no_weights):
+    for argv in (["sweep", "--resume", "../x"], ["pareto", "../x"], ["export", "../x"], ["ablate", "--resume", "../x"],
+                 ["ablate", "report", "../x"]):
+        rc, out = _cli(capsys, *argv, "--workdir", str(tmp_path))
+        assert rc == 2 and "not a valid sweep id" in out, (argv, out)
