@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from search.launch import SweepOutcome, prepare_sweep, run_sweep
+from search.preflight import check_workdir
 from search.session import SweepSession, load_session
 from search.spec import SweepSpec, SweepSpecError, check_sweep_id, new_sweep_id, parse_spec
 
@@ -109,6 +110,7 @@ def run_ablation(prep: PreparedAblation, *, workdir: Path = Path("."), address: 
     log the report; returns both outcomes."""
     from .report import build_report
 
+    check_workdir(workdir)  # before plan.yaml is written there
     out = ablation_dir(workdir, prep.ablation_id)
     out.mkdir(parents=True, exist_ok=True)
     if prep.earlier is None:

@@ -14,7 +14,9 @@ from typing import Optional
 from sketchwalk.evaluation import EvalResult
 
 from .records import Objective
-from .session import SweepSession, load_session, log_baseline, open_session, recorded_baseline, refuse_existing
+from .preflight import check_storage, check_tracking, check_workdir
+from .session import (SweepSession, load_session, log_baseline, open_session, parent_closed_on_exit, recorded_baseline,
+                      refuse_existing)
 from .space import resolve_objectives
 from .spec import SweepSpec, SweepSpecError, check_space_for_model, check_sweep_id, load_spec, new_sweep_id
 
@@ -105,21 +107,40 @@ def _dotted(data: dict, key: str) -> tuple[dict, str]:
 
 def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), address: Optional[str] = None,
               resume: bool = False, progress: bool = True, tracking_uri: Optional[str] = None) -> SweepOutcome:
-    """Run (or resume) the sweep to its budget, then analyse and export; returns what happened."""
+    """Run (or resume) the sweep to its budget, then analyse and export; returns what happened. The
+    parent run ends FINISHED, or KILLED (Ctrl-C, SIGTERM, a timeout) / FAILED (an error) on the way out."""
     from .analysis import analyze
-    from .display import SweepDisplay
 
     t0 = time.perf_counter()
+    # Everything the stores need, before Ray starts, a run is created or a weight loads.
     check_sweep_id(sweep_id)
+    check_workdir(workdir)
     if not resume:
         refuse_existing(sweep_id, workdir)
+    if spec.backend == "optuna":
+        check_storage(spec.storage, workdir)
+    uri = check_tracking(tracking_uri or spec.tracking.uri, spec.tracking.experiment, workdir,
+                         "--tracking-uri" if tracking_uri else "tracking.uri")
     if spec.backend == "ray":
         cuda = spec.resources.gpus != 0 and _ray_has_gpus(address, spec)
     else:
         cuda = _cuda_available()
     objectives = resolve_objectives(spec, cuda)
-    session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=tracking_uri,
+    session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=uri,
                            device="cuda" if cuda else "cpu", new=not resume)
+    with parent_closed_on_exit(session):
+        counts = _drive(session, spec, address=address, resume=resume, progress=progress, cuda=cuda)
+        analysis = analyze(session)
+    session.tracker().finish(session.parent_run_id, "FINISHED")
+    return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)
+
+
+def _drive(session: SweepSession, spec: SweepSpec, *, address: Optional[str], resume: bool, progress: bool,
+           cuda: bool) -> dict:
+    """The display and the backend's driver, to the budget; returns the driver's counts."""
+    from .display import SweepDisplay
+
+    objectives, sweep_id = session.objectives, session.sweep_id
     display = SweepDisplay(objectives, spec.budget.trials, enabled=progress)
     with display:
         display.log(f"sweep [bold]{sweep_id}[/bold] ({spec.backend}, {'resumed' if resume else 'new'}): "
@@ -143,9 +164,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
 
             counts = run_tune(session, address=address, resume=resume, baseline=baseline,
                               on_result=display.trial_done, on_status=display.status)
-    analysis = analyze(session)
-    session.tracker().finish(session.parent_run_id, "FINISHED")
-    return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)
+    return counts
 
 
 def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] = None) -> dict:

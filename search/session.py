@@ -4,10 +4,15 @@ re-attaches instead of duplicating), and the analysis at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +26,7 @@ from .records import Objective, TrialRecord
 from .spec import SweepSpec, SweepSpecError, check_sweep_id, spec_to_yaml
 from .trial import objective_values
 
+_log = logging.getLogger(__name__)
 BASELINE_KEY = "baseline-dense"
 
 
@@ -109,6 +115,38 @@ def open_session(spec: SweepSpec, sweep_id: str, objectives: list[Objective], *,
 
 
 SESSION_FILE = "session.json"
+
+
+@contextlib.contextmanager
+def parent_closed_on_exit(session: SweepSession) -> Iterator[None]:
+    """Leave no parent run RUNNING behind: Ctrl-C, SIGTERM (what `timeout` and schedulers send) and
+    SystemExit end it KILLED, any other error FAILED with the error, then the exception goes on. A
+    resume re-opens it. SIGTERM is turned into SystemExit here (main thread only) so this runs."""
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _close_parent(session, "KILLED", f"sweep interrupted ({type(exc).__name__}); continue it with "
+                                         f"`sketchwalk sweep --resume {session.sweep_id}`")
+        raise
+    except BaseException as exc:
+        _close_parent(session, "FAILED", error_text(exc))
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _close_parent(session: SweepSession, status: str, error: str) -> None:
+    try:
+        session.tracker().finish(session.parent_run_id, status, error=error)
+    except Exception as exc:  # the store may be what failed: the original error must still surface
+        _log.warning("could not mark sweep %s %s in MLflow: %s", session.sweep_id, status, exc)
 
 
 def load_session(sweep_id: str, workdir: Path) -> SweepSession:
@@ -202,8 +240,9 @@ def recorded_trial(tracker: SweepTracker, number: int, objectives: list[Objectiv
 
 
 def error_text(exc: BaseException) -> str:
-    """The full traceback text of `exc`, as a failed trial's run and study record it."""
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """`Type: message` first, then the full traceback, as a failed trial's run and study record it
+    (the first line first: the run's error tag keeps only the first 500 characters)."""
+    return f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def fail_trial(tracker: SweepTracker, run: Optional[ChildRun], exc: BaseException, status: str = "FAILED") -> str:

@@ -140,6 +140,19 @@ class Analysis(_Strict):
     noise_aware: bool = False
     export_rule: str = "knee"
 
+    @field_validator("export_rule")
+    @classmethod
+    def _rule(cls, v):
+        # Parsed here, so a typo fails before the first trial rather than after the last one.
+        from .export import RULE_FORMS, ExportRule, RuleError
+
+        try:
+            ExportRule.parse(v)
+        except RuleError as exc:
+            raise ValueError(f"{v!r} is not an export rule ({exc.why}); "
+                             f"allowed: {', '.join(RULE_FORMS)}") from None
+        return v
+
 
 class SweepSpec(_Strict):
     """A validated sweep definition (see the module docstring and sweeps/*.yaml)."""
@@ -246,6 +259,19 @@ def _field_path(loc: tuple) -> str:
     return ".".join(parts) or "<root>"
 
 
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the model at `loc` (a pydantic error location, without the bad key) accepts."""
+    model: Any = SweepSpec
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:  # inside a dict (space.<name>) or a param union: the tag picks the class
+            model = {"categorical": CategoricalParam, "int": IntParam, "float": FloatParam}.get(part, model)
+            continue
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+    return sorted(getattr(model, "model_fields", {}))
+
+
 def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
     """Validate a mapping into a SweepSpec; raises SweepSpecError naming the first bad field."""
     if not isinstance(data, dict):
@@ -260,7 +286,7 @@ def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
         if err.get("type") == "union_tag_invalid" or "discriminator" in err.get("type", ""):
             msg += " (param type must be categorical, int or float)"
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"unknown key; allowed keys here: {_allowed_keys(err['loc'][:-1])}"
         raise SweepSpecError(_field_path(err["loc"]), f"{msg} (got {err.get('input')!r})") from None
     check_space_values(spec)
     return spec
@@ -296,13 +322,19 @@ def check_space_values(spec: SweepSpec) -> None:
     except ConfigError as exc:
         raise SweepSpecError(f"base.{exc.field}", str(exc)) from None
     for name, p in spec.space.items():
-        probes = p.values if isinstance(p, CategoricalParam) else [p.low, p.high]
-        for v in probes:
+        for v in _probes(p):
             try:
                 base.replace(**{name: v})
             except ConfigError as exc:
-                where = "values" if isinstance(p, CategoricalParam) else ("low" if v == p.low else "high")
-                raise SweepSpecError(f"space.{name}.{where}", f"{v!r} is invalid: allowed {exc.allowed}") from None
+                if isinstance(p, CategoricalParam) or v in (p.low, p.high):
+                    where = "values" if isinstance(p, CategoricalParam) else ("low" if v == p.low else "high")
+                    raise SweepSpecError(f"space.{name}.{where}", f"{v!r} is invalid: allowed {exc.allowed}") from None
+                # An inner value of an int range (e.g. 17 in sketch_dim [16, 64]): every trial that
+                # samples one would fail, so the range itself is refused.
+                valid = [x for x in _probes(p) if _accepts(base, name, x)]
+                raise SweepSpecError(f"space.{name}", f"type int over [{p.low}, {p.high}] step {p.step} samples "
+                                                      f"{v!r}, which is invalid: allowed {exc.allowed}; use type: "
+                                                      f"categorical with values {valid[:16]}") from None
             except TypeError as exc:
                 raise SweepSpecError(f"space.{name}", str(exc)) from None
     seen: dict[str, str] = {}
@@ -315,6 +347,27 @@ def check_space_values(spec: SweepSpec) -> None:
         if key in seen:
             raise SweepSpecError(f"variants.{name}", f"same config as variant {seen[key]!r}: each config runs once")
         seen[key] = name
+
+
+_MAX_PROBED = 10_000  # int ranges up to this many values are checked value by value
+
+
+def _probes(p) -> list:
+    """The values of a param to validate: every categorical value; every value of an int range (its
+    bounds only beyond _MAX_PROBED values); a float range's bounds."""
+    if isinstance(p, CategoricalParam):
+        return list(p.values)
+    if isinstance(p, IntParam) and (p.high - p.low) // p.step < _MAX_PROBED:
+        return list(range(p.low, p.high + 1, p.step))
+    return [p.low, p.high]
+
+
+def _accepts(base: SketchWalkConfig, name: str, value: Any) -> bool:
+    try:
+        base.replace(**{name: value})
+    except (ConfigError, TypeError):
+        return False
+    return True
 
 
 def check_space_for_model(spec: SweepSpec, num_layers: int, head_dim: int, model: str) -> None:

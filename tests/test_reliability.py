@@ -225,3 +225,150 @@ def test_bug5_resume_and_report_ids_cannot_escape(tmp_path, capsys, no_weights):
                  ["ablate", "report", "../x"]):
         rc, out = _cli(capsys, *argv, "--workdir", str(tmp_path))
         assert rc == 2 and "not a valid sweep id" in out, (argv, out)
+
+
+# -- the bad-input matrix (bugs 5, 6, 7, 10): exit 2, the field named, no weights loaded --------------
+
+def _readonly(tmp_path, monkeypatch, name: str):
+    """`runs/<name>` exists and reads as not writable (tests run as root, where chmod does not bind)."""
+    import os
+
+    db = tmp_path / "runs" / name
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.write_bytes(b"")
+    real = os.access
+    monkeypatch.setattr("search.preflight.os.access",
+                        lambda p, mode: False if os.fspath(p) == os.fspath(db) and mode & os.W_OK else real(p, mode))
+
+
+def _unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    return ["--workdir", str(blocker / "w")]
+
+
+BAD_SWEEPS = {
+    # case: (sweep file overrides, extra CLI args or a setup(tmp_path, monkeypatch) -> args, field, text)
+    "storage-not-a-url": ({"storage": "not a url"}, [], "sweep.storage", "not a database URL"),
+    "storage-unsupported": ({"storage": "oracle://u@h/db"}, [], "sweep.storage", "not supported"),
+    "storage-in-memory": ({"storage": "sqlite:///:memory:"}, [], "sweep.storage", "in-memory"),
+    "storage-read-only": ({}, lambda t, m: _readonly(t, m, "optuna.db") or [], "sweep.storage", "read-only"),
+    "export-rule": ({"analysis": {"export_rule": "fastest"}}, [], "sweep.analysis.export_rule", "knee"),
+    "tracking-unsupported": ({"tracking": {"uri": "ftp://host/x", "experiment": "e"}}, [], "sweep.tracking.uri",
+                             "allowed forms"),
+    "tracking-in-memory": ({"tracking": {"uri": "sqlite:///:memory:", "experiment": "e"}}, [], "sweep.tracking.uri",
+                           "in-memory"),
+    "tracking-unreachable": ({}, ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri", "unreachable"),
+    "unwritable-runs": ({}, lambda t, m: _unwritable_workdir(t), "--workdir", "cannot create"),
+    "unknown-top-level-key": ({"spaces": {}}, [], "sweep.spaces", "allowed keys here: ['analysis'"),
+    "unknown-nested-key": ({"budget": {"trails": 3}}, [], "sweep.budget.trails", "['trials', 'wall_time_s']"),
+    "int-range-over-powers-of-two": ({"space": {"sketch_dim": {"type": "int", "low": 16, "high": 64}}}, [],
+                                     "sweep.space.sketch_dim", "values [16, 32, 64]"),
+    "int-range-over-block-sizes": ({"space": {"block_size": {"type": "int", "low": 16, "high": 128, "step": 16}}}, [],
+                                   "sweep.space.block_size", "categorical"),
+    "sweep-id-escape": ({}, ["--sweep-id", "../../x"], "--sweep-id", "not a valid sweep id"),
+    "sweep-id-quote": ({}, ["--sweep-id", "it's"], "--sweep-id", "not a valid sweep id"),
+    "skip-layers-vs-model": ({"base": {"skip_layers": 40}}, [], "sweep.base.skip_layers", "(30 layers)"),
+    "missing-suite": ({"suite": "ruler-nope"}, [], "ruler-nope", "suite"),
+    "missing-model": ({"model": "/nonexistent/m.gguf"}, [], "/nonexistent/m.gguf", "m.gguf"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SWEEPS))
+def test_bad_input_matrix_sweep(tmp_path, capsys, monkeypatch, no_weights, case):
+    over, extra, field, text = BAD_SWEEPS[case]
+    f = _sweep_file(tmp_path, **over)
+    args = extra(tmp_path, monkeypatch) if callable(extra) else list(extra)
+    if "--workdir" not in args:
+        args += ["--workdir", str(tmp_path)]
+    rc, out = _cli(capsys, "sweep", str(f), *args, "--no-progress")
+    assert rc == 2, out
+    assert f"error: {field}" in out or (field in out and "error:" in out), out
+    assert text in out, out
+    assert "Traceback" not in out and no_weights == []
+
+
+def test_bad_input_matrix_eval_and_missing_sweep_file(tmp_path, capsys, no_weights):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    rc, out = _cli(capsys, "eval", "--config", str(empty), "--suite", "ruler-smoke")
+    assert rc == 2 and "--config" in out and "empty" in out, out
+    rc, out = _cli(capsys, "sweep", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path))
+    assert rc == 2 and "sweep.<file>" in out and "missing.yaml" in out, out
+    assert no_weights == []
+
+
+def test_bug6_bad_storage_leaves_no_parent_run(tmp_path, capsys, no_weights):
+    """A bad `storage:` is refused before the parent run exists (before: a SQLAlchemy traceback after
+    the baseline, the parent left RUNNING)."""
+    from tracking import SweepTracker, init_store, resolve_tracking_uri
+
+    f = _sweep_file(tmp_path, storage="postgresql+nosuchdriver://u@h/db")
+    rc, out = _cli(capsys, "sweep", str(f), "--sweep-id", "st", "--workdir", str(tmp_path), "--no-progress")
+    assert rc == 2 and "sweep.storage" in out, out
+    uri = resolve_tracking_uri(None, tmp_path)
+    assert SweepTracker(uri, init_store(uri, "rel"), "st").find_parent() is None
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, RuntimeError])
+def test_bug10_interrupted_sweep_marks_the_parent(tmp_path, monkeypatch, exc):
+    """Ctrl-C / SIGTERM (SystemExit) leave the parent run KILLED, an error FAILED; never RUNNING."""
+    from search import launch
+    from search.launch import prepare_sweep, run_sweep
+    from tracking import SweepTracker
+
+    f = _sweep_file(tmp_path)
+    spec, _, _ = prepare_sweep(str(f), workdir=tmp_path)
+
+    def boom(*a, **k):
+        raise exc("stop")
+
+    monkeypatch.setattr(launch, "_run_optuna", boom)
+    with pytest.raises(exc):
+        run_sweep(spec, "intr", workdir=tmp_path, progress=False)
+    from search.session import load_session
+
+    s = load_session("intr", tmp_path)
+    run = SweepTracker(s.tracking_uri, s.experiment_id, "intr").client.get_run(s.parent_run_id)
+    assert run.info.status == ("FAILED" if exc is RuntimeError else "KILLED")
+    assert ("--resume intr" in run.data.tags["sketchwalk.error"]) == (exc is not RuntimeError)
+
+
+def test_bug10_sigterm_during_a_sweep_marks_the_parent_killed(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from search import launch
+    from search.launch import prepare_sweep, run_sweep
+    from search.session import load_session
+    from tracking import SweepTracker
+
+    spec, _, _ = prepare_sweep(str(_sweep_file(tmp_path)), workdir=tmp_path)
+    monkeypatch.setattr(launch, "_run_optuna", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as err:
+        run_sweep(spec, "term", workdir=tmp_path, progress=False)
+    assert err.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
+    s = load_session("term", tmp_path)
+    assert SweepTracker(s.tracking_uri, s.experiment_id, "term").client.get_run(s.parent_run_id).info.status == "KILLED"
+
+
+def test_bug7_a_trial_failing_on_its_config_gets_a_failed_mlflow_run(tmp_path):
+    """A sampled config the method refuses (a non-power-of-two sketch_dim that slipped past the spec)
+    still gets its MLflow run, FAILED, with the sampled params and the error (before: FAIL in Optuna,
+    no MLflow run at all)."""
+    import optuna
+
+    from search import optuna_driver
+    from search.session import open_session
+    from search.spec import SweepSpec
+
+    # model_validate skips the whole-range check parse_spec now does: the trial body must still cope.
+    spec = SweepSpec.model_validate({"name": "p2", "space": {"sketch_dim": {"type": "int", "low": 17, "high": 17}}})
+    session = open_session(spec, "p2", OBJECTIVES, workdir=tmp_path)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.optimize(optuna_driver.make_objective(session, _fake_work()), n_trials=1, catch=(Exception,))
+    assert study.trials[0].state.name == "FAIL"
+    (run,) = session.tracker().children(role="trial")
+    assert run.status == "FAILED" and run.params["sketch_dim"] == "17"
+    assert "power of two" in run.tags["sketchwalk.error"] and run.tags["sketchwalk.config_hash"] == "invalid"

@@ -62,6 +62,11 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
             # from_yaml also accepts YAML text, so a missing path would otherwise parse as text.
             if not os.path.isfile(config):
                 raise EvalInputError(f"--config {config}: no such file")
+            if not _yaml_content(config):
+                # An empty file would silently be the default config, not what the user meant.
+                raise EvalInputError(f"--config {config}: the file is empty; give SketchWalkConfig fields (a "
+                                     f"`sketchwalk:` mapping or bare fields, as `sketchwalk export` writes), or "
+                                     f"--dense for dense attention")
             cfg = SketchWalkConfig.from_yaml(config)
         elif density is not None and not dense:
             cfg = SketchWalkConfig(density=density)
@@ -120,6 +125,15 @@ def _check_lengths(suite: Suite, limit: Optional[int], model: str) -> None:
         if longest > limit:
             raise EvalInputError(f"import {imp.path} ({imp.task}): samples of up to {longest} tokens exceed the "
                                  f"context of {model} ({limit} tokens)")
+
+
+def _yaml_content(path: str):
+    """The parsed YAML of `path` with a `sketchwalk:` wrapper removed (None / {} when empty)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return data.get("sketchwalk", data) if isinstance(data, dict) and "sketchwalk" in data else data
 
 
 def load_model(plan: EvalPlan):
