@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 from sketchwalk.evaluation import EvalResult
+from tracking import redact_uri
 
-from .records import Objective
 from .preflight import check_storage, check_tracking, check_workdir
+from .records import Objective
 from .session import (SweepSession, load_session, log_baseline, open_session, parent_closed_on_exit, recorded_baseline,
                       refuse_existing)
 from .space import resolve_objectives
@@ -121,6 +122,9 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
         check_storage(spec.storage, workdir)
     uri = check_tracking(tracking_uri or spec.tracking.uri, spec.tracking.experiment, workdir,
                          "--tracking-uri" if tracking_uri else "tracking.uri")
+    if spec.tracking.uri is not None:  # what is stored (session.json, sweep.yaml, MLflow) holds no secret
+        clean = redact_uri(spec.tracking.uri) if tracking_uri else uri
+        spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": clean})})
     if spec.backend == "ray":
         cuda = spec.resources.gpus != 0 and _ray_has_gpus(address, spec)
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from tracking.credentials import credential_env
+
 LOOPBACK = "127.0.0.1"
 # Ray resolves "127.0.0.1" passed as the node address to the host's outward address unless its
 # cluster mode is off (the macOS/Windows default); this switch turns it off, for the driver and
@@ -21,7 +23,10 @@ def init_kwargs(address: Optional[str]) -> dict:
     """The `ray.init` keyword arguments for `address` (None: a local Ray on 127.0.0.1)."""
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
-        return {"address": address, **kwargs}
+        # A cluster's workers do not inherit this process's environment: hand them the tracking
+        # credentials the URI was stripped of (tracking.credentials).
+        env = credential_env()
+        return {"address": address, **({"runtime_env": {"env_vars": env}} if env else {}), **kwargs}
     return {"address": None, "_node_ip_address": LOOPBACK, "num_cpus": max(1, int(os.cpu_count() or 1)), **kwargs}
 
 

@@ -372,3 +372,102 @@ def test_bug7_a_trial_failing_on_its_config_gets_a_failed_mlflow_run(tmp_path):
     (run,) = session.tracker().children(role="trial")
     assert run.status == "FAILED" and run.params["sketch_dim"] == "17"
     assert "power of two" in run.tags["sketchwalk.error"] and run.tags["sketchwalk.config_hash"] == "invalid"
+
+
+# -- bug 3: credentials in a tracking URI are never printed or stored ----------------------------------
+
+def test_bug3_uri_credentials_move_to_the_environment(monkeypatch):
+    from tracking import redact_uri, resolve_tracking_uri
+    from tracking.credentials import PASSWORD_ENV, PG_PASSWORD_ENV, USER_ENV
+
+    for k in (USER_ENV, PASSWORD_ENV, PG_PASSWORD_ENV):
+        monkeypatch.delenv(k, raising=False)
+    assert resolve_tracking_uri("http://alice:s3cret@mlflow.example:5000/") == "http://mlflow.example:5000/"
+    assert (__import__("os").environ[USER_ENV], __import__("os").environ[PASSWORD_ENV]) == ("alice", "s3cret")
+    assert resolve_tracking_uri("postgresql://bob:pw@db:5432/mlflow") == "postgresql://bob@db:5432/mlflow"
+    assert __import__("os").environ[PG_PASSWORD_ENV] == "pw"
+    assert resolve_tracking_uri("https://mlflow.example") == "https://mlflow.example"
+    assert redact_uri("http://alice:s3cret@h:1/x") == "http://alice:***@h:1/x"
+    assert redact_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+
+
+def test_bug3_refused_uri_is_redacted_in_the_error(tmp_path, capsys, no_weights):
+    f = _sweep_file(tmp_path)
+    for uri in ("http://alice:s3cret@127.0.0.1:9", "ftp://alice:s3cret@host/x"):
+        rc, out = _cli(capsys, "sweep", str(f), "--tracking-uri", uri, "--workdir", str(tmp_path), "--no-progress")
+        assert rc == 2 and "--tracking-uri" in out and "s3cret" not in out, out
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port (about 30 s to start on a busy machine)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "server"
+    root.mkdir()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{root}/m.db",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield port, root
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: our own process group
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_bug3_credentials_never_printed_or_stored(tmp_path, capsys, monkeypatch, mlflow_server):
+    """A sweep against http://alice:s3cret@host: the password is on no console line (MLflow's "View
+    run" lines included), in no file of the sweep directory (session.json, sweep.yaml, best.yaml) and
+    in no MLflow artifact; the URI's credentials reach MLflow through MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    import os
+
+    from search import launch
+    from search.session import log_baseline
+    from search.trial import result_metrics
+    from search.trial_body import execute
+    from tracking.credentials import PASSWORD_ENV, USER_ENV
+
+    port, root = mlflow_server
+    for k in (USER_ENV, PASSWORD_ENV):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr("search.trial_body.run_trial", lambda work, config: _fake_eval(45.0, 0.3))
+
+    def fake_optuna(session, display, baseline=None):  # a baseline and one trial, through the real body
+        work = _fake_work()
+        log_baseline(session, work.baseline, result_metrics(work.baseline), {})
+        execute(session, work, 0, {"density": 0.3}, tracker=session.tracker())
+        return {"complete": 1, "failed": 0}
+
+    monkeypatch.setattr(launch, "_run_optuna", fake_optuna)
+    f = _sweep_file(tmp_path, tracking={"uri": f"http://alice:s3cret@127.0.0.1:{port}", "experiment": "cred"})
+    rc, out = _cli(capsys, "sweep", str(f), "--sweep-id", "cred", "--workdir", str(tmp_path), "--no-progress")
+    assert rc == 0, out
+    assert "s3cret" not in out and f"127.0.0.1:{port}" in out
+    assert os.environ[PASSWORD_ENV] == "s3cret" and os.environ[USER_ENV] == "alice"
+    sweep_dir = tmp_path / "runs" / "sweeps" / "cred"
+    assert (sweep_dir / "best.yaml").is_file()
+    stored = [p for p in sweep_dir.rglob("*") if p.is_file()] + [p for p in (root / "artifacts").rglob("*") if p.is_file()]
+    assert any(p.name == "sweep.yaml" for p in stored if root in p.parents)  # the parent run's artifact
+    leaks = [str(p) for p in stored if b"s3cret" in p.read_bytes()]
+    assert leaks == []

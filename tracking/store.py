@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from tracking.credentials import redact_uri, take_credentials
 from tracking.retry import TrackingError, retrying
 
 _log = logging.getLogger(__name__)
@@ -43,16 +44,18 @@ def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike = ".") -> s
         return _SQLITE + str(runs / "mlflow.db")
     uri = str(uri).strip()
     if uri.startswith(_PASS_THROUGH):
-        return uri
+        # user:password@ leave the URI here for the environment (see tracking.credentials), so no
+        # process prints or stores them.
+        return take_credentials(uri)
     if uri.startswith(_SQLITE):
         path, sep, query = uri[len(_SQLITE):].partition("?")
     elif "://" not in uri and uri.split("?")[0].endswith(".db"):
         path, sep, query = uri.partition("?")
     else:
         raise TrackingError(
-            f"tracking.uri {uri!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
+            f"tracking.uri {redact_uri(uri)!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
         )
-    if not path or path == ":memory:":
+    if not path or path == ":memory:" or "mode=memory" in query:
         raise TrackingError(
             f"tracking.uri {uri!r}: an in-memory SQLite store is private to one process and cannot "
             f"hold a sweep; allowed forms: {_ALLOWED_FORMS}"
@@ -81,7 +84,7 @@ def check_supported(uri: str) -> None:
     """Raise TrackingError unless `uri` is one resolve_tracking_uri() can return."""
     if not (uri.startswith(_PASS_THROUGH) or sqlite_path(uri) is not None):
         raise TrackingError(
-            f"tracking URI {uri!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
+            f"tracking URI {redact_uri(uri)!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
         )
 
 
