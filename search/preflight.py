@@ -40,7 +40,9 @@ def check_storage(url: Optional[str], workdir: Path) -> None:
     SQLite file runs/optuna.db. SweepSpecError naming `storage` for a URL SQLAlchemy cannot parse, an
     unsupported or uninstalled backend, in-memory SQLite, or a SQLite file / directory not writable."""
     if url is None:
-        _check_sqlite_file(Path(workdir) / "runs" / "optuna.db", "storage", "(default) ")
+        db = Path(workdir).resolve() / "runs" / "optuna.db"
+        _check_sqlite_file(db, "storage", "(default) ")
+        _create_sqlite_schema(f"sqlite:///{db}", db)
         return
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -62,6 +64,25 @@ def check_storage(url: Optional[str], workdir: Path) -> None:
             raise SweepSpecError("storage", "an in-memory SQLite study is private to one process and lost at exit "
                                             f"(--resume would find nothing); allowed: {STORAGE_FORMS}")
         _check_sqlite_file(Path(parsed.database), "storage", "")
+        _create_sqlite_schema(url, Path(parsed.database))
+
+
+def _create_sqlite_schema(url: str, db: Path) -> None:
+    """Create Optuna's schema in a SQLite storage now, under a file lock: two sweeps starting on one
+    fresh file raced on it (one died on a UNIQUE constraint after loading the model and running the
+    baseline); later opens find it complete. SweepSpecError naming `storage` if SQLite refuses."""
+    import optuna
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(db) + ".lock", timeout=300):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            storage.engine.dispose()
+    except Timeout:
+        raise SweepSpecError("storage", f"SQLite file {db}: another process has held {db}.lock for 300 s") from None
+    except Exception as exc:  # SQLAlchemy / Optuna errors: named, not a traceback after the model loads
+        raise SweepSpecError("storage", f"cannot open the Optuna storage {db}: {type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0]}") from None
 
 
 def _check_sqlite_file(db: Path, field: str, what: str) -> None:

@@ -471,3 +471,62 @@ def test_bug3_credentials_never_printed_or_stored(tmp_path, capsys, monkeypatch,
     assert any(p.name == "sweep.yaml" for p in stored if root in p.parents)  # the parent run's artifact
     leaks = [str(p) for p in stored if b"s3cret" in p.read_bytes()]
     assert leaks == []
+
+
+# -- bug 2: concurrent initialisation of fresh stores ------------------------------------------------
+
+def _init_both(db: str, barrier, out):
+    """One racing driver: the MLflow store and the Optuna storage on the same fresh files."""
+    from pathlib import Path
+
+    from search.preflight import check_storage
+    from tracking import init_store
+
+    barrier.wait()
+    try:
+        exp = init_store(f"sqlite:///{db}/mlflow.db", "race")
+        check_storage(f"sqlite:///{db}/optuna.db", Path(db))
+        out.put(("ok", exp))
+    except BaseException as exc:  # reported to the parent, which asserts on it
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def test_bug2_concurrent_init_of_fresh_stores(tmp_path):
+    """Four drivers initialising the same fresh mlflow.db and optuna.db at the same instant all
+    succeed, share one experiment, and leave complete schemas (before: `_alembic_tmp_tags already
+    exists`, a half-migrated store, or a UNIQUE constraint in optuna.db)."""
+    import multiprocessing as mp
+    import sqlite3
+
+    import optuna
+
+    ctx = mp.get_context("fork")  # spawn would re-import MLflow per process: 4x slower, same race
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_init_both, args=(str(tmp_path), barrier, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[0] for r in results] == ["ok"] * 4, results
+    assert len({r[1] for r in results}) == 1
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    assert not [r for r in con.execute("SELECT name FROM sqlite_master WHERE name LIKE '%alembic_tmp%'")]
+    con.close()
+    optuna.create_study(study_name="after", storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_bug2_half_migrated_store_is_named(tmp_path):
+    import sqlite3
+
+    from tracking import TrackingError, init_store
+
+    db = tmp_path / "mlflow.db"
+    init_store(f"sqlite:///{db}", "e")
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE _alembic_tmp_tags (x INTEGER)")  # what an interrupted migration leaves
+    con.commit()
+    con.close()
+    with pytest.raises(TrackingError, match="half-migrated") as err:
+        init_store(f"sqlite:///{db}", "e")
+    assert "_alembic_tmp_tags" in str(err.value) and "move" in str(err.value)

@@ -167,17 +167,69 @@ def init_store(
     elif uri.startswith(("http://", "https://")):
         _check_http(uri, timeout_s)
     try:
-        with _quiet_schema_init():
+        # Two drivers starting on one fresh SQLite file both run MLflow's schema migration, and the
+        # loser leaves it half-migrated for good: the first creates the schema under a file lock,
+        # the others wait, then find it complete (MLflow skips a migration that is up to date).
+        with _schema_lock(db), _quiet_schema_init():
+            if db is not None:
+                _refuse_half_migrated(uri, db)
             client = retrying(MlflowClient, tracking_uri=uri, what=f"opening MLflow store {uri}")
-        location = _artifact_location(db, artifact_root)
-        return _ensure_experiment(client, uri, experiment, location)
+            location = _artifact_location(db, artifact_root)
+            return _ensure_experiment(client, uri, experiment, location)
     except TrackingError:
         raise
     except Exception as exc:
+        if db is not None and "_alembic_tmp_" in str(exc):
+            raise TrackingError(_half_migrated(uri, db, str(exc))) from exc
         raise TrackingError(
             f"preparing MLflow store {uri} (experiment {experiment!r}) failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+SCHEMA_LOCK_TIMEOUT_S = 300.0  # a fresh schema takes seconds; minutes means the holder is stuck
+
+
+@contextlib.contextmanager
+def _schema_lock(db: Path | None) -> Iterator[None]:
+    """An exclusive file lock `<db>.lock` beside a SQLite store (no-op for servers and databases)."""
+    if db is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(db) + ".lock")
+    try:
+        lock.acquire(timeout=SCHEMA_LOCK_TIMEOUT_S)
+    except Timeout:
+        raise TrackingError(f"SQLite tracking store {db}: another process has held {lock.lock_file} for "
+                            f"{SCHEMA_LOCK_TIMEOUT_S:g} s while creating the schema") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _refuse_half_migrated(uri: str, db: Path) -> None:
+    """TrackingError if an interrupted MLflow schema migration left its temporary tables in `db`."""
+    import sqlite3
+
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        left = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
+    finally:
+        con.close()
+    if left:
+        raise TrackingError(_half_migrated(uri, db, f"leftover table(s) {left}"))
+
+
+def _half_migrated(uri: str, db: Path, evidence: str) -> str:
+    return (f"SQLite tracking store {uri} is half-migrated ({evidence}): an MLflow schema upgrade was "
+            f"interrupted, e.g. by two sweeps creating it at once before this was locked. Every sweep on it "
+            f"would fail; move {db} aside (or restore a backup) and start again with a fresh store")
 
 
 def _ensure_experiment(client: MlflowClient, uri: str, name: str, location: str | None) -> str:
