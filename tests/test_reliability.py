@@ -530,3 +530,40 @@ def test_bug2_half_migrated_store_is_named(tmp_path):
     with pytest.raises(TrackingError, match="half-migrated") as err:
         init_store(f"sqlite:///{db}", "e")
     assert "_alembic_tmp_tags" in str(err.value) and "move" in str(err.value)
+
+
+# -- bug 8: GGUF headers bounded by the file size; tensor extents checked before loading --------------
+
+def _garbage_gguf(path, body: bytes):
+    import struct
+
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + body)
+    return path
+
+
+def test_bug8_garbage_and_truncated_gguf_are_named_before_loading(tmp_path, capsys, no_weights):
+    import os
+    import struct
+
+    from sketchwalk import models
+
+    garbage = [  # a valid magic, then: absurd counts / lengths
+        _garbage_gguf(tmp_path / "counts.gguf", b"\xff" * 16 + os.urandom(256)),
+        _garbage_gguf(tmp_path / "keylen.gguf", struct.pack("<QQQ", 0, 1, 2**62) + b"x" * 64),
+        _garbage_gguf(tmp_path / "array.gguf", struct.pack("<QQQ", 0, 1, 1) + b"k" + struct.pack("<IIQ", 9, 0, 2**60)),
+    ]
+    src = models.ensure_bundled_gguf(progress=False)
+    truncated = tmp_path / "truncated.gguf"
+    with open(src, "rb") as f:
+        truncated.write_bytes(f.read(os.path.getsize(src) // 2))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [vt]\nlengths: [512]\nsamples: 1\n")
+    for bad in garbage + [truncated]:
+        for argv in (["eval", "--model", str(bad), "--suite", str(suite)],
+                     ["sweep", str(_sweep_file(tmp_path, model=str(bad))), "--workdir", str(tmp_path / "w"),
+                      "--no-progress"]):
+            rc, out = _cli(capsys, *argv)
+            assert rc == 2 and bad.name in out and "Traceback" not in out and "MemoryError" not in out, (argv, out)
+            assert ("truncated" in out) and (("needs bytes" in out) == (bad is truncated)), out
+    assert not (tmp_path / "w" / "runs" / "sweeps").exists()  # no parent run, no sweep directory
+    assert no_weights == []
