@@ -567,3 +567,37 @@ def test_bug8_garbage_and_truncated_gguf_are_named_before_loading(tmp_path, caps
             assert ("truncated" in out) and (("needs bytes" in out) == (bad is truncated)), out
     assert not (tmp_path / "w" / "runs" / "sweeps").exists()  # no parent run, no sweep directory
     assert no_weights == []
+
+
+# -- bug 12: the ablation report takes a variant's FINISHED run over stale ones ------------------------
+
+def test_bug12_report_prefers_the_finished_run_of_a_variant(tmp_path):
+    """A variant with a KILLED attempt, its FINISHED retry and a later attempt left RUNNING (a
+    sweep killed again) reports the FINISHED one; a variant with only stale runs reports their state."""
+    from ablations.plan import Variant
+    from ablations.report import collect_results
+    from search.session import config_hash, open_session, start_trial
+
+    spec = parse_spec({"name": "ab", "variants": {"dense": None, "walk=none": {"walk": "none"}}})
+    session = open_session(spec, "ab", OBJECTIVES, workdir=tmp_path)
+    tracker = session.tracker()
+    from sketchwalk.config import SketchWalkConfig
+
+    none_cfg = SketchWalkConfig(walk="none")
+    variants = [Variant("dense", "baseline", None, None), Variant("walk=none", "walk", none_cfg.to_dict(), {"walk": "none"})]
+    good = _fake_eval(21.4, 1.0)
+    runs = {}
+    for number, (config, status) in enumerate([(None, "KILLED"), (None, "FINISHED"), (None, None),
+                                               (none_cfg, "KILLED"), (none_cfg, None)]):
+        run = start_trial(session, number, config, tracker)
+        if status == "FINISHED":
+            tracker.log_metrics(run.run_id, {"accuracy": 21.4})
+            tracker.log_text(run.run_id, good.to_json(), "eval.json")
+        if status is not None:
+            tracker.finish(run.run_id, status)
+        runs[number] = run.run_id
+    assert config_hash(None) == "dense"
+    results = collect_results(session, variants)
+    assert results["dense"].state == "COMPLETE" and results["dense"].run_id == runs[1]
+    assert results["dense"].metrics["accuracy"] == pytest.approx(21.4) and len(results["dense"].scores) == 1
+    assert results["walk=none"].state == "RUNNING" and results["walk=none"].trial == 4
