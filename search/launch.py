@@ -16,7 +16,7 @@ from tracking import redact_uri
 
 from .preflight import check_storage, check_tracking, check_workdir
 from .records import Objective
-from .session import (SweepSession, load_session, log_baseline, open_session, parent_closed_on_exit, recorded_baseline,
+from .session import (SweepSession, deliver_pending, load_session, log_baseline, open_session, parent_closed_on_exit, recorded_baseline,
                       refuse_existing)
 from .space import resolve_objectives
 from .spec import SweepSpec, SweepSpecError, check_space_for_model, check_sweep_id, load_spec, new_sweep_id
@@ -133,6 +133,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
     session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=uri,
                            device="cuda" if cuda else "cpu", new=not resume)
     with parent_closed_on_exit(session):
+        deliver_pending(session)  # trials that finished while MLflow was unreachable
         counts = _drive(session, spec, address=address, resume=resume, progress=progress, cuda=cuda)
         analysis = analyze(session)
     session.tracker().finish(session.parent_run_id, "FINISHED")

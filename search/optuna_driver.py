@@ -14,6 +14,8 @@ import time
 import warnings
 from typing import Callable, Optional
 
+from tracking import TrackingError
+
 from .session import SweepSession, config_hash, error_text, recorded_trial, trial_key
 from .space import CONSTRAINT_ATTR, constraint_excess, make_sampler, suggest_params
 from .spec import VARIANT_PARAM
@@ -111,6 +113,8 @@ def make_objective(session: SweepSession, work: Workload, on_result: Optional[Ca
         except BaseException as exc:
             error = error_text(exc)
             trial.set_user_attr("error", error[-2000:])
+            if isinstance(exc, TrackingError):
+                objective.store_lost = exc  # run_study stops: the next trial could not be recorded either
             if on_result:
                 on_result(trial.number, None, error)
             raise
@@ -120,6 +124,7 @@ def make_objective(session: SweepSession, work: Workload, on_result: Optional[Ca
             on_result(trial.number, outcome.metrics, None)
         return outcome.values
 
+    objective.store_lost = None
     return objective
 
 
@@ -167,6 +172,8 @@ def run_study(session: SweepSession, work: Workload, *, storage_url: str, heartb
             optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        if objective.store_lost is not None:
+            raise objective.store_lost
     complete, failed, running = counted_trials(study)
     return {"complete": complete, "failed": failed, "running": running, "recovered": recovered}
 

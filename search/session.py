@@ -229,6 +229,33 @@ def finish_trial(session: SweepSession, tracker: SweepTracker, run: ChildRun, re
     tracker.finish(run.run_id, "FINISHED")
 
 
+PENDING_DIR = "pending"  # under the sweep directory: finished trials MLflow could not take yet
+
+
+def keep_pending(session: SweepSession, number: int, result: EvalResult, metrics: dict[str, float],
+                 device: str) -> Path:
+    """Write a finished trial's numbers to `runs/sweeps/<id>/pending/trial-NNNNN.json` when MLflow
+    cannot take them (server lost past the retry bound): `deliver_pending` hands them over later."""
+    data = {"number": number, "metrics": metrics, "result": result.to_dict(), "device": device}
+    return write_json(session.sweep_dir / PENDING_DIR / f"{trial_key(number)}.json", data)
+
+
+def deliver_pending(session: SweepSession) -> list[int]:
+    """Log every kept trial (see `keep_pending`) to its MLflow run and mark it FINISHED, deleting each
+    file once delivered; returns their numbers. Called when a sweep (re)opens."""
+    tracker, done = session.tracker(), []
+    for path in sorted((session.sweep_dir / PENDING_DIR).glob("trial-*.json")):
+        data = json.loads(path.read_text())
+        run = tracker.find_child(trial_key(int(data["number"])))
+        if run is None:  # the run is created before the trial starts; without it there is nothing to attach to
+            continue
+        if run.status != "FINISHED":
+            finish_trial(session, tracker, run, EvalResult.from_dict(data["result"]), data["metrics"], data["device"])
+        path.unlink()
+        done.append(int(data["number"]))
+    return done
+
+
 def recorded_trial(tracker: SweepTracker, number: int, objectives: list[Objective]) -> Optional[ChildRun]:
     """Trial `number`'s run if it is FINISHED with every objective value recorded (the process died,
     or a driver's own checkpoint missed it, between logging and telling the sampler); else None. A

@@ -16,13 +16,13 @@ import time
 from typing import Any, Callable, Optional
 
 from sketchwalk.config import ConfigError, SketchWalkConfig
+from tracking import ChildRun, SweepTracker, TrackingError
 
-from .session import SweepSession, fail_trial, finish_trial, start_trial
+from .session import SweepSession, fail_trial, finish_trial, keep_pending, start_trial
 from .space import constraint_excess
 from .spec import config_from_params
 from .trial import (TrialFailed, Workload, free_cuda_cache, model_shape, objective_values, result_metrics,
                     run_trial, worker_metrics)
-from tracking import ChildRun, SweepTracker
 
 
 @dataclasses.dataclass
@@ -68,8 +68,19 @@ def execute(session: SweepSession, work: Workload, number: int, params: dict[str
         fail_trial(tracker, run, exc)
         free_cuda_cache()
         raise
-    finish_trial(session, tracker, run, result, metrics, work.device)
+    try:
+        finish_trial(session, tracker, run, result, metrics, work.device)
+    except TrackingError as exc:
+        # The evaluation is done and paid for: keep its numbers, then stop (the store is gone).
+        path = keep_pending(session, number, result, metrics, work.device)
+        raise ResultsKept(f"trial {number} finished but MLflow at {session.tracking_uri} did not take its results "
+                          f"({exc}); they are kept in {path}, and `sketchwalk sweep --resume {session.sweep_id}` "
+                          f"delivers them") from exc
     return Outcome(values, metrics, constraint_excess(spec, metrics))
+
+
+class ResultsKept(TrackingError):
+    """MLflow was lost after a trial finished: its results are on disk (`session.keep_pending`)."""
 
 
 def _config(spec, params: dict[str, Any]) -> tuple[Optional[SketchWalkConfig], Optional[ConfigError]]:

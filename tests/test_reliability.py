@@ -601,3 +601,60 @@ def test_bug12_report_prefers_the_finished_run_of_a_variant(tmp_path):
     assert results["dense"].state == "COMPLETE" and results["dense"].run_id == runs[1]
     assert results["dense"].metrics["accuracy"] == pytest.approx(21.4) and len(results["dense"].scores) == 1
     assert results["walk=none"].state == "RUNNING" and results["walk=none"].trial == 4
+
+
+# -- bug 4: a lost MLflow server: bounded retries, said on the console, no finished trial lost ---------
+
+@pytest.mark.timeout(120)
+def test_bug4_mlflow_http_retries_are_bounded_and_reported(monkeypatch, caplog):
+    import logging
+    import os
+    import time
+
+    from tracking import SweepTracker, TrackingError
+    from tracking.retry import MLFLOW_HTTP_ENV
+
+    for key in MLFLOW_HTTP_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # a user's own value is kept
+    monkeypatch.setattr("tracking.retry.random.uniform", lambda a, b: 0.0)
+    tracker = SweepTracker("http://127.0.0.1:9", "0", "lost")  # nothing listens on port 9
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    caplog.set_level(logging.WARNING, logger="tracking.retry")
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match="failed after 5 attempts"):
+        tracker.find_child("trial-00000")
+    assert time.monotonic() - t0 < 60  # MLflow's defaults alone: 7 retries from 2 s, per attempt: minutes
+    lines = [r.getMessage() for r in caplog.records if r.name == "tracking.retry"]
+    assert len(lines) == 4 and all("MLflow server is unreachable" in m and "retrying in" in m for m in lines), lines
+
+
+def test_bug4_a_finished_trial_survives_a_lost_server(tmp_path, monkeypatch):
+    """MLflow lost between a trial's evaluation and its FINISHED write: the study stops (no more
+    trials into a dead store), the numbers are kept on disk, and reopening the sweep delivers them."""
+    import optuna
+
+    from search import optuna_driver
+    from search.session import deliver_pending, open_session
+    from search.trial_body import ResultsKept
+    from tracking import TrackingError
+
+    spec = parse_spec({"name": "lost", "space": SPACE, "budget": {"trials": 3}})
+    session = open_session(spec, "lost", OBJECTIVES, workdir=tmp_path)
+    monkeypatch.setattr("search.trial_body.run_trial", lambda work, config: _fake_eval(42.0, 0.3))
+
+    def lost(*a, **k):
+        raise TrackingError("log metrics to run x at http://mlflow failed after 5 attempts: ConnectionError")
+
+    monkeypatch.setattr("search.trial_body.finish_trial", lost)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    with pytest.raises(ResultsKept, match="--resume lost"):
+        optuna_driver.run_study(session, _fake_work(), storage_url=storage, heartbeat_s=1)
+    assert len(optuna.load_study(study_name="lost", storage=storage).trials) == 1  # stopped after the first
+    kept = list((session.sweep_dir / "pending").glob("*.json"))
+    assert [p.name for p in kept] == ["trial-00000.json"]
+    monkeypatch.undo()
+    assert deliver_pending(session) == [0]
+    (run,) = session.tracker().children(role="trial")
+    assert run.status == "FINISHED" and run.metrics["accuracy"] == pytest.approx(42.0)
+    assert run.metrics["accuracy_drop"] == pytest.approx(8.0) and not kept[0].exists()

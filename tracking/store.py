@@ -13,7 +13,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from tracking.credentials import redact_uri, take_credentials
-from tracking.retry import TrackingError, retrying
+from tracking.retry import TrackingError, bound_mlflow_http, retrying
 
 _log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def init_store(
     if db is not None:
         _check_sqlite(uri, db)
     elif uri.startswith(("http://", "https://")):
+        bound_mlflow_http()
         _check_http(uri, timeout_s)
     try:
         # Two drivers starting on one fresh SQLite file both run MLflow's schema migration, and the

@@ -36,7 +36,7 @@ from tracking.names import (
     flatten,
     sanitize_key,
 )
-from tracking.retry import TrackingError, retrying
+from tracking.retry import TrackingError, bound_mlflow_http, retrying
 from tracking.store import check_supported
 
 _log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class SweepTracker:
 
     def __init__(self, uri: str, experiment_id: str, sweep_id: str):
         check_supported(uri)
+        if uri.startswith(("http://", "https://")):
+            bound_mlflow_http()
         filter_literal(sweep_id, "sweep_id")  # fail now, not at the first search
         self.uri = uri
         self.experiment_id = str(experiment_id)
