@@ -15,6 +15,7 @@ import warnings
 from typing import Callable, Optional
 
 from tracking import TrackingError
+from tracking.names import TAG_CONFIG_HASH, TAG_RETRY_OF
 
 from .session import SweepSession, config_hash, error_text, recorded_trial, trial_key
 from .space import CONSTRAINT_ATTR, constraint_excess, make_sampler, suggest_params
@@ -103,13 +104,13 @@ def make_objective(session: SweepSession, work: Workload, on_result: Optional[Ca
     def objective(trial):
         def remember(run, config):
             trial.set_user_attr("mlflow_run_id", run.run_id)
-            trial.set_user_attr("config_hash", run.tags.get("sketchwalk.config_hash", config_hash(config)))
+            trial.set_user_attr("config_hash", run.tags.get(TAG_CONFIG_HASH, config_hash(config)))
 
         try:
             params = suggest_params(trial, session.spec)
             retry_of = _retry_of(trial)
             outcome = execute(session, work, trial.number, params, tracker=tracker, on_run=remember,
-                              tags={"sketchwalk.retry_of": "" if retry_of is None else retry_of, **worker_tags()})
+                              tags={TAG_RETRY_OF: "" if retry_of is None else retry_of, **worker_tags()})
         except BaseException as exc:
             error = error_text(exc)
             trial.set_user_attr("error", error[-2000:])

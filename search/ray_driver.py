@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from sketchwalk.evaluation import EvalResult
+from tracking.names import TAG_RAY_TRIAL_ID
 
 from .ray_cluster import init_ray
 from .records import Objective
@@ -75,7 +76,7 @@ class SweepTrainable(tune.Trainable):
         params = {k: v for k, v in self.config.items() if k in CONFIG_FIELDS or k == VARIANT_PARAM}
         outcome = execute(self.session, self.work, number, params, tracker=self.tracker,
                           model_loads=MODEL_LOADS["count"],
-                          tags={"sketchwalk.ray_trial_id": self.trial_id, **worker_tags(_gpu_share())})
+                          tags={TAG_RAY_TRIAL_ID: self.trial_id, **worker_tags(_gpu_share())})
         return self._report(number, outcome)
 
     def _report(self, number: int, outcome: Outcome) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import yaml
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.evaluation import EvalResult
 from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
+from tracking.names import (TAG_BACKEND, TAG_BUDGET_TRIALS, TAG_BUDGET_WALL_TIME_S, TAG_CONCURRENCY, TAG_CONFIG_HASH,
+                            TAG_DEVICE, TAG_DTYPE, TAG_ERROR, TAG_OBJECTIVES, TAG_TRIAL_NUMBER)
 
 from .records import Objective, TrialRecord
 from .spec import SweepSpec, SweepSpecError, check_sweep_id, spec_to_yaml
@@ -102,10 +104,10 @@ def open_session(spec: SweepSpec, sweep_id: str, objectives: list[Objective], *,
     params = {"model": spec.model, "suite": spec.suite, "samples": spec.samples, "backend": spec.backend,
               "sampler": spec.sampler, "seed": spec.seed, "attention_backend": spec.attention_backend,
               "max_accuracy_drop": spec.constraints.max_accuracy_drop}
-    tags = {"sketchwalk.objectives": ",".join(f"{o.name}:{o.direction}" for o in objectives),
-            "sketchwalk.device": device, "sketchwalk.backend": spec.backend,
-            "sketchwalk.budget.trials": spec.budget.trials, "sketchwalk.budget.wall_time_s": spec.budget.wall_time_s,
-            "sketchwalk.concurrency": spec.concurrency,
+    tags = {TAG_OBJECTIVES: ",".join(f"{o.name}:{o.direction}" for o in objectives),
+            TAG_DEVICE: device, TAG_BACKEND: spec.backend,
+            TAG_BUDGET_TRIALS: spec.budget.trials, TAG_BUDGET_WALL_TIME_S: spec.budget.wall_time_s,
+            TAG_CONCURRENCY: spec.concurrency,
             "mlflow.note.content": f"Sketch&Walk sweep `{sweep_id}`: objectives "
                                    + ", ".join(f"{o.direction} {o.name} ({o.unit})" for o in objectives)}
     session.parent_run_id = tracker.parent_run(sweep_id, params=params, tags=tags)
@@ -205,7 +207,7 @@ def start_trial(session: SweepSession, number: int, config: Optional[SketchWalkC
     (config None: a dense variant, logged as param attention=dense). `params`: the raw sampled params
     of a trial whose config was refused; they are logged instead, so the failed run says what was tried."""
     chash = INVALID if params is not None else config_hash(config)
-    tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": chash, **(extra_tags or {})}
+    tags = {TAG_TRIAL_NUMBER: number, TAG_CONFIG_HASH: chash, **(extra_tags or {})}
     if params is not None:
         logged, text = dict(params), f"# sampled params (not a valid config)\n{yaml.safe_dump(dict(params))}"
     elif config is not None:
@@ -225,7 +227,7 @@ def finish_trial(session: SweepSession, tracker: SweepTracker, run: ChildRun, re
     reads FINISHED holds everything, which is what resume relies on)."""
     tracker.log_metrics(run.run_id, metrics)
     tracker.log_text(run.run_id, result.to_json(), "eval.json")
-    tracker.set_tags(run.run_id, {"sketchwalk.device": device, "sketchwalk.dtype": result.dtype})
+    tracker.set_tags(run.run_id, {TAG_DEVICE: device, TAG_DTYPE: result.dtype})
     tracker.finish(run.run_id, "FINISHED")
 
 
@@ -290,10 +292,10 @@ def load_records(session: SweepSession, runs: Optional[list[ChildRun]] = None
         if run.role == "baseline":
             baseline = TrialRecord(-1, state, None, dict(run.metrics), run.run_id)
             continue
-        number = int(run.tags.get("sketchwalk.trial_number", run.key.rsplit("-", 1)[-1]))
+        number = int(run.tags.get(TAG_TRIAL_NUMBER, run.key.rsplit("-", 1)[-1]))
         config = None if run.params.get("attention") == DENSE else _config_from_params(run.params)
         records.append(TrialRecord(number, state, config, dict(run.metrics), run.run_id,
-                                   run.tags.get("sketchwalk.error")))
+                                   run.tags.get(TAG_ERROR)))
     records.sort(key=lambda r: r.number)
     return records, baseline
 

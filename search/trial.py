@@ -16,6 +16,7 @@ from typing import Any, Optional
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.evaluation import EvalResult, evaluate
 from sketchwalk.evaluation.plan import EvalPlan, baseline_key, build_samples, load_model, prepare_run
+from tracking.names import TAG_WORKER_GPU_SHARE, TAG_WORKER_GPUS, TAG_WORKER_HOST, TAG_WORKER_PID
 
 from .records import Objective
 from .spec import SweepSpec
@@ -159,8 +160,8 @@ def objective_values(metrics: dict[str, float], objectives: list[Objective]) -> 
 
 
 #: Trial-run tags naming the worker process that ran the trial (see `worker_tags`).
-WORKER_HOST, WORKER_PID, WORKER_GPUS = "sketchwalk.worker.host", "sketchwalk.worker.pid", "sketchwalk.worker.gpus"
-WORKER_GPU_SHARE = "sketchwalk.worker.gpu_share"
+WORKER_HOST, WORKER_PID, WORKER_GPUS = TAG_WORKER_HOST, TAG_WORKER_PID, TAG_WORKER_GPUS
+WORKER_GPU_SHARE = TAG_WORKER_GPU_SHARE
 
 
 def worker_tags(gpu_share: Optional[float] = None) -> dict[str, str]:
