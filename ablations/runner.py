@@ -14,16 +14,13 @@ from typing import Any, Optional
 from search.launch import SweepOutcome, prepare_sweep, run_sweep
 from search.preflight import check_workdir
 from search.session import SweepSession, load_session
-from search.spec import SweepSpec, SweepSpecError, check_sweep_id, new_sweep_id, parse_spec
+from search.spec import RUN_SETTINGS, SweepSpec, SweepSpecError, check_sweep_id, new_sweep_id, parse_spec
 
 from .plan import (AblationPlan, PlanError, Variant, expand_variants, load_plan, load_variants, parse_plan, plan_to_yaml,
                    resolved_plan, save_variants)
 
 PLAN_FILE = "plan.yaml"
 VARIANTS_FILE = "variants.json"
-# Settings a plan hands to the sweep unchanged (same names, same meaning as in a sweep file).
-PASS_THROUGH = ("model", "suite", "samples", "essays", "dtype", "batch_size", "timing_samples", "attention_backend",
-                "backend", "concurrency", "resources", "storage", "tracking", "seed")
 
 
 def ablation_dir(workdir: Path, ablation_id: str) -> Path:
@@ -37,13 +34,13 @@ def sweep_spec(plan: AblationPlan, variants: list[Variant]) -> SweepSpec:
     (accuracy and speed), so its Pareto analysis of the variants comes along. PlanError (naming the
     plan's field) if the sweep side rejects a setting."""
     plan = resolved_plan(plan)
-    data: dict[str, Any] = {k: v for k, v in plan.model_dump(mode="json").items() if k in PASS_THROUGH}
+    data: dict[str, Any] = {k: v for k, v in plan.model_dump(mode="json").items() if k in RUN_SETTINGS}
     data.update(name=plan.name, sampler="random", base=dict(plan.base),
                 variants={v.name: v.changes for v in variants})
     try:
         return parse_spec(data, source=f"<ablation {plan.name}>")
     except SweepSpecError as exc:
-        raise PlanError(exc.field, str(exc).split(": ", 1)[-1]) from None
+        raise PlanError(exc.field, exc.message) from None
 
 
 @dataclasses.dataclass

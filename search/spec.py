@@ -34,7 +34,7 @@ class SweepSpecError(ValueError):
     """Invalid sweep definition; `field` is the dotted path of the offending entry."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         # A command-line flag is named as typed; a file entry as its dotted path under `sweep.`.
         super().__init__(f"{field}: {message}" if field.startswith("-") else f"sweep.{field}: {message}")
 
@@ -154,8 +154,11 @@ class Analysis(_Strict):
         return v
 
 
-class SweepSpec(_Strict):
-    """A validated sweep definition (see the module docstring and sweeps/*.yaml)."""
+class RunSettings(_Strict):
+    """What a sweep file and an ablation plan both set, with one meaning: the name, what is
+    evaluated (model, suite, samples, essays, dtype, batching, attention backend), how it is driven
+    (backend, concurrency, resources, seed) and where it is stored (storage, tracking). An ablation
+    plan hands these to its sweep unchanged (`ablations.runner.sweep_spec`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     model: str = "smollm2-135m"
@@ -167,8 +170,20 @@ class SweepSpec(_Strict):
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
     backend: Literal["optuna", "ray"] = "optuna"
-    sampler: Literal["tpe", "gp", "random"] = "tpe"
     seed: int = Field(default=0, ge=0)
+    concurrency: int = Field(default=1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    tracking: Tracking = Field(default_factory=Tracking)
+    storage: Optional[str] = None  # Optuna RDB URL; None = sqlite:///<workdir>/runs/optuna.db
+
+
+RUN_SETTINGS = tuple(RunSettings.model_fields)
+
+
+class SweepSpec(RunSettings):
+    """A validated sweep definition (see the module docstring and sweeps/*.yaml)."""
+
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Param] = Field(default_factory=dict)
     # Fixed trials instead of a search (set exactly one of space, variants): {name: SketchWalkConfig
@@ -178,12 +193,8 @@ class SweepSpec(_Strict):
     objectives: list[str] = Field(default_factory=lambda: ["accuracy", SPEED_AUTO], min_length=1)
     constraints: Constraints = Field(default_factory=Constraints)
     budget: Budget = Field(default_factory=lambda: Budget(trials=8))
-    concurrency: int = Field(default=1, ge=1)
     trial_retries: int = Field(default=0, ge=0)  # ray: FailureConfig.max_failures (worker crashes)
     heartbeat_s: int = Field(default=10, ge=1)  # optuna: a trial silent for 3x this is stale -> re-queued
-    resources: Resources = Field(default_factory=Resources)
-    tracking: Tracking = Field(default_factory=Tracking)
-    storage: Optional[str] = None  # Optuna RDB URL; None = sqlite:///<workdir>/runs/optuna.db
     analysis: Analysis = Field(default_factory=Analysis)
 
     @field_validator("space")
