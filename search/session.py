@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from sketchwalk.config import SketchWalkConfig
+from sketchwalk.config import ConfigError, SketchWalkConfig
 from sketchwalk.evaluation import EvalResult
 from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
 from tracking.names import (TAG_BACKEND, TAG_BUDGET_TRIALS, TAG_BUDGET_WALL_TIME_S, TAG_CONCURRENCY, TAG_CONFIG_HASH,
@@ -301,14 +301,10 @@ def load_records(session: SweepSession, runs: Optional[list[ChildRun]] = None
 
 
 def _config_from_params(params: dict[str, str]) -> Optional[dict[str, Any]]:
-    """Rebuild the config dict from MLflow's string params via the dataclass field types."""
-    import yaml
-
-    fields = {f.name for f in dataclasses.fields(SketchWalkConfig)}
-    data = {k: yaml.safe_load(v) if v != "None" else None for k, v in params.items() if k in fields}
+    """The trial's config dict from its MLflow params, or None if they make no valid config."""
     try:
-        return SketchWalkConfig.from_dict(data).to_dict()
-    except Exception:
+        return SketchWalkConfig.from_params(params).to_dict()
+    except (ConfigError, TypeError, ValueError):  # e.g. the raw params of a refused trial
         return None
 
 

@@ -426,13 +426,8 @@ def config_from_params(spec: SweepSpec, params: dict[str, Any]) -> Optional[Sket
     In a fixed-variant sweep `params` is {"variant": name}: that variant's config (None = dense)."""
     if spec.variants:
         return variant_config(spec, params[VARIANT_PARAM])
-    data = _base_with_tau(spec.base, spec.space)
-    data.update(params)
-    if "top_k" in params:
-        data["density"] = None
-    if "density" in params:
-        data["top_k"] = None
-    return SketchWalkConfig.from_dict(data)
+    # `replace` is where switching τ between top_k and density is written (once).
+    return SketchWalkConfig.from_dict(_base_with_tau(spec.base, spec.space)).replace(**params)
 
 
 def variant_config(spec: SweepSpec, name: str) -> Optional[SketchWalkConfig]:

@@ -658,3 +658,20 @@ def test_bug4_a_finished_trial_survives_a_lost_server(tmp_path, monkeypatch):
     (run,) = session.tracker().children(role="trial")
     assert run.status == "FINISHED" and run.metrics["accuracy"] == pytest.approx(42.0)
     assert run.metrics["accuracy_drop"] == pytest.approx(8.0) and not kept[0].exists()
+
+
+# -- tidy-up: one τ switch, one MLflow-params reader ---------------------------------------------
+
+def test_config_from_mlflow_params_round_trips_and_tau_switches_once():
+    from search.spec import config_from_params
+    from sketchwalk.config import SketchWalkConfig
+
+    cfg = SketchWalkConfig(top_k=4, sketch_dim=32, walk="damped")
+    as_logged = {k: str(v) for k, v in cfg.to_dict().items()} | {"attention": "sparse"}
+    assert SketchWalkConfig.from_params(as_logged) == cfg
+    spec = parse_spec({"name": "tau", "base": {"density": 0.3}, "space": {"top_k": {"type": "int", "low": 1, "high": 8}}})
+    got = config_from_params(spec, {"top_k": 3})
+    assert (got.top_k, got.density) == (3, None)
+    spec = parse_spec({"name": "tau", "base": {"top_k": 2, "density": None}, "space": SPACE})
+    got = config_from_params(spec, {"density": 0.25})
+    assert (got.top_k, got.density) == (None, 0.25)
