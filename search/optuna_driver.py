@@ -20,7 +20,7 @@ from tracking.names import TAG_CONFIG_HASH, TAG_RETRY_OF
 from .session import SweepSession, config_hash, error_text, recorded_trial, trial_key
 from .space import CONSTRAINT_ATTR, constraint_excess, make_sampler, suggest_params
 from .spec import VARIANT_PARAM
-from .trial import TrialFailed, Workload, objective_values, worker_tags  # noqa: F401 - TrialFailed re-exported
+from .trial import Workload, objective_values, worker_tags
 from .trial_body import execute
 
 
