@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from search.spec import Resources, SweepSpec, Tracking
+from search.spec import RunSettings, Tracking
 from sketchwalk.config import PHASES, ConfigError, SketchWalkConfig
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SketchWalkConfig))
@@ -65,11 +65,6 @@ class PlanError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"plan.{field}: {message}")
-
-
-def _sweep_type(field: str) -> Any:
-    # The plan's pass-through settings allow exactly what a sweep file allows.
-    return SweepSpec.model_fields[field].annotation
 
 
 class _Strict(BaseModel):
@@ -135,28 +130,15 @@ class VariantSources(_Strict):
         return [float(d) for d in value]
 
 
-class AblationPlan(_Strict):
-    """A validated ablation plan. The settings from `model` to `storage` mean what they mean in a
-    sweep file (search/spec.py) and are handed to the sweep machinery unchanged."""
+class AblationPlan(RunSettings):
+    """A validated ablation plan: the run settings of a sweep file (`search.spec.RunSettings`, the
+    same names and meaning, handed to the sweep unchanged), the base config and the variants."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    model: str = "smollm2-135m"
-    suite: str = "ruler-smoke"
-    samples: Optional[int] = Field(default=None, ge=1)
-    essays: Optional[str] = None
-    dtype: _sweep_type("dtype") = None
-    batch_size: int = Field(default=1, ge=1)
-    timing_samples: int = Field(default=2, ge=1)
-    attention_backend: _sweep_type("attention_backend") = "auto"
-    backend: _sweep_type("backend") = "optuna"
-    concurrency: int = Field(default=1, ge=1)
-    resources: Resources = Field(default_factory=Resources)
-    storage: Optional[str] = None
     tracking: Tracking = Field(default_factory=lambda: Tracking(experiment="sketchwalk-ablations"))
     base: Optional[dict[str, Any]] = None
     base_from: Optional[str] = None
     variants: VariantSources = Field(default_factory=VariantSources)
-    seed: int = Field(default=0, ge=0)  # the paired bootstrap's seed (and the sweep's)
+    # seed (a run setting): the paired bootstrap's seed, and the sweep's
 
 
 @dataclasses.dataclass(frozen=True)

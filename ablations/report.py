@@ -17,6 +17,7 @@ import numpy as np
 
 from search.pareto import write_front_table
 from search.session import SweepSession, config_hash, write_json
+from tracking.names import TAG_CONFIG_HASH, TAG_TRIAL_NUMBER, TAG_VARIANT, TAG_VARIANT_GROUP
 
 from .plan import BASE, SELECTORS, Variant
 
@@ -146,10 +147,10 @@ def collect_results(session: SweepSession, variants: list[Variant]) -> dict[str,
     by_hash = {config_hash(v.sketchwalk_config()): v.name for v in variants}
     runs: dict[str, Any] = {}
     for run in tracker.children(role="trial"):
-        name = by_hash.get(run.tags.get("sketchwalk.config_hash"))
+        name = by_hash.get(run.tags.get(TAG_CONFIG_HASH))
         if name is None:
             continue
-        rank = (run.status == "FINISHED", int(run.tags.get("sketchwalk.trial_number", -1)))
+        rank = (run.status == "FINISHED", int(run.tags.get(TAG_TRIAL_NUMBER, -1)))
         if name not in runs or rank > runs[name][0]:
             runs[name] = (rank, run)
     out: dict[str, VariantResult] = {}
@@ -170,9 +171,9 @@ def label_runs(session: SweepSession, variants: list[Variant]) -> None:
     tracker = session.tracker()
     by_hash = {config_hash(v.sketchwalk_config()): v for v in variants}
     for run in tracker.children(role="trial"):
-        v = by_hash.get(run.tags.get("sketchwalk.config_hash"))
-        if v is not None and run.tags.get("sketchwalk.variant") != v.name:
-            tracker.set_tags(run.run_id, {"sketchwalk.variant": v.name, "sketchwalk.variant_group": v.group,
+        v = by_hash.get(run.tags.get(TAG_CONFIG_HASH))
+        if v is not None and run.tags.get(TAG_VARIANT) != v.name:
+            tracker.set_tags(run.run_id, {TAG_VARIANT: v.name, TAG_VARIANT_GROUP: v.group,
                                           "mlflow.runName": v.name})
 
 

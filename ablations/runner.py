@@ -12,17 +12,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from search.launch import SweepOutcome, prepare_sweep, run_sweep
+from search.preflight import check_workdir
 from search.session import SweepSession, load_session
-from search.spec import SweepSpec, SweepSpecError, new_sweep_id, parse_spec
+from search.spec import RUN_SETTINGS, SweepSpec, SweepSpecError, check_sweep_id, new_sweep_id, parse_spec
 
 from .plan import (AblationPlan, PlanError, Variant, expand_variants, load_plan, load_variants, parse_plan, plan_to_yaml,
                    resolved_plan, save_variants)
 
 PLAN_FILE = "plan.yaml"
 VARIANTS_FILE = "variants.json"
-# Settings a plan hands to the sweep unchanged (same names, same meaning as in a sweep file).
-PASS_THROUGH = ("model", "suite", "samples", "essays", "dtype", "batch_size", "timing_samples", "attention_backend",
-                "backend", "concurrency", "resources", "storage", "tracking", "seed")
 
 
 def ablation_dir(workdir: Path, ablation_id: str) -> Path:
@@ -36,13 +34,13 @@ def sweep_spec(plan: AblationPlan, variants: list[Variant]) -> SweepSpec:
     (accuracy and speed), so its Pareto analysis of the variants comes along. PlanError (naming the
     plan's field) if the sweep side rejects a setting."""
     plan = resolved_plan(plan)
-    data: dict[str, Any] = {k: v for k, v in plan.model_dump(mode="json").items() if k in PASS_THROUGH}
+    data: dict[str, Any] = {k: v for k, v in plan.model_dump(mode="json").items() if k in RUN_SETTINGS}
     data.update(name=plan.name, sampler="random", base=dict(plan.base),
                 variants={v.name: v.changes for v in variants})
     try:
         return parse_spec(data, source=f"<ablation {plan.name}>")
     except SweepSpecError as exc:
-        raise PlanError(exc.field, str(exc).split(": ", 1)[-1]) from None
+        raise PlanError(exc.field, exc.message) from None
 
 
 @dataclasses.dataclass
@@ -66,6 +64,7 @@ def prepare_ablation(path: Optional[str], *, resume: Optional[str] = None, workd
     from search.trial import plan_for
 
     if resume:
+        check_sweep_id(resume, "--resume")
         if path:
             raise PlanError("<file>", "--resume takes the plan stored with the ablation; omit the file")
         if samples is not None or backend is not None or ablation_id is not None:
@@ -81,6 +80,11 @@ def prepare_ablation(path: Optional[str], *, resume: Optional[str] = None, workd
         return PreparedAblation(plan, variants, spec, resume, earlier)
     if path is None:
         raise PlanError("<file>", "give a plan file (e.g. ablations/plans/tiny.yaml) or --resume ID")
+    if ablation_id is not None:
+        check_sweep_id(ablation_id, "--id")
+        if ablation_dir(workdir, ablation_id).exists():
+            raise SweepSpecError("--id", f"an ablation {ablation_id!r} already exists under {ablation_dir(workdir, '')}; "
+                                         f"continue it with `--resume {ablation_id}` or pick another id")
     plan = load_plan(path)
     update = {k: v for k, v in (("samples", samples), ("essays", essays), ("backend", backend)) if v is not None}
     if update:
@@ -103,6 +107,7 @@ def run_ablation(prep: PreparedAblation, *, workdir: Path = Path("."), address: 
     log the report; returns both outcomes."""
     from .report import build_report
 
+    check_workdir(workdir)  # before plan.yaml is written there
     out = ablation_dir(workdir, prep.ablation_id)
     out.mkdir(parents=True, exist_ok=True)
     if prep.earlier is None:
@@ -119,7 +124,7 @@ def report_ablation(ablation_id: str, *, workdir: Path = Path(".")):
     """Rebuild the report of a launched ablation from MLflow (no evaluation); returns it."""
     from .report import build_report
 
-    out = ablation_dir(workdir, ablation_id)
+    out = ablation_dir(workdir, check_sweep_id(ablation_id, "ID"))
     if not (out / VARIANTS_FILE).is_file():
         raise FileNotFoundError(f"no ablation {ablation_id!r} under {out.parent}")
     session = load_session(ablation_id, workdir)

@@ -346,6 +346,7 @@ def _track(console, args: argparse.Namespace, action: str, config, metrics: dict
     if args.no_tracking:
         return 0
     from tracking import SweepTracker, TrackingError, init_store, resolve_tracking_uri, retrying
+    from tracking.names import TAG_CONFIG_HASH  # here, with the rest of tracking: MLflow loads only when used
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri, args.workdir)
@@ -353,7 +354,7 @@ def _track(console, args: argparse.Namespace, action: str, config, metrics: dict
         # A standalone run, not part of a sweep: the tracker is used for its batching, key
         # sanitising and retrying log helpers, which address runs by id.
         tracker = SweepTracker(uri, experiment_id, f"tensors-{action}")
-        all_tags = {"sketchwalk.config_hash": config.short_hash(),
+        all_tags = {TAG_CONFIG_HASH: config.short_hash(),
                     **{f"sketchwalk.tensors.{k}": v for k, v in dict(tags, action=action,
                                                                      record_dir=str(args.record_dir)).items()}}
         run = retrying(tracker.client.create_run, experiment_id, run_name=f"{action} {config.short_hash()}",

@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from tracking.names import TAG_FRONT_FEASIBLE, TAG_NOTES, TAG_STOP_REASON  # parent-run tags (stop reason: run_sweep)
+
 from .records import Objective, TrialRecord
 from .feasibility import FeasibleSplit, constraint_label, feasible, noise_note, split_feasible
 from .session import SweepSession, load_records, write_json
@@ -37,10 +39,6 @@ class Analysis:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-#: Parent-run tags the analysis sets (the stop reason is set by `run_sweep`, read back by `pareto`).
-TAG_STOP_REASON = "sketchwalk.stop_reason"
-TAG_NOTES = "sketchwalk.notes"
-TAG_FRONT_FEASIBLE = "sketchwalk.front_feasible"
 #: Analysis files logged at the parent run's artifact root (what the MLflow UI shows first); the
 #: others go under analysis/.
 MAIN_ARTIFACTS = ("front.png", "front.md", "best.yaml")

@@ -80,6 +80,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """`sketchwalk sweep`: exit 0 on success, 2 on bad input, 1 if no trial completed."""
     from sketchwalk.evaluation.plan import EvalInputError
 
+    from tracking import TrackingError
+
     from .launch import prepare_sweep, run_sweep
     from .spec import SweepSpecError
 
@@ -91,14 +93,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                  "resources.gpus": args.gpus_per_trial}
     try:
         spec, sweep_id, earlier = prepare_sweep(args.file, resume=args.resume, workdir=workdir, overrides=overrides)
-        if args.sweep_id:
+        if args.sweep_id is not None:
             if args.resume:
                 raise SweepSpecError("<cli>", "--sweep-id and --resume exclude each other")
             sweep_id = args.sweep_id
         outcome = run_sweep(spec, sweep_id, workdir=workdir, address=args.address, resume=bool(args.resume),
                             progress=not args.no_progress,
                             tracking_uri=args.tracking_uri or (earlier.tracking_uri if earlier else None))
-    except (SweepSpecError, EvalInputError, FileNotFoundError) as exc:
+    except (SweepSpecError, EvalInputError, FileNotFoundError, TrackingError) as exc:
         return _error(console, exc)
     _print_outcome(console, outcome)
     return 0 if outcome.analysis.records and any(r.state == "COMPLETE" for r in outcome.analysis.records) else 1
@@ -195,10 +197,12 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .session import load_session
 
+    from .spec import SweepSpecError
+
     console = _console()
     try:
         session = load_session(args.sweep_id, Path(args.workdir))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, SweepSpecError) as exc:
         return _error(console, exc)
     a = analyze(session, noise_aware=args.noise_aware, export=False)
     from types import SimpleNamespace
@@ -231,7 +235,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         if args.rule:
             ExportRule.parse(args.rule)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # SweepSpecError is a ValueError
         return _error(console, exc)
     a = analyze(session, noise_aware=args.noise_aware, rule=args.rule, export=True)
     if a.exported is None:

@@ -23,7 +23,7 @@ class RuleError(ValueError):
     field = "rule"
 
     def __init__(self, value: Any, why: str):
-        self.value = value
+        self.value, self.why = value, why
         super().__init__(f"rule = {value!r} is invalid ({why}): allowed forms are {', '.join(RULE_FORMS)}")
 
 

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 from sketchwalk.evaluation import EvalResult
+from tracking import redact_uri
 
+from .preflight import check_storage, check_tracking, check_workdir
 from .records import Objective
-from .session import SweepSession, load_session, log_baseline, open_session, recorded_baseline
+from .session import (SweepSession, deliver_pending, load_session, log_baseline, open_session, parent_closed_on_exit, recorded_baseline,
+                      refuse_existing)
 from .space import resolve_objectives
-from .spec import SweepSpec, SweepSpecError, check_space_for_model, load_spec, new_sweep_id
+from .spec import SweepSpec, SweepSpecError, check_space_for_model, check_sweep_id, load_spec, new_sweep_id
 
 DEFAULT_SWEEP = Path("sweeps") / "default.yaml"
 
@@ -53,7 +56,7 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
 
     earlier = None
     if resume:
-        earlier = load_session(resume, workdir)
+        earlier = load_session(check_sweep_id(resume, "--resume"), workdir)
         spec, sweep_id = earlier.spec, resume
         if path:
             raise SweepSpecError("<file>", "--resume takes the sweep definition stored with the sweep; omit the file")
@@ -105,18 +108,46 @@ def _dotted(data: dict, key: str) -> tuple[dict, str]:
 
 def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), address: Optional[str] = None,
               resume: bool = False, progress: bool = True, tracking_uri: Optional[str] = None) -> SweepOutcome:
-    """Run (or resume) the sweep to its budget, then analyse and export; returns what happened."""
+    """Run (or resume) the sweep to its budget, then analyse and export; returns what happened. The
+    parent run ends FINISHED, or KILLED (Ctrl-C, SIGTERM, a timeout) / FAILED (an error) on the way out."""
     from .analysis import TAG_STOP_REASON, analyze
-    from .display import SweepDisplay
 
     t0 = time.perf_counter()
+    # Everything the stores need, before Ray starts, a run is created or a weight loads.
+    check_sweep_id(sweep_id)
+    check_workdir(workdir)
+    if not resume:
+        refuse_existing(sweep_id, workdir)
+    if spec.backend == "optuna":
+        check_storage(spec.storage, workdir)
+    uri = check_tracking(tracking_uri or spec.tracking.uri, spec.tracking.experiment, workdir,
+                         "--tracking-uri" if tracking_uri else "tracking.uri")
+    if spec.tracking.uri is not None:  # what is stored (session.json, sweep.yaml, MLflow) holds no secret
+        clean = redact_uri(spec.tracking.uri) if tracking_uri else uri
+        spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": clean})})
     if spec.backend == "ray":
         cuda = spec.resources.gpus != 0 and _ray_has_gpus(address, spec)
     else:
         cuda = _cuda_available()
     objectives = resolve_objectives(spec, cuda)
-    session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=tracking_uri,
-                           device="cuda" if cuda else "cpu")
+    session = open_session(spec, sweep_id, objectives, workdir=workdir, tracking_uri=uri,
+                           device="cuda" if cuda else "cpu", new=not resume)
+    with parent_closed_on_exit(session):
+        deliver_pending(session)  # trials that finished while MLflow was unreachable
+        counts, reason = _drive(session, spec, address=address, resume=resume, progress=progress, cuda=cuda)
+        # A tag, so that `sketchwalk pareto` / `export` later and the MLflow UI say it too.
+        session.tracker().set_tags(session.parent_run_id, {TAG_STOP_REASON: reason})
+        analysis = analyze(session, stop_reason=reason)
+    session.tracker().finish(session.parent_run_id, "FINISHED")
+    return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)
+
+
+def _drive(session: SweepSession, spec: SweepSpec, *, address: Optional[str], resume: bool, progress: bool,
+           cuda: bool) -> tuple[dict, str]:
+    """The display and the backend's driver, to the budget; returns the driver's counts and the stop reason."""
+    from .display import SweepDisplay
+
+    objectives, sweep_id = session.objectives, session.sweep_id
     display = SweepDisplay(objectives, spec.budget.trials, enabled=progress,
                            max_accuracy_drop=spec.constraints.max_accuracy_drop)
     with display:
@@ -143,11 +174,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str, *, workdir: Path = Path("."), addr
             counts = run_tune(session, address=address, resume=resume, baseline=baseline,
                               on_result=display.trial_done, on_status=display.status)
         reason = stop_reason(spec, counts, time.perf_counter() - driver_t0, sweep_id=sweep_id)
-    # A tag, so that `sketchwalk pareto` / `export` later and the MLflow UI say it too.
-    session.tracker().set_tags(session.parent_run_id, {TAG_STOP_REASON: reason})
-    analysis = analyze(session, stop_reason=reason)
-    session.tracker().finish(session.parent_run_id, "FINISHED")
-    return SweepOutcome(session, counts, analysis, time.perf_counter() - t0)
+    return counts, reason
 
 
 def stop_reason(spec: SweepSpec, counts: dict, driver_s: float, *, sweep_id: str) -> str:
@@ -215,11 +242,9 @@ def _accuracy(result: EvalResult) -> str:
 def _ray_has_gpus(address: Optional[str], spec: SweepSpec) -> bool:
     import ray
 
-    if not ray.is_initialized():
-        import os
+    from .ray_cluster import init_ray
 
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if address else {"num_cpus": max(1, int(os.cpu_count() or 1))}))
+    init_ray(address)
     return ray.cluster_resources().get("GPU", 0.0) >= 1 if spec.resources.gpus == "auto" else spec.resources.gpus > 0
 
 

@@ -14,17 +14,14 @@ import time
 import warnings
 from typing import Callable, Optional
 
-from .records import Objective
-from .session import (SweepSession, config_hash, fail_trial, finish_trial, recorded_trial, start_trial,
-                      trial_key)
-from .space import CONSTRAINT_ATTR, make_sampler, suggest_params
-from .spec import VARIANT_PARAM, SweepSpec, config_from_params
-from .trial import (Workload, free_cuda_cache, objective_values, result_metrics, run_trial, worker_metrics,
-                    worker_tags)
+from tracking import TrackingError
+from tracking.names import TAG_CONFIG_HASH, TAG_RETRY_OF
 
-
-class TrialFailed(RuntimeError):
-    """A trial finished without usable objective values (e.g. NaN); recorded as FAIL."""
+from .session import SweepSession, config_hash, error_text, recorded_trial, trial_key
+from .space import CONSTRAINT_ATTR, constraint_excess, make_sampler, suggest_params
+from .spec import VARIANT_PARAM
+from .trial import Workload, objective_values, worker_tags
+from .trial_body import execute
 
 
 def open_study(session: SweepSession, *, storage_url: str, heartbeat_s: int = 10):
@@ -78,9 +75,9 @@ def recover_finished(study, session: SweepSession) -> list[int]:
         if run is None:
             continue
         values = objective_values(run.metrics, session.objectives)
-        if "accuracy_drop" in run.metrics and session.spec.constraints.max_accuracy_drop is not None:
-            study._storage.set_trial_user_attr(t._trial_id, CONSTRAINT_ATTR,
-                                               run.metrics["accuracy_drop"] - session.spec.constraints.max_accuracy_drop)
+        excess = constraint_excess(session.spec, run.metrics)
+        if excess is not None:
+            study._storage.set_trial_user_attr(t._trial_id, CONSTRAINT_ATTR, excess)
         study.tell(t.number, values)
         done.append(t.number)
     return done
@@ -101,45 +98,34 @@ def counted_trials(study) -> tuple[int, int, int]:
 
 
 def make_objective(session: SweepSession, work: Workload, on_result: Optional[Callable] = None):
-    """The define-by-run objective: sample -> config -> evaluate -> MLflow -> objective values."""
-    spec: SweepSpec = session.spec
-    objectives: list[Objective] = session.objectives
+    """The define-by-run objective: sample, then the shared trial body (`trial_body.execute`)."""
     tracker = session.tracker()
 
     def objective(trial):
-        run = None
-        try:
-            params = suggest_params(trial, spec)
-            config = config_from_params(spec, params)
-            retry_of = _retry_of(trial)
-            run = start_trial(session, trial.number, config, tracker,
-                              extra_tags={"sketchwalk.retry_of": "" if retry_of is None else retry_of, **worker_tags()})
+        def remember(run, config):
             trial.set_user_attr("mlflow_run_id", run.run_id)
-            trial.set_user_attr("config_hash", config_hash(config))
-            if config is not None:  # None: a dense variant
-                config.validate_for_model(work.model.config.num_hidden_layers, _head_dim(work.model))
-            t0 = time.perf_counter()
-            result = run_trial(work, config)
-            metrics = result_metrics(result, model=work.model, baseline=work.baseline)
-            metrics.update(worker_metrics(work, 1, time.perf_counter() - t0))  # one process, one load
-            values = objective_values(metrics, objectives)
-            if values is None:
-                bad = [o.metric for o in objectives if objective_values(metrics, [o]) is None]
-                raise TrialFailed(f"objective metric(s) {bad} missing or not finite: {[metrics.get(b) for b in bad]}")
+            trial.set_user_attr("config_hash", run.tags.get(TAG_CONFIG_HASH, config_hash(config)))
+
+        try:
+            params = suggest_params(trial, session.spec)
+            retry_of = _retry_of(trial)
+            outcome = execute(session, work, trial.number, params, tracker=tracker, on_run=remember,
+                              tags={TAG_RETRY_OF: "" if retry_of is None else retry_of, **worker_tags()})
         except BaseException as exc:
-            error = fail_trial(tracker, run, exc)
+            error = error_text(exc)
             trial.set_user_attr("error", error[-2000:])
-            free_cuda_cache()
+            if isinstance(exc, TrackingError):
+                objective.store_lost = exc  # run_study stops: the next trial could not be recorded either
             if on_result:
                 on_result(trial.number, None, error)
             raise
-        if spec.constraints.max_accuracy_drop is not None:
-            trial.set_user_attr(CONSTRAINT_ATTR, metrics["accuracy_drop"] - spec.constraints.max_accuracy_drop)
-        finish_trial(session, tracker, run, result, metrics, work.device)
+        if outcome.constraint is not None:
+            trial.set_user_attr(CONSTRAINT_ATTR, outcome.constraint)
         if on_result:
-            on_result(trial.number, metrics, None)
-        return values
+            on_result(trial.number, outcome.metrics, None)
+        return outcome.values
 
+    objective.store_lost = None
     return objective
 
 
@@ -187,11 +173,8 @@ def run_study(session: SweepSession, work: Workload, *, storage_url: str, heartb
             optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        if objective.store_lost is not None:
+            raise objective.store_lost
     complete, failed, running = counted_trials(study)
     return {"complete": complete, "failed": failed, "running": running, "recovered": recovered}
-
-
-def _head_dim(model) -> int:
-    cfg = model.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 

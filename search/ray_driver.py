@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any, Callable, Optional
 
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from sketchwalk.evaluation import EvalResult
+from tracking.names import TAG_RAY_TRIAL_ID
 
+from .ray_cluster import init_ray
 from .records import Objective
-from .session import SweepSession, fail_trial, finish_trial, log_baseline, recorded_trial, start_trial
-from .space import make_sampler, suggest_params
-from .spec import CONFIG_FIELDS, VARIANT_PARAM, SweepSpec, SweepSpecError, config_from_params
-from .trial import (Workload, dense_result, free_cuda_cache, load_workload, objective_values, result_metrics,
-                    run_trial, worker_metrics, worker_tags)
+from .session import SweepSession, log_baseline, recorded_trial
+from .space import CONSTRAINT_ATTR, constraint_excess, make_sampler, suggest_params
+from .spec import CONFIG_FIELDS, VARIANT_PARAM, SweepSpec, SweepSpecError
+from .trial import Workload, dense_result, load_workload, objective_values, result_metrics, worker_tags
+from .trial_body import Outcome, execute
 
 _WORKLOADS: dict[str, Workload] = {}  # per worker process: spec json -> loaded workload
 MODEL_LOADS = {"count": 0}
@@ -63,39 +65,29 @@ class SweepTrainable(tune.Trainable):
         self.tracker = self.session.tracker()
 
     def step(self) -> dict[str, Any]:
-        spec, objectives = self.session.spec, self.session.objectives
+        objectives = self.session.objectives
         number = trial_number(self.config)
         done = recorded_trial(self.tracker, number, objectives)
         if done is not None:
             # Finished and logged before the sweep was killed, but after Tune's last experiment
             # checkpoint: Tune re-runs it on restore; report what MLflow holds instead.
-            return self._report(number, objective_values(done.metrics, objectives), done.metrics)
+            return self._report(number, Outcome(objective_values(done.metrics, objectives), done.metrics,
+                                                constraint_excess(self.session.spec, done.metrics)))
         params = {k: v for k, v in self.config.items() if k in CONFIG_FIELDS or k == VARIANT_PARAM}
-        config = config_from_params(spec, params)
-        run = start_trial(self.session, number, config, self.tracker,
-                          extra_tags={"sketchwalk.ray_trial_id": self.trial_id, **worker_tags(_gpu_share())})
-        t0 = time.perf_counter()
-        try:
-            result = run_trial(self.work, config)
-            metrics = result_metrics(result, model=self.work.model, baseline=self.work.baseline)
-            values = objective_values(metrics, objectives)
-            if values is None:
-                raise RuntimeError(f"objective metrics missing or not finite: "
-                                   f"{ {o.metric: metrics.get(o.metric) for o in objectives} }")
-        except BaseException as exc:
-            fail_trial(self.tracker, run, exc)
-            free_cuda_cache()
-            raise
-        metrics.update(worker_metrics(self.work, MODEL_LOADS["count"], time.perf_counter() - t0))
-        finish_trial(self.session, self.tracker, run, result, metrics, self.work.device)
-        return self._report(number, values, metrics)
+        outcome = execute(self.session, self.work, number, params, tracker=self.tracker,
+                          model_loads=MODEL_LOADS["count"],
+                          tags={TAG_RAY_TRIAL_ID: self.trial_id, **worker_tags(_gpu_share())})
+        return self._report(number, outcome)
 
-    def _report(self, number: int, values: list[float], metrics: dict[str, float]) -> dict[str, Any]:
-        """The step result Tune hands to OptunaSearch: objective values by name, plus worker facts."""
-        out = {o.name: v for o, v in zip(self.session.objectives, values)}
+    def _report(self, number: int, outcome: Outcome) -> dict[str, Any]:
+        """The step result Tune hands to OptunaSearch: objective values by name, the accuracy-drop
+        excess for the sampler's constraint (`ConstrainedOptunaSearch`), plus worker facts."""
+        out = {o.name: v for o, v in zip(self.session.objectives, outcome.values)}
+        if outcome.constraint is not None:
+            out[CONSTRAINT_ATTR] = outcome.constraint
         # accuracy_drop: the live display judges feasibility by it, as the analysis does.
-        out.update(trial_number=number, eval_s=metrics.get("eval_s"), accuracy_drop=metrics.get("accuracy_drop"),
-                   load_s=self.work.load_s,
+        out.update(trial_number=number, eval_s=outcome.metrics.get("eval_s"),
+                   accuracy_drop=outcome.metrics.get("accuracy_drop"), load_s=self.work.load_s,
                    worker_pid=os.getpid(), model_loads=MODEL_LOADS["count"], done=True)
         return out
 
@@ -122,10 +114,12 @@ def _baseline_task(session_dict: dict) -> dict:
     return {"result": result.to_dict(), "metrics": metrics, "tags": worker_tags(_gpu_share()), "started_at": started}
 
 
-def _gpu_share() -> float:
+def _gpu_share() -> Optional[float]:
     """GPUs Ray assigned to this actor or task (0.5: it shares its GPU with another trial)."""
     import ray
 
+    if not ray.is_initialized():  # called outside a Ray worker (tests): asking would start a Ray
+        return None
     return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 
 
@@ -149,9 +143,7 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
     import ray
 
     spec = session.spec
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if address else {"num_cpus": max(1, int(os.cpu_count() or 1))}))
+    init_ray(address)
     gpus = resolve_gpus(spec, ray.cluster_resources().get("GPU", 0.0))
     resources = {"cpu": spec.resources.cpus, "gpu": gpus}
     session_dict = session.to_dict()
@@ -174,14 +166,8 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
                                    restart_errored=False)
     else:
         from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(space=functools.partial(_define_by_run, spec=spec),  # picklable: Tune checkpoints it
-                                metric=[o.name for o in session.objectives],
-                                mode=["max" if o.maximize else "min" for o in session.objectives],
-                                sampler=make_sampler(spec),  # seeded sampler: OptunaSearch ignores seed= then
-                                # fixed-variant sweep: each variant enqueued once, in order
-                                points_to_evaluate=[{VARIANT_PARAM: n} for n in spec.variants] or None)
+        searcher = make_searcher(spec, session.objectives)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
@@ -199,6 +185,29 @@ def run_tune(session: SweepSession, *, address: Optional[str] = None, resume: bo
                      "error": str(r.error)[:300] if r.error else None})
     return {"complete": sum(r["error"] is None and r["trial_number"] is not None for r in rows),
             "failed": sum(r["error"] is not None for r in rows), "trials": rows, "gpus_per_trial": gpus}
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that hands the trial's accuracy-drop excess (reported under CONSTRAINT_ATTR) to
+    the Optuna trial before telling it, so the sampler's constraint (`space._AccuracyDropConstraint`)
+    guides TPE under Ray exactly as under the Optuna backend (plain OptunaSearch only tells values)."""
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and result and result.get(CONSTRAINT_ATTR) is not None:
+            ot_trial.set_user_attr(CONSTRAINT_ATTR, float(result[CONSTRAINT_ATTR]))
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(spec: SweepSpec, objectives: list[Objective]) -> ConstrainedOptunaSearch:
+    """The Tune searcher of a new sweep: the define-by-run space, the objectives as metric/mode lists,
+    the seeded sampler of `space.make_sampler` (OptunaSearch ignores seed= then) and, for a fixed-variant
+    sweep, each variant enqueued once, in order."""
+    return ConstrainedOptunaSearch(space=functools.partial(_define_by_run, spec=spec),  # picklable: Tune checkpoints it
+                                   metric=[o.name for o in objectives],
+                                   mode=["max" if o.maximize else "min" for o in objectives],
+                                   sampler=make_sampler(spec),
+                                   points_to_evaluate=[{VARIANT_PARAM: n} for n in spec.variants] or None)
 
 
 def _define_by_run(trial, spec: SweepSpec) -> dict:

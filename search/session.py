@@ -4,21 +4,31 @@ re-attaches instead of duplicating), and the analysis at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from sketchwalk.config import SketchWalkConfig
+import yaml
+
+from sketchwalk.config import ConfigError, SketchWalkConfig
 from sketchwalk.evaluation import EvalResult
 from tracking import ChildRun, SweepTracker, init_store, resolve_tracking_uri
+from tracking.names import (TAG_BACKEND, TAG_BUDGET_TRIALS, TAG_BUDGET_WALL_TIME_S, TAG_CONCURRENCY, TAG_CONFIG_HASH,
+                            TAG_DEVICE, TAG_DTYPE, TAG_ERROR, TAG_OBJECTIVES, TAG_TRIAL_NUMBER)
 
 from .records import Objective, TrialRecord
-from .spec import SweepSpec, spec_to_yaml, variant_config
+from .spec import SweepSpec, SweepSpecError, check_sweep_id, spec_to_yaml, variant_config
 from .trial import objective_values
 
+_log = logging.getLogger(__name__)
 BASELINE_KEY = "baseline-dense"
 
 
@@ -67,25 +77,37 @@ class SweepSession:
                    d["experiment_id"], [Objective(**o) for o in d["objectives"]], d.get("parent_run_id"))
 
 
+def refuse_existing(sweep_id: str, workdir: Path) -> None:
+    """SweepSpecError naming --sweep-id if a sweep `sweep_id` already exists under `workdir`'s
+    runs/sweeps: a new sweep would append its trials to it and overwrite its sweep.yaml."""
+    if (workdir / "runs" / "sweeps" / sweep_id).exists():
+        raise SweepSpecError("--sweep-id", f"a sweep {sweep_id!r} already exists under {workdir / 'runs' / 'sweeps'}; "
+                                           f"continue it with `--resume {sweep_id}` or pick another id")
+
+
 def open_session(spec: SweepSpec, sweep_id: str, objectives: list[Objective], *, workdir: Path,
-                 tracking_uri: Optional[str] = None, device: str = "cpu") -> SweepSession:
+                 tracking_uri: Optional[str] = None, device: str = "cpu", new: bool = False) -> SweepSession:
     """Initialise the MLflow store and experiment once (here, before any worker starts), find or
-    create the sweep's parent run, and write the resolved spec into the sweep directory."""
+    create the sweep's parent run, and write the resolved spec into the sweep directory. `new`: a
+    new sweep, refused (SweepSpecError, nothing written) if MLflow already holds a sweep of that id."""
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.uri, workdir)
     exp = init_store(uri, spec.tracking.experiment)
     session = SweepSession(spec, sweep_id, workdir.resolve(), uri, exp, objectives)
+    tracker = session.tracker()
+    if new and tracker.find_parent() is not None:
+        raise SweepSpecError("--sweep-id", f"MLflow at {uri} already holds a sweep {sweep_id!r}; continue it with "
+                                           f"`--resume {sweep_id}` or pick another id")
     session.sweep_dir.mkdir(parents=True, exist_ok=True)
     (session.sweep_dir / "sweep.yaml").write_text(spec_to_yaml(spec))
-    tracker = session.tracker()
     # Params are what makes trials comparable (immutable in MLflow); the budget and concurrency
     # are run control that a resume may change (`--resume ID --trials N`), so they are tags.
     params = {"model": spec.model, "suite": spec.suite, "samples": spec.samples, "backend": spec.backend,
               "sampler": spec.sampler, "seed": spec.seed, "attention_backend": spec.attention_backend,
               "max_accuracy_drop": spec.constraints.max_accuracy_drop}
-    tags = {"sketchwalk.objectives": ",".join(f"{o.name}:{o.direction}" for o in objectives),
-            "sketchwalk.device": device, "sketchwalk.backend": spec.backend,
-            "sketchwalk.budget.trials": spec.budget.trials, "sketchwalk.budget.wall_time_s": spec.budget.wall_time_s,
-            "sketchwalk.concurrency": spec.concurrency,
+    tags = {TAG_OBJECTIVES: ",".join(f"{o.name}:{o.direction}" for o in objectives),
+            TAG_DEVICE: device, TAG_BACKEND: spec.backend,
+            TAG_BUDGET_TRIALS: spec.budget.trials, TAG_BUDGET_WALL_TIME_S: spec.budget.wall_time_s,
+            TAG_CONCURRENCY: spec.concurrency,
             "mlflow.note.content": f"Sketch&Walk sweep `{sweep_id}`: objectives "
                                    + ", ".join(f"{o.direction} {o.name} ({o.unit})" for o in objectives)}
     session.parent_run_id = tracker.parent_run(sweep_id, params=params, tags=tags)
@@ -97,8 +119,42 @@ def open_session(spec: SweepSpec, sweep_id: str, objectives: list[Objective], *,
 SESSION_FILE = "session.json"
 
 
+@contextlib.contextmanager
+def parent_closed_on_exit(session: SweepSession) -> Iterator[None]:
+    """Leave no parent run RUNNING behind: Ctrl-C, SIGTERM (what `timeout` and schedulers send) and
+    SystemExit end it KILLED, any other error FAILED with the error, then the exception goes on. A
+    resume re-opens it. SIGTERM is turned into SystemExit here (main thread only) so this runs."""
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _close_parent(session, "KILLED", f"sweep interrupted ({type(exc).__name__}); continue it with "
+                                         f"`sketchwalk sweep --resume {session.sweep_id}`")
+        raise
+    except BaseException as exc:
+        _close_parent(session, "FAILED", error_text(exc))
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _close_parent(session: SweepSession, status: str, error: str) -> None:
+    try:
+        session.tracker().finish(session.parent_run_id, status, error=error)
+    except Exception as exc:  # the store may be what failed: the original error must still surface
+        _log.warning("could not mark sweep %s %s in MLflow: %s", session.sweep_id, status, exc)
+
+
 def load_session(sweep_id: str, workdir: Path) -> SweepSession:
-    """The session of an earlier sweep from `runs/sweeps/<id>/session.json` (for resume, pareto, export)."""
+    """The session of an earlier sweep from `runs/sweeps/<id>/session.json` (for resume, pareto, export);
+    SweepSpecError for an id that is no valid sweep id (it could name a path outside runs/sweeps)."""
+    check_sweep_id(sweep_id, "SWEEP_ID")
     path = workdir / "runs" / "sweeps" / sweep_id / SESSION_FILE
     if not path.is_file():
         known = sorted(p.parent.name for p in (workdir / "runs" / "sweeps").glob(f"*/{SESSION_FILE}"))
@@ -145,6 +201,9 @@ def config_hash(config: Optional[SketchWalkConfig]) -> str:
     return DENSE if config is None else config.short_hash()
 
 
+INVALID = "invalid"  # config hash of a trial whose sampled params make no valid config
+
+
 #: Short names of SketchWalkConfig fields in run names (others use the field name).
 _SHORT = {"block_size": "b", "sketch_dim": "r", "density": "d", "top_k": "k", "sparsity_exponent": "s",
           "skip_layers": "skip", "walk": "walk"}
@@ -170,17 +229,23 @@ def trial_run_name(number: int, config: Optional[SketchWalkConfig], spec: SweepS
 
 
 def start_trial(session: SweepSession, number: int, config: Optional[SketchWalkConfig], tracker: SweepTracker,
-                extra_tags: Optional[dict[str, Any]] = None) -> ChildRun:
+                extra_tags: Optional[dict[str, Any]] = None, params: Optional[dict[str, Any]] = None) -> ChildRun:
     """The trial's MLflow child run (created, or re-attached on resume), with the full config as params
-    (config None: a dense variant, logged as param attention=dense)."""
-    tags = {"sketchwalk.trial_number": number, "sketchwalk.config_hash": config_hash(config), **(extra_tags or {})}
-    params = config.to_dict() if config is not None else {"attention": DENSE}
-    run = tracker.child_run(trial_key(number), role="trial", name=trial_run_name(number, config, session.spec),
-                            params=params, tags=tags)
+    (config None: a dense variant, logged as param attention=dense). `params`: the raw sampled params
+    of a trial whose config was refused; they are logged instead, so the failed run says what was tried."""
+    chash = INVALID if params is not None else config_hash(config)
+    tags = {TAG_TRIAL_NUMBER: number, TAG_CONFIG_HASH: chash, **(extra_tags or {})}
+    if params is not None:
+        logged, text = dict(params), f"# sampled params (not a valid config)\n{yaml.safe_dump(dict(params))}"
+    elif config is not None:
+        logged, text = config.to_dict(), config.to_yaml()
+    else:
+        logged, text = {"attention": DENSE}, "sketchwalk: null  # dense attention\n"
+    name = f"t{number} invalid" if params is not None else trial_run_name(number, config, session.spec)
+    run = tracker.child_run(trial_key(number), role="trial", name=name, params=logged, tags=tags)
     # When this attempt began (epoch s): a re-attached run keeps its first attempt's start time.
     tracker.log_metrics(run.run_id, {"started_at": time.time()})
-    tracker.log_text(run.run_id, config.to_yaml() if config is not None else "sketchwalk: null  # dense attention\n",
-                     "config.yaml")
+    tracker.log_text(run.run_id, text, "config.yaml")
     return run
 
 
@@ -190,8 +255,35 @@ def finish_trial(session: SweepSession, tracker: SweepTracker, run: ChildRun, re
     reads FINISHED holds everything, which is what resume relies on)."""
     tracker.log_metrics(run.run_id, metrics)
     tracker.log_text(run.run_id, result.to_json(), "eval.json")
-    tracker.set_tags(run.run_id, {"sketchwalk.device": device, "sketchwalk.dtype": result.dtype})
+    tracker.set_tags(run.run_id, {TAG_DEVICE: device, TAG_DTYPE: result.dtype})
     tracker.finish(run.run_id, "FINISHED")
+
+
+PENDING_DIR = "pending"  # under the sweep directory: finished trials MLflow could not take yet
+
+
+def keep_pending(session: SweepSession, number: int, result: EvalResult, metrics: dict[str, float],
+                 device: str) -> Path:
+    """Write a finished trial's numbers to `runs/sweeps/<id>/pending/trial-NNNNN.json` when MLflow
+    cannot take them (server lost past the retry bound): `deliver_pending` hands them over later."""
+    data = {"number": number, "metrics": metrics, "result": result.to_dict(), "device": device}
+    return write_json(session.sweep_dir / PENDING_DIR / f"{trial_key(number)}.json", data)
+
+
+def deliver_pending(session: SweepSession) -> list[int]:
+    """Log every kept trial (see `keep_pending`) to its MLflow run and mark it FINISHED, deleting each
+    file once delivered; returns their numbers. Called when a sweep (re)opens."""
+    tracker, done = session.tracker(), []
+    for path in sorted((session.sweep_dir / PENDING_DIR).glob("trial-*.json")):
+        data = json.loads(path.read_text())
+        run = tracker.find_child(trial_key(int(data["number"])))
+        if run is None:  # the run is created before the trial starts; without it there is nothing to attach to
+            continue
+        if run.status != "FINISHED":
+            finish_trial(session, tracker, run, EvalResult.from_dict(data["result"]), data["metrics"], data["device"])
+        path.unlink()
+        done.append(int(data["number"]))
+    return done
 
 
 def recorded_trial(tracker: SweepTracker, number: int, objectives: list[Objective]) -> Optional[ChildRun]:
@@ -204,9 +296,15 @@ def recorded_trial(tracker: SweepTracker, number: int, objectives: list[Objectiv
     return run
 
 
+def error_text(exc: BaseException) -> str:
+    """`Type: message` first, then the full traceback, as a failed trial's run and study record it
+    (the first line first: the run's error tag keeps only the first 500 characters)."""
+    return f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
 def fail_trial(tracker: SweepTracker, run: Optional[ChildRun], exc: BaseException, status: str = "FAILED") -> str:
     """Record a failed trial in MLflow (status + error text); returns the error text."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = error_text(exc)
     if run is not None:
         tracker.finish(run.run_id, status, error=text)
     return text
@@ -222,23 +320,19 @@ def load_records(session: SweepSession, runs: Optional[list[ChildRun]] = None
         if run.role == "baseline":
             baseline = TrialRecord(-1, state, None, dict(run.metrics), run.run_id)
             continue
-        number = int(run.tags.get("sketchwalk.trial_number", run.key.rsplit("-", 1)[-1]))
+        number = int(run.tags.get(TAG_TRIAL_NUMBER, run.key.rsplit("-", 1)[-1]))
         config = None if run.params.get("attention") == DENSE else _config_from_params(run.params)
         records.append(TrialRecord(number, state, config, dict(run.metrics), run.run_id,
-                                   run.tags.get("sketchwalk.error")))
+                                   run.tags.get(TAG_ERROR)))
     records.sort(key=lambda r: r.number)
     return records, baseline
 
 
 def _config_from_params(params: dict[str, str]) -> Optional[dict[str, Any]]:
-    """Rebuild the config dict from MLflow's string params via the dataclass field types."""
-    import yaml
-
-    fields = {f.name for f in dataclasses.fields(SketchWalkConfig)}
-    data = {k: yaml.safe_load(v) if v != "None" else None for k, v in params.items() if k in fields}
+    """The trial's config dict from its MLflow params, or None if they make no valid config."""
     try:
-        return SketchWalkConfig.from_dict(data).to_dict()
-    except Exception:
+        return SketchWalkConfig.from_params(params).to_dict()
+    except (ConfigError, TypeError, ValueError):  # e.g. the raw params of a refused trial
         return None
 
 

@@ -7,7 +7,7 @@ value that had no effect.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from .records import OBJECTIVES, Objective
 from .spec import SPEED_AUTO, VARIANT_PARAM, CategoricalParam, FloatParam, IntParam, SweepSpec
@@ -75,6 +75,15 @@ def make_sampler(spec: SweepSpec):
 
 
 CONSTRAINT_ATTR = "accuracy_drop_excess"
+
+
+def constraint_excess(spec: SweepSpec, metrics: dict[str, float]) -> Optional[float]:
+    """The trial's accuracy drop beyond `max_accuracy_drop` (<= 0 feasible), the value both drivers
+    put in the trial's user attr CONSTRAINT_ATTR for the sampler; None without a constraint or drop."""
+    limit = spec.constraints.max_accuracy_drop
+    if limit is None or "accuracy_drop" not in metrics:
+        return None
+    return float(metrics["accuracy_drop"]) - limit
 
 
 def _constraints_func(spec: SweepSpec):

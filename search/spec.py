@@ -34,8 +34,9 @@ class SweepSpecError(ValueError):
     """Invalid sweep definition; `field` is the dotted path of the offending entry."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"sweep.{field}: {message}")
+        self.field, self.message = field, message
+        # A command-line flag is named as typed; a file entry as its dotted path under `sweep.`.
+        super().__init__(f"{field}: {message}" if field.startswith("-") else f"sweep.{field}: {message}")
 
 
 class _Strict(BaseModel):
@@ -139,9 +140,25 @@ class Analysis(_Strict):
     noise_aware: bool = False
     export_rule: str = "knee"
 
+    @field_validator("export_rule")
+    @classmethod
+    def _rule(cls, v):
+        # Parsed here, so a typo fails before the first trial rather than after the last one.
+        from .export import RULE_FORMS, ExportRule, RuleError
 
-class SweepSpec(_Strict):
-    """A validated sweep definition (see the module docstring and sweeps/*.yaml)."""
+        try:
+            ExportRule.parse(v)
+        except RuleError as exc:
+            raise ValueError(f"{v!r} is not an export rule ({exc.why}); "
+                             f"allowed: {', '.join(RULE_FORMS)}") from None
+        return v
+
+
+class RunSettings(_Strict):
+    """What a sweep file and an ablation plan both set, with one meaning: the name, what is
+    evaluated (model, suite, samples, essays, dtype, batching, attention backend), how it is driven
+    (backend, concurrency, resources, seed) and where it is stored (storage, tracking). An ablation
+    plan hands these to its sweep unchanged (`ablations.runner.sweep_spec`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     model: str = "smollm2-135m"
@@ -153,8 +170,20 @@ class SweepSpec(_Strict):
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
     backend: Literal["optuna", "ray"] = "optuna"
-    sampler: Literal["tpe", "gp", "random"] = "tpe"
     seed: int = Field(default=0, ge=0)
+    concurrency: int = Field(default=1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    tracking: Tracking = Field(default_factory=Tracking)
+    storage: Optional[str] = None  # Optuna RDB URL; None = sqlite:///<workdir>/runs/optuna.db
+
+
+RUN_SETTINGS = tuple(RunSettings.model_fields)
+
+
+class SweepSpec(RunSettings):
+    """A validated sweep definition (see the module docstring and sweeps/*.yaml)."""
+
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Param] = Field(default_factory=dict)
     # Fixed trials instead of a search (set exactly one of space, variants): {name: SketchWalkConfig
@@ -164,12 +193,8 @@ class SweepSpec(_Strict):
     objectives: list[str] = Field(default_factory=lambda: ["accuracy", SPEED_AUTO], min_length=1)
     constraints: Constraints = Field(default_factory=Constraints)
     budget: Budget = Field(default_factory=lambda: Budget(trials=8))
-    concurrency: int = Field(default=1, ge=1)
     trial_retries: int = Field(default=0, ge=0)  # ray: FailureConfig.max_failures (worker crashes)
     heartbeat_s: int = Field(default=10, ge=1)  # optuna: a trial silent for 3x this is stale -> re-queued
-    resources: Resources = Field(default_factory=Resources)
-    tracking: Tracking = Field(default_factory=Tracking)
-    storage: Optional[str] = None  # Optuna RDB URL; None = sqlite:///<workdir>/runs/optuna.db
     analysis: Analysis = Field(default_factory=Analysis)
 
     @field_validator("space")
@@ -245,6 +270,19 @@ def _field_path(loc: tuple) -> str:
     return ".".join(parts) or "<root>"
 
 
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the model at `loc` (a pydantic error location, without the bad key) accepts."""
+    model: Any = SweepSpec
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:  # inside a dict (space.<name>) or a param union: the tag picks the class
+            model = {"categorical": CategoricalParam, "int": IntParam, "float": FloatParam}.get(part, model)
+            continue
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+    return sorted(getattr(model, "model_fields", {}))
+
+
 def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
     """Validate a mapping into a SweepSpec; raises SweepSpecError naming the first bad field."""
     if not isinstance(data, dict):
@@ -259,7 +297,7 @@ def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
         if err.get("type") == "union_tag_invalid" or "discriminator" in err.get("type", ""):
             msg += " (param type must be categorical, int or float)"
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"unknown key; allowed keys here: {_allowed_keys(err['loc'][:-1])}"
         raise SweepSpecError(_field_path(err["loc"]), f"{msg} (got {err.get('input')!r})") from None
     check_space_values(spec)
     return spec
@@ -295,13 +333,19 @@ def check_space_values(spec: SweepSpec) -> None:
     except ConfigError as exc:
         raise SweepSpecError(f"base.{exc.field}", str(exc)) from None
     for name, p in spec.space.items():
-        probes = p.values if isinstance(p, CategoricalParam) else [p.low, p.high]
-        for v in probes:
+        for v in _probes(p):
             try:
                 base.replace(**{name: v})
             except ConfigError as exc:
-                where = "values" if isinstance(p, CategoricalParam) else ("low" if v == p.low else "high")
-                raise SweepSpecError(f"space.{name}.{where}", f"{v!r} is invalid: allowed {exc.allowed}") from None
+                if isinstance(p, CategoricalParam) or v in (p.low, p.high):
+                    where = "values" if isinstance(p, CategoricalParam) else ("low" if v == p.low else "high")
+                    raise SweepSpecError(f"space.{name}.{where}", f"{v!r} is invalid: allowed {exc.allowed}") from None
+                # An inner value of an int range (e.g. 17 in sketch_dim [16, 64]): every trial that
+                # samples one would fail, so the range itself is refused.
+                valid = [x for x in _probes(p) if _accepts(base, name, x)]
+                raise SweepSpecError(f"space.{name}", f"type int over [{p.low}, {p.high}] step {p.step} samples "
+                                                      f"{v!r}, which is invalid: allowed {exc.allowed}; use type: "
+                                                      f"categorical with values {valid[:16]}") from None
             except TypeError as exc:
                 raise SweepSpecError(f"space.{name}", str(exc)) from None
     seen: dict[str, str] = {}
@@ -314,6 +358,27 @@ def check_space_values(spec: SweepSpec) -> None:
         if key in seen:
             raise SweepSpecError(f"variants.{name}", f"same config as variant {seen[key]!r}: each config runs once")
         seen[key] = name
+
+
+_MAX_PROBED = 10_000  # int ranges up to this many values are checked value by value
+
+
+def _probes(p) -> list:
+    """The values of a param to validate: every categorical value; every value of an int range (its
+    bounds only beyond _MAX_PROBED values); a float range's bounds."""
+    if isinstance(p, CategoricalParam):
+        return list(p.values)
+    if isinstance(p, IntParam) and (p.high - p.low) // p.step < _MAX_PROBED:
+        return list(range(p.low, p.high + 1, p.step))
+    return [p.low, p.high]
+
+
+def _accepts(base: SketchWalkConfig, name: str, value: Any) -> bool:
+    try:
+        base.replace(**{name: value})
+    except (ConfigError, TypeError):
+        return False
+    return True
 
 
 def check_space_for_model(spec: SweepSpec, num_layers: int, head_dim: int, model: str) -> None:
@@ -361,13 +426,8 @@ def config_from_params(spec: SweepSpec, params: dict[str, Any]) -> Optional[Sket
     In a fixed-variant sweep `params` is {"variant": name}: that variant's config (None = dense)."""
     if spec.variants:
         return variant_config(spec, params[VARIANT_PARAM])
-    data = _base_with_tau(spec.base, spec.space)
-    data.update(params)
-    if "top_k" in params:
-        data["density"] = None
-    if "density" in params:
-        data["top_k"] = None
-    return SketchWalkConfig.from_dict(data)
+    # `replace` is where switching τ between top_k and density is written (once).
+    return SketchWalkConfig.from_dict(_base_with_tau(spec.base, spec.space)).replace(**params)
 
 
 def variant_config(spec: SweepSpec, name: str) -> Optional[SketchWalkConfig]:
@@ -386,3 +446,12 @@ def new_sweep_id(spec: SweepSpec, now: Optional[_dt.datetime] = None) -> str:
 
 
 SWEEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def check_sweep_id(sweep_id: str, flag: str = "--sweep-id") -> str:
+    """`sweep_id` if it is safe as a directory name, an Optuna study name and an MLflow filter literal
+    (no "/", no quote, no leading "."); else SweepSpecError naming `flag` and the allowed form."""
+    if not SWEEP_ID_RE.match(str(sweep_id)):
+        raise SweepSpecError(flag, f"{sweep_id!r} is not a valid sweep id: allowed 1-96 letters, digits, '_', '.' "
+                                   f"or '-', starting with a letter or digit ({SWEEP_ID_RE.pattern})")
+    return sweep_id

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.evaluation import EvalResult, evaluate
 from sketchwalk.evaluation.plan import EvalPlan, baseline_key, build_samples, load_model, prepare_run
+from tracking.names import TAG_WORKER_GPU_SHARE, TAG_WORKER_GPUS, TAG_WORKER_HOST, TAG_WORKER_PID
 
 from .records import Objective
 from .spec import SweepSpec
@@ -24,6 +25,17 @@ from .spec import SweepSpec
 def plan_for(spec: SweepSpec) -> EvalPlan:
     """Validate the spec's model/suite/essays/dtype without loading weights (EvalInputError if bad)."""
     return prepare_run(spec.model, spec.suite, essays=spec.essays, samples=spec.samples, dtype=spec.dtype)
+
+
+class TrialFailed(RuntimeError):
+    """A trial finished without usable objective values (e.g. NaN); recorded as FAIL. The one error
+    type both drivers raise for such a trial."""
+
+
+def model_shape(model) -> tuple[int, int]:
+    """(num_layers, head_dim) of a loaded HF model, what `SketchWalkConfig.validate_for_model` checks."""
+    cfg = model.config
+    return cfg.num_hidden_layers, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 @dataclasses.dataclass
@@ -134,11 +146,10 @@ def _log_by_length(m: dict[str, float], name: str, by_length: dict[str, float]) 
 def attention_tflop(result: EvalResult, model) -> float:
     """Prefill attention FLOPs per sample (TFLOP) at the measured prefill density: QK^T and PV over
     the causal pairs, 4 * n(n+1)/2 * head_dim * q_heads per layer, times density, mean over samples."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    layers, head_dim = model_shape(model)
+    heads = model.config.num_attention_heads
     density = float((result.density or {}).get("prefill", 1.0))
-    per = [4.0 * n * (n + 1) / 2 * head_dim * heads * cfg.num_hidden_layers * density
+    per = [4.0 * n * (n + 1) / 2 * head_dim * heads * layers * density
            for n in (s.prompt_tokens for s in result.samples)]
     return sum(per) / len(per) / 1e12
 
@@ -151,8 +162,8 @@ def objective_values(metrics: dict[str, float], objectives: list[Objective]) -> 
 
 
 #: Trial-run tags naming the worker process that ran the trial (see `worker_tags`).
-WORKER_HOST, WORKER_PID, WORKER_GPUS = "sketchwalk.worker.host", "sketchwalk.worker.pid", "sketchwalk.worker.gpus"
-WORKER_GPU_SHARE = "sketchwalk.worker.gpu_share"
+WORKER_HOST, WORKER_PID, WORKER_GPUS = TAG_WORKER_HOST, TAG_WORKER_PID, TAG_WORKER_GPUS
+WORKER_GPU_SHARE = TAG_WORKER_GPU_SHARE
 
 
 def worker_tags(gpu_share: Optional[float] = None) -> dict[str, str]:

@@ -196,6 +196,13 @@ class SketchWalkConfig:
             raise ConfigError(unknown[0], data[unknown[0]], f"a known field name: {sorted(known)}")
         return cls(**data)
 
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "SketchWalkConfig":
+        """Build from string params as MLflow stores them (`to_dict()` values str()-ed, "None" for
+        None); keys that are no field (other params of the run) are ignored. ConfigError if invalid."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({k: None if v == "None" else yaml.safe_load(v) for k, v in params.items() if k in known})
+
     def replace(self, **changes: Any) -> "SketchWalkConfig":
         """A copy with `changes`; switching between top_k and density clears the other."""
         data = self.to_dict()

@@ -248,7 +248,7 @@ def test_resume_after_a_kill_runs_each_variant_once(tmp_path, monkeypatch):
     assert drv.suggest_params(dead, spec) == {"variant": "a"}
     study._storage.record_heartbeat(dead._trial_id)
     ran = []
-    monkeypatch.setattr(drv, "run_trial", lambda work, config: ran.append(config) or _fake_eval(50.0))
+    monkeypatch.setattr("search.trial_body.run_trial", lambda work, config: ran.append(config) or _fake_eval(50.0))
     work = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(
         num_hidden_layers=30, head_dim=64, hidden_size=576, num_attention_heads=9)), baseline=None, device="cpu",
         load_s=1.0)

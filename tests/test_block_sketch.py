@@ -29,7 +29,7 @@ if _PREIMPORTED and not torch.cuda.is_available():
 import sketchwalk.kernels as kernels  # noqa: E402
 from sketchwalk.config import SketchWalkConfig  # noqa: E402
 from sketchwalk.kernels import block_sketch  # noqa: E402
-from sketchwalk.kernels.block_sketch import sketch_matrix  # noqa: E402
+from sketchwalk.method.sketch import sketch_matrix  # noqa: E402
 from sketchwalk.method import LayerDecodeState, SketchWalkRuntime, block_means, group_features, srht  # noqa: E402
 from sketchwalk.method.scores import sketch_features  # noqa: E402
 
@@ -38,6 +38,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+def _fused(q, k, cfg, layer, **kw):
+    """`block_sketch` with the arguments the runtime derives from `cfg` for this layer."""
+    matrix = None if cfg.sketch == "exact" else sketch_matrix(q.shape[-1], cfg.sketch_dim, cfg.seed, layer, q.device)
+    return block_sketch(q, k, block_size=cfg.block_size, matrix=matrix, **kw)
+
 def _tensor(h: int, m: int, d: int, layout: str, gen: torch.Generator, dtype) -> torch.Tensor:
     """[h, m, d] in one of three memory layouts: contiguous, a slice of a [2, h, N, d] KV cache
     (batch 1, after 7 pad tokens, before 5 more), or token-major storage [m, h, d] transposed."""
@@ -92,7 +98,7 @@ def test_block_sketch_matches_reference(hq, hkv, d, bs, m, sketch, r, dtype, lay
     gen = torch.Generator().manual_seed(hq * 1000 + d + m)
     q, k = _tensor(hq, m, d, layout, gen, dtype), _tensor(hkv, m, d, layout, gen, dtype)
     layer, nb, r_out = 5, -(-m // bs), d if sketch == "exact" else r
-    got = block_sketch(q, k, cfg, layer, out=poisoned(nb, d, r_out))
+    got = _fused(q, k, cfg, layer, out=poisoned(nb, d, r_out))
     for g, ref in zip(got, reference(q, k, cfg, layer)):
         assert_close(g, ref)
 
@@ -107,7 +113,7 @@ def test_block_sketch_dry_run_shapes(hq, hkv, d):
     cfg = SketchWalkConfig(block_size=32, sketch_dim=min(64, d), seed=0)
     gen = torch.Generator().manual_seed(hq + d)
     q, k = _tensor(hq, 256, d, "contig", gen, torch.float32), _tensor(hkv, 256, d, "contig", gen, torch.float32)
-    got = block_sketch(q, k, cfg, 0, out=poisoned(8, d, min(64, d)))
+    got = _fused(q, k, cfg, 0, out=poisoned(8, d, min(64, d)))
     for g, ref in zip(got, reference(q, k, cfg, 0)):
         assert_close(g, ref)
 
@@ -138,12 +144,16 @@ def test_sketch_matrix_is_the_layers_srht():
 
 def test_block_sketch_rejects_what_it_does_not_compute():
     q, k = torch.randn(4, 20, 64, device=DEVICE), torch.randn(2, 20, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="mean_qk"):
-        block_sketch(q, k, SketchWalkConfig(head_aggregation="sum_probs"), 0)
     with pytest.raises(TypeError):
-        block_sketch(q, k.half(), SketchWalkConfig(), 0)
+        _fused(q, k.half(), SketchWalkConfig(), 0)
     with pytest.raises(ValueError):
-        block_sketch(q, k[:, :10], SketchWalkConfig(), 0)
+        _fused(q, k[:, :10], SketchWalkConfig(), 0)
+    with pytest.raises(ValueError, match="matrix must be fp32"):  # a matrix for another head_dim
+        block_sketch(q, k, block_size=64, matrix=sketch_matrix(32, 16, 0, 0, q.device))
+    # sum_probs is not the fused kernel's: the runtime keeps such configs on the reference path.
+    from sketchwalk.method.runtime import _fused_front_end_applies
+
+    assert not _fused_front_end_applies(q, SketchWalkConfig(head_aggregation="sum_probs"))
 
 
 # -- decode-state seeding from block sums -------------------------------------------------
@@ -224,7 +234,7 @@ def test_block_sketch_gpu_llama_shape(bs, sketch):
     q = torch.randn(1, 32, m + 100, d, generator=gen).to("cuda", torch.bfloat16)[0, :, 100:]
     k = torch.randn(1, 8, m + 100, d, generator=gen).to("cuda", torch.bfloat16)[0, :, 100:]
     nb, r = -(-m // bs), d if sketch == "exact" else 64
-    got = block_sketch(q, k, cfg, 4, out=poisoned(nb, d, r))
+    got = _fused(q, k, cfg, 4, out=poisoned(nb, d, r))
     for g, ref in zip(got, reference(q, k, cfg, 4)):
         assert_close(g, ref, rtol=1e-4)  # fp32 sums of 4K-8K terms in two different orders
 

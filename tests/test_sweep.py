@@ -264,7 +264,7 @@ def test_optuna_sweep_records_failures_and_exports(tmp_path, monkeypatch):
     import optuna
     import torch
 
-    import search.optuna_driver as drv
+    import search.trial_body as drv
     from sketchwalk import cli
 
     real_run, real_metrics = drv.run_trial, drv.result_metrics

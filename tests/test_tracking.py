@@ -75,11 +75,14 @@ def test_resolve_default_creates_runs_dir(tmp_path):
         ("/abs/y.db", "sqlite:////abs/y.db"),
         ("http://mlflow:5000", "http://mlflow:5000"),
         ("https://mlflow.example.com", "https://mlflow.example.com"),
-        ("postgresql://u:p@h/db", "postgresql://u:p@h/db"),
-        ("postgresql+psycopg2://u:p@h/db", "postgresql+psycopg2://u:p@h/db"),
+        # The password moves to PGPASSWORD (libpq reads it), so no URI we print or store holds it.
+        ("postgresql://u:p@h/db", "postgresql://u@h/db"),
+        ("postgresql+psycopg2://u:p@h/db", "postgresql+psycopg2://u@h/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
     ],
 )
-def test_resolve_forms(tmp_path, given, expected):
+def test_resolve_forms(tmp_path, monkeypatch, given, expected):
+    monkeypatch.delenv("PGPASSWORD", raising=False)
     assert resolve_tracking_uri(given, tmp_path) == expected.format(w=tmp_path.resolve())
 
 

@@ -2,6 +2,7 @@
 
 Depends only on MLflow, requests and the standard library (no other package of this repo).
 """
+from tracking.credentials import redact_uri
 from tracking.names import metric_key
 from tracking.retry import TrackingError, retrying
 from tracking.store import init_store, resolve_tracking_uri
@@ -13,6 +14,7 @@ __all__ = [
     "TrackingError",
     "init_store",
     "metric_key",
+    "redact_uri",
     "resolve_tracking_uri",
     "retrying",
 ]

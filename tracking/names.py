@@ -18,6 +18,29 @@ TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI uses to nest child runs
 # "_inferred" suffix is the UI's own guess, which an explicit kind overrides).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# Tags the sweep service sets on its runs (search/, ablations/): one home for every name, so a
+# reader of MLflow and the code that writes it cannot disagree on a spelling.
+TAG_TRIAL_NUMBER = "sketchwalk.trial_number"
+TAG_CONFIG_HASH = "sketchwalk.config_hash"
+TAG_RETRY_OF = "sketchwalk.retry_of"  # the interrupted trial an Optuna retry re-runs
+TAG_RAY_TRIAL_ID = "sketchwalk.ray_trial_id"
+TAG_DEVICE = "sketchwalk.device"
+TAG_DTYPE = "sketchwalk.dtype"
+TAG_OBJECTIVES = "sketchwalk.objectives"
+TAG_BACKEND = "sketchwalk.backend"
+TAG_BUDGET_TRIALS = "sketchwalk.budget.trials"
+TAG_BUDGET_WALL_TIME_S = "sketchwalk.budget.wall_time_s"
+TAG_CONCURRENCY = "sketchwalk.concurrency"
+TAG_VARIANT = "sketchwalk.variant"
+TAG_VARIANT_GROUP = "sketchwalk.variant_group"
+TAG_WORKER_HOST = "sketchwalk.worker.host"
+TAG_WORKER_PID = "sketchwalk.worker.pid"
+TAG_WORKER_GPUS = "sketchwalk.worker.gpus"
+TAG_WORKER_GPU_SHARE = "sketchwalk.worker.gpu_share"
+
+TAG_STOP_REASON = "sketchwalk.stop_reason"  # why the trial phase ended (search.launch.stop_reason)
+TAG_NOTES = "sketchwalk.notes"  # the analysis' notes (nothing feasible, noise, no export)
+TAG_FRONT_FEASIBLE = "sketchwalk.front_feasible"
 
 ROLE_SWEEP = "sweep"
 CHILD_ROLES = ("trial", "baseline")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from typing import Any, Callable, TypeVar
@@ -26,6 +27,32 @@ _MAX_DELAY_S = 30.0
 
 class TrackingError(RuntimeError):
     """A tracking operation failed for good; the message names the tracking URI and the step."""
+
+
+# MLflow's HTTP client retries on its own (7 times, exponential backoff from 2 s, 120 s timeout per
+# request: minutes per call), and each of our attempts below would sit through all of that: a lost
+# server hung a sweep silently for over 15 minutes. Bounded per call instead, so our attempts, with
+# their console lines, decide the total (about two minutes at most). A user's own values win.
+MLFLOW_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def bound_mlflow_http() -> None:
+    """Set MLFLOW_HTTP_ENV's defaults in this process (and so in the workers it starts), unless set."""
+    for key, value in MLFLOW_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """True for errors that mean the server did not answer (as opposed to a server-side error)."""
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    text = str(exc)
+    return isinstance(exc, MlflowException) and ("Max retries exceeded" in text or "Connection" in text
+                                                 or "timed out" in text)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -70,10 +97,16 @@ def retrying(
                 break
             delay = min(base_delay_s * 2**i, _MAX_DELAY_S)
             delay += random.uniform(0.0, 0.25 * delay)
-            _log.warning(
-                "%s failed (attempt %d/%d, retrying in %.2f s): %s: %s",
-                what, i + 1, attempts, delay, type(exc).__name__, exc,
-            )
+            if _unreachable(exc):
+                _log.warning(
+                    "the MLflow server is unreachable: %s failed (attempt %d/%d); retrying in %.1f s "
+                    "(%s: %s)", what, i + 1, attempts, delay, type(exc).__name__, str(exc)[:200],
+                )
+            else:
+                _log.warning(
+                    "%s failed (attempt %d/%d, retrying in %.2f s): %s: %s",
+                    what, i + 1, attempts, delay, type(exc).__name__, exc,
+                )
             time.sleep(delay)
     raise TrackingError(
         f"{what} failed after {attempts} attempts: {type(last).__name__}: {last}"

@@ -12,8 +12,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from tracking.credentials import redact_uri, take_credentials
 from tracking.names import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND
-from tracking.retry import TrackingError, retrying
+from tracking.retry import TrackingError, bound_mlflow_http, retrying
 
 _log = logging.getLogger(__name__)
 
@@ -44,16 +45,18 @@ def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike = ".") -> s
         return _SQLITE + str(runs / "mlflow.db")
     uri = str(uri).strip()
     if uri.startswith(_PASS_THROUGH):
-        return uri
+        # user:password@ leave the URI here for the environment (see tracking.credentials), so no
+        # process prints or stores them.
+        return take_credentials(uri)
     if uri.startswith(_SQLITE):
         path, sep, query = uri[len(_SQLITE):].partition("?")
     elif "://" not in uri and uri.split("?")[0].endswith(".db"):
         path, sep, query = uri.partition("?")
     else:
         raise TrackingError(
-            f"tracking.uri {uri!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
+            f"tracking.uri {redact_uri(uri)!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
         )
-    if not path or path == ":memory:":
+    if not path or path == ":memory:" or "mode=memory" in query:
         raise TrackingError(
             f"tracking.uri {uri!r}: an in-memory SQLite store is private to one process and cannot "
             f"hold a sweep; allowed forms: {_ALLOWED_FORMS}"
@@ -82,7 +85,7 @@ def check_supported(uri: str) -> None:
     """Raise TrackingError unless `uri` is one resolve_tracking_uri() can return."""
     if not (uri.startswith(_PASS_THROUGH) or sqlite_path(uri) is not None):
         raise TrackingError(
-            f"tracking URI {uri!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
+            f"tracking URI {redact_uri(uri)!r} is not supported; allowed forms: {_ALLOWED_FORMS}"
         )
 
 
@@ -165,19 +168,72 @@ def init_store(
     if db is not None:
         _check_sqlite(uri, db)
     elif uri.startswith(("http://", "https://")):
+        bound_mlflow_http()
         _check_http(uri, timeout_s)
     try:
-        with _quiet_schema_init():
+        # Two drivers starting on one fresh SQLite file both run MLflow's schema migration, and the
+        # loser leaves it half-migrated for good: the first creates the schema under a file lock,
+        # the others wait, then find it complete (MLflow skips a migration that is up to date).
+        with _schema_lock(db), _quiet_schema_init():
+            if db is not None:
+                _refuse_half_migrated(uri, db)
             client = retrying(MlflowClient, tracking_uri=uri, what=f"opening MLflow store {uri}")
-        location = _artifact_location(db, artifact_root)
-        return _ensure_experiment(client, uri, experiment, location)
+            location = _artifact_location(db, artifact_root)
+            return _ensure_experiment(client, uri, experiment, location)
     except TrackingError:
         raise
     except Exception as exc:
+        if db is not None and "_alembic_tmp_" in str(exc):
+            raise TrackingError(_half_migrated(uri, db, str(exc))) from exc
         raise TrackingError(
             f"preparing MLflow store {uri} (experiment {experiment!r}) failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+SCHEMA_LOCK_TIMEOUT_S = 300.0  # a fresh schema takes seconds; minutes means the holder is stuck
+
+
+@contextlib.contextmanager
+def _schema_lock(db: Path | None) -> Iterator[None]:
+    """An exclusive file lock `<db>.lock` beside a SQLite store (no-op for servers and databases)."""
+    if db is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(db) + ".lock")
+    try:
+        lock.acquire(timeout=SCHEMA_LOCK_TIMEOUT_S)
+    except Timeout:
+        raise TrackingError(f"SQLite tracking store {db}: another process has held {lock.lock_file} for "
+                            f"{SCHEMA_LOCK_TIMEOUT_S:g} s while creating the schema") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _refuse_half_migrated(uri: str, db: Path) -> None:
+    """TrackingError if an interrupted MLflow schema migration left its temporary tables in `db`."""
+    import sqlite3
+
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        left = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                          "AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
+    finally:
+        con.close()
+    if left:
+        raise TrackingError(_half_migrated(uri, db, f"leftover table(s) {left}"))
+
+
+def _half_migrated(uri: str, db: Path, evidence: str) -> str:
+    return (f"SQLite tracking store {uri} is half-migrated ({evidence}): an MLflow schema upgrade was "
+            f"interrupted, e.g. by two sweeps creating it at once before this was locked. Every sweep on it "
+            f"would fail; move {db} aside (or restore a backup) and start again with a fresh store")
 
 
 def _ensure_experiment(client: MlflowClient, uri: str, name: str, location: str | None) -> str:

@@ -36,7 +36,7 @@ from tracking.names import (
     flatten,
     sanitize_key,
 )
-from tracking.retry import TrackingError, retrying
+from tracking.retry import TrackingError, bound_mlflow_http, retrying
 from tracking.store import check_supported
 
 _log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class SweepTracker:
 
     def __init__(self, uri: str, experiment_id: str, sweep_id: str):
         check_supported(uri)
+        if uri.startswith(("http://", "https://")):
+            bound_mlflow_http()
         filter_literal(sweep_id, "sweep_id")  # fail now, not at the first search
         self.uri = uri
         self.experiment_id = str(experiment_id)
@@ -207,15 +209,24 @@ class SweepTracker:
             run = self._call("create parent run", self.client.create_run, self.experiment_id,
                              tags=self._tag_values(all_tags), run_name=name)
             self._parent_id = run.info.run_id
-        else:
-            if run.info.status != "RUNNING":
-                self._call(f"update run {self._parent_id}", self.client.update_run,
-                           self._parent_id, status="RUNNING")
-            if tags:
-                self.set_tags(self._parent_id, tags)
+            if params:
+                self.log_params(self._parent_id, params)
+            return self._parent_id
+        # Params first: a conflicting one raises before a finished parent is flipped to RUNNING.
         if params:
             self.log_params(self._parent_id, params)
+        if run.info.status != "RUNNING":
+            self._call(f"update run {self._parent_id}", self.client.update_run,
+                       self._parent_id, status="RUNNING")
+        if tags:
+            self.set_tags(self._parent_id, tags)
         return self._parent_id
+
+    def find_parent(self) -> str | None:
+        """The id of this sweep's parent run, or None if the store holds none (nothing is changed)."""
+        filt = f"{self._sweep_filter()} and tags.`{TAG_ROLE}` = '{ROLE_SWEEP}'"
+        runs = self._search_all(filt, _OLDEST_FIRST)
+        return runs[0].info.run_id if runs else None
 
     def _require_parent(self) -> str:
         if self._parent_id is None and self._find_parent() is None:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from ..config import ConfigError, SketchWalkConfig
 from ..models import ModelFetchError, ModelSpecError, ResolvedModel
 from ..ruler import RulerError, Suite, read_jsonl
-from .model_facts import ModelFactsError, context_length, model_shape
+from .model_facts import ModelFactsError, check_gguf_tensors, context_length, model_shape
 
 
 class EvalInputError(ValueError):
@@ -62,6 +62,11 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
             # from_yaml also accepts YAML text, so a missing path would otherwise parse as text.
             if not os.path.isfile(config):
                 raise EvalInputError(f"--config {config}: no such file")
+            if not _yaml_content(config):
+                # An empty file would silently be the default config, not what the user meant.
+                raise EvalInputError(f"--config {config}: the file is empty; give SketchWalkConfig fields (a "
+                                     f"`sketchwalk:` mapping or bare fields, as `sketchwalk export` writes), or "
+                                     f"--dense for dense attention")
             cfg = SketchWalkConfig.from_yaml(config)
         elif density is not None and not dense:
             cfg = SketchWalkConfig(density=density)
@@ -96,6 +101,8 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
             models.ensure_bundled_gguf(progress=True)
         limit = context_length(resolved)
         shape = model_shape(resolved)
+        if resolved.gguf_file:
+            check_gguf_tensors(resolved.file)  # a truncated file: named here, not as a reshape error mid-load
     except (ModelSpecError, ModelFetchError, ModelFactsError, OSError) as e:
         raise EvalInputError(f"--model {model}: {e}") from e
     _check_lengths(st, limit, model)
@@ -120,6 +127,15 @@ def _check_lengths(suite: Suite, limit: Optional[int], model: str) -> None:
         if longest > limit:
             raise EvalInputError(f"import {imp.path} ({imp.task}): samples of up to {longest} tokens exceed the "
                                  f"context of {model} ({limit} tokens)")
+
+
+def _yaml_content(path: str):
+    """The parsed YAML of `path` with a `sketchwalk:` wrapper removed (None / {} when empty)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return data.get("sketchwalk", data) if isinstance(data, dict) and "sketchwalk" in data else data
 
 
 def load_model(plan: EvalPlan):

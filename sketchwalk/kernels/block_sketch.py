@@ -24,7 +24,6 @@ it turns the bound into a Python int with `int()` of a 1-element 1-D array, whic
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -101,28 +100,16 @@ def _build():
     return _KERNEL
 
 
-@functools.lru_cache(maxsize=1024)
-def sketch_matrix(head_dim: int, sketch_dim: int, seed: int, layer_idx: int, device: torch.device) -> torch.Tensor:
-    """The layer's SRHT as a matrix: [head_dim, sketch_dim] fp32 with srht(x) == x @ M (up to rounding).
-
-    Built in fp64 by the reference `srht` applied to the identity (its rows are the images of the
-    basis vectors), then rounded once to fp32; cached per (layer, device): one host-to-device copy.
-    """
-    from ..method.sketch import srht
-
-    eye = torch.eye(head_dim, dtype=torch.float64)
-    return srht(eye, sketch_dim, seed, layer_idx).to(device=device, dtype=torch.float32).contiguous()
-
-
-def block_sketch(q: torch.Tensor, k: torch.Tensor, cfg, layer_idx: int, num_warps: Optional[int] = None,
-                 num_stages: Optional[int] = None,
+def block_sketch(q: torch.Tensor, k: torch.Tensor, *, block_size: int, matrix: Optional[torch.Tensor],
+                 num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                  out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> BlockSketch:
     """The mean_qk selection front end of one sequence's prefill in one pass over Q and K.
 
     q: [Hq, m, d], k: [Hkv, m, d]: one sequence's real tokens (any strides: slices of a KV cache
-    are read in place), fp32/fp16/bf16 (both the same dtype), d <= 256; cfg: a SketchWalkConfig
-    with head_aggregation == "mean_qk" (block_size, sketch, sketch_dim, seed are read);
-    layer_idx selects the layer's SRHT. num_warps / num_stages: launch options (untuned defaults).
+    are read in place), fp32/fp16/bf16 (both the same dtype), d <= 256; block_size: a power of two;
+    matrix: the layer's SRHT as a [d, r] fp32 matrix on q's device (`method.sketch.sketch_matrix`),
+    or None for the exact sketch (r = d: the block means themselves). The head aggregation is
+    mean_qk (the caller checks it). num_warps / num_stages: launch options (untuned defaults).
     out: optional contiguous fp32 buffers (sums [2, nb, d], sketches [2, nb, r]), written in full
       (tests pass NaN-filled ones); the results are views of them (Q first, then K).
     Returns fp32 `BlockSketch(q_sums, k_sums, q_sk, k_sk)`, nb = ceil(m / block_size):
@@ -130,19 +117,20 @@ def block_sketch(q: torch.Tensor, k: torch.Tensor, cfg, layer_idx: int, num_warp
       q_sk, k_sk [1, nb, r]: sketch_features(block_means(group_features(q, k)...)) of the reference
       (r = sketch_dim; for sketch == "exact" the block means themselves, r = d).
     """
-    if cfg.head_aggregation != "mean_qk":
-        raise ValueError(f"block_sketch implements head_aggregation = 'mean_qk', got {cfg.head_aggregation!r}")
     if q.dim() != 3 or k.dim() != 3 or q.shape[1:] != k.shape[1:] or not q.shape[0] or not k.shape[0]:
         raise ValueError(f"need q [Hq, m, d], k [Hkv, m, d] with heads; got {tuple(q.shape)}, {tuple(k.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
         raise TypeError(f"q, k must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}")
     hq, m, d = q.shape
-    bs = cfg.block_size
+    bs = int(block_size)
     if not 1 <= d <= 256 or bs != next_pow2(bs):
         raise ValueError(f"need head_dim in [1, 256] and a power-of-two block_size; got {d}, {bs}")
     check_device(q, k)
-    exact = cfg.sketch == "exact"
-    r = d if exact else cfg.sketch_dim
+    exact = matrix is None
+    r = d if exact else matrix.shape[1]
+    if not exact and (matrix.shape[0] != d or matrix.dtype != torch.float32 or matrix.device != q.device):
+        raise ValueError(f"matrix must be fp32 [{d}, r] on {q.device}; got {tuple(matrix.shape)} {matrix.dtype} "
+                         f"on {matrix.device}")
     if r > next_pow2(d):
         raise ValueError(f"sketch_dim = {r} exceeds head_dim = {d} (padded to {next_pow2(d)})")
     nb = -(-m // bs)
@@ -157,7 +145,7 @@ def block_sketch(q: torch.Tensor, k: torch.Tensor, cfg, layer_idx: int, num_warp
     res = BlockSketch(sums[0], sums[1], sk[:1], sk[1:])
     if nb == 0:
         return res
-    mat = sk if exact else sketch_matrix(d, r, cfg.seed, layer_idx, q.device)  # exact: M is never read
+    mat = sk if exact else matrix.contiguous()  # exact: M is never read
     d_pad = next_pow2(d)
     tok = min(bs, max(16, _TILE_ELEMS // d_pad))
     rc = min(next_pow2(r), max(16, _TILE_ELEMS // d_pad))

@@ -29,7 +29,7 @@ from .batched_decode import BatchedSelection, DecodeBatch, batched_walk, dense_r
 from .decode_state import LayerDecodeState
 from .scores import compute_dtype, group_features, sketch_features, transition_rows
 from .selection import BlockSelection, BlockSelector
-from .sketch import block_means
+from .sketch import block_means, sketch_matrix
 from .walk import walk_update
 
 
@@ -331,7 +331,8 @@ class SketchWalkRuntime:
 
         cfg = self.config
         m, d = k.shape[-2], k.shape[-1]
-        fe = block_sketch(q, k, cfg, layer)
+        matrix = None if cfg.sketch == "exact" else sketch_matrix(d, cfg.sketch_dim, cfg.seed, layer, q.device)
+        fe = block_sketch(q, k, block_size=cfg.block_size, matrix=matrix)
         w = self._transition_of_sketches(fe.q_sk, fe.k_sk, d)
         if not needs_state:
             return w, None

@@ -99,3 +99,15 @@ def srht(x: torch.Tensor, sketch_dim: int, seed: int, layer_idx: int) -> torch.T
     if sketch_dim == p:  # all coordinates kept, in order (coords == arange(p)), scale 1: both are no-ops
         return y
     return y.index_select(-1, coords) * math.sqrt(p / sketch_dim)
+
+
+@functools.lru_cache(maxsize=1024)
+def sketch_matrix(head_dim: int, sketch_dim: int, seed: int, layer_idx: int, device: torch.device) -> torch.Tensor:
+    """The layer's SRHT as a matrix: [head_dim, sketch_dim] fp32 with srht(x) == x @ M (up to rounding),
+    what the fused Triton front end (`kernels.block_sketch`) multiplies by.
+
+    Built in fp64 by `srht` applied to the identity (its rows are the images of the basis vectors),
+    then rounded once to fp32; cached per (layer, device): one host-to-device copy.
+    """
+    eye = torch.eye(head_dim, dtype=torch.float64)
+    return srht(eye, sketch_dim, seed, layer_idx).to(device=device, dtype=torch.float32).contiguous()
