@@ -414,3 +414,17 @@ def test_tiny_plan_end_to_end(tmp_path):
     # The report alone, rebuilt from MLflow: the same numbers (fixed bootstrap seed).
     assert cli.main(["ablate", "report", "tiny", "--workdir", str(tmp_path)]) == 0
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+
+
+def test_committed_components_report_has_only_completed_rows():
+    """Issue 18 bug 12: the committed GPU ablation report lists every variant from a completed run."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "results" / "ablation-components-h200"
+    rows = json.loads((root / "report.json").read_text())["rows"]
+    assert {r["state"] for r in rows} == {"COMPLETE"}
+    assert all("KILLED" not in line and "RUNNING" not in line
+               for line in (root / "report.md").read_text().splitlines() if line.startswith("| "))
+    dense = next(r for r in rows if r["variant"] == "baseline:dense")
+    assert round(dense["accuracy"], 1) == 21.4 and dense["pairs"] == 220
