@@ -85,6 +85,10 @@ INVALID = [
     ("seed", 1.5, {}, [">= 0"]),
     ("seed", True, {}, [">= 0"]),
     ("selector", "quest", {}, ["sketchwalk", "oracle", "random", "streaming"]),
+    ("score_block_size", 12, {}, ["[4, 8, 16, 32, 64]", "<= block_size = 64"]),
+    ("score_block_size", 64, {"block_size": 32}, ["<= block_size = 32"]),
+    ("score_block_size", 8.0, {}, ["null or one of"]),
+    ("score_block_size", True, {}, ["null or one of"]),
 ]
 
 
@@ -316,6 +320,7 @@ CHANGES = [
     {"skip_layers": 1}, {"sink_blocks": 2}, {"local_blocks": 2}, {"walk": "damped"}, {"damping": 0.5},
     {"degree": 2}, {"sketch": "exact"}, {"head_aggregation": "sum_probs"}, {"phases": "prefill"},
     {"decode_query": "window"}, {"decode_window": 16}, {"seed": 1}, {"selector": "oracle"},
+    {"score_block_size": 8},
 ]
 
 
@@ -384,3 +389,11 @@ def test_replace_explicit_both_set_is_error_and_invalid_value_is_error():
 def test_replace_clearing_top_k_falls_back_to_default_density():
     new = SketchWalkConfig(top_k=2).replace(top_k=None)
     assert new.top_k is None and math.isclose(new.density, 0.2)
+
+
+def test_score_block_size_default_hash_and_block_size_spelling():
+    """score_block_size = block_size is the paper's scores: normalised to null, one hash; a new value hashes apart."""
+    paper = SketchWalkConfig()
+    assert SketchWalkConfig(score_block_size=64) == paper and SketchWalkConfig(score_block_size=64).short_hash() == paper.short_hash()
+    assert SketchWalkConfig(score_block_size=8).short_hash() != paper.short_hash()
+    assert SketchWalkConfig(score_block_size=8).sub_blocks == 8 and paper.sub_blocks == 1 and paper.score_block == 64
