@@ -17,6 +17,7 @@ import numpy as np
 
 from search.pareto import write_front_table
 from search.session import SweepSession, config_hash, write_json
+from sketchwalk.evaluation.stats import bootstrap_ci
 from tracking.names import TAG_CONFIG_HASH, TAG_TRIAL_NUMBER, TAG_VARIANT, TAG_VARIANT_GROUP
 
 from .plan import BASE, SELECTORS, Variant
@@ -51,18 +52,14 @@ def paired_bootstrap(base: Sequence[float], other: Sequence[float], *, level: fl
     """Mean of `other - base` and its percentile-bootstrap interval, resampling the pairs.
 
     base, other: per-sample scores in [0, 1], aligned (same sample at the same index). Returns
-    (difference, lo, hi) in points (x100); NaNs for no samples. Deterministic for a given seed.
+    (difference, lo, hi) in points (x100); NaNs for no samples. Resampling the pairs is resampling
+    their differences, so this is `bootstrap_ci` (scipy.stats.bootstrap) on them: one bootstrap for
+    intervals and paired differences. Deterministic for a given seed.
     """
     if len(base) != len(other):
         raise ValueError(f"paired scores need equal lengths, got {len(base)} and {len(other)}")
-    n = len(base)
-    if n == 0:
-        return math.nan, math.nan, math.nan
     d = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    means = d[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return 100 * float(d.mean()), 100 * float(lo), 100 * float(hi)
+    return bootstrap_ci(d, level=level, resamples=resamples, seed=seed)
 
 
 def paired_difference(base: dict[SampleKey, float], other: dict[SampleKey, float], **kw) -> tuple[float, float, float, int]:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from tracking.names import TAG_FRONT_FEASIBLE, TAG_NOTES, TAG_STOP_REASON  # parent-run tags (stop reason: run_sweep)
 
-from .records import Objective, TrialRecord
+from .records import TrialRecord
 from .feasibility import FeasibleSplit, constraint_label, feasible, noise_note, split_feasible
 from .session import SweepSession, load_records, write_json
 from .throughput import Throughput, sweep_throughput

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any, Callable, Optional
 
 from ray import tune

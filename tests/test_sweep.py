@@ -250,7 +250,7 @@ def _write_sweep(tmp_path: Path, name: str, **over) -> Path:
 
 
 def _mlflow_children(workdir: Path, sweep_id: str):
-    from tracking import SweepTracker, init_store, resolve_tracking_uri
+    from tracking import SweepTracker
     from search.session import load_session
 
     s = load_session(sweep_id, workdir)

@@ -20,7 +20,6 @@ query rows, so the output needs no pre-zeroing.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -31,7 +31,7 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
     (see fitting.fit_and_generate).
     Same arguments → identical samples; all randomness comes from `seed`.
     """
-    spec = get_task(task)
+    get_task(task)  # an unknown task is refused here, before any tokenizer work
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
         raise RulerError(f"max_seq_length must be a positive int (tokens), got {max_seq_length!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
@@ -47,12 +47,11 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
         raise RulerError(f"{task}: max_seq_length {max_seq_length} leaves no room for a prompt "
                          f"({ttg} tokens are reserved for the answer)")
 
-    count_tokens = make_token_counter(tokenizer)
     wrap = make_wrapper(tokenizer, chat_template)
     builder, seed_text = task_builder(task, max_seq_length, tokenizer, seed=seed, essays_path=essays_path,
                                       chat_template=chat_template)
     return fit_and_generate(task, builder, max_seq_length=max_seq_length, tokens_to_generate=ttg,
-                            num_samples=num_samples, seed_text=seed_text, wrap=make_wrapper(tokenizer, chat_template),
+                            num_samples=num_samples, seed_text=seed_text, wrap=wrap,
                             count_tokens=make_token_counter(tokenizer), backoff=backoff)
 
 

@@ -89,10 +89,10 @@ def study(records: Sequence[Union[str, Path, Recording]], variants: dict[str, Sk
     for rec in recs:
         coherence[str(rec.path)] = {layer: block_coherence(rec.load(rec.prompts[0], layer)[1], block_size)
                                     for layer in rec.layers}
-        for d in densities:
-            configs = {name: cfg.replace(density=float(d)) for name, cfg in variants.items()}
-            _prefill_metrics(rec, configs, d, acc, device)
-            _decode_metrics(rec, configs, d, acc, decode_steps, device)
+        # Every (variant, density) in one replay: the exact mass of each layer is computed once.
+        configs = {(name, float(d)): cfg.replace(density=float(d)) for d in densities for name, cfg in variants.items()}
+        _prefill_metrics(rec, configs, acc, device)
+        _decode_metrics(rec, configs, acc, decode_steps, device)
     rows = []
     for (name, d), m in acc.items():
         row = {"variant": name, "target_density": float(d), "config": variants[name].replace(density=float(d)).to_dict()}
@@ -106,13 +106,13 @@ def study(records: Sequence[Union[str, Path, Recording]], variants: dict[str, Sk
     return StudyResult(rows, coherence, [str(r.path) for r in recs])
 
 
-def _prefill_metrics(rec, configs, d, acc, device) -> None:
+def _prefill_metrics(rec, configs, acc, device) -> None:
     for step in replay(rec, configs, device=device, backend="torch", selection_only=True):
-        oracle = step.steps.get(ORACLE)
-        for name, s in step.steps.items():
+        for key, s in step.steps.items():
             if s.dense:
                 continue
-            m = acc.setdefault((name, d), {})
+            oracle = step.steps.get((ORACLE, key[1]))
+            m = acc.setdefault(key, {})
             m.setdefault("recall_prefill", []).append(mass_recall(step.mass, step.weights, s.mask))
             m.setdefault("recall_last", []).append(float((step.mass[-1] * s.mask[-1]).sum()))
             m.setdefault("density_prefill", []).append(s.density)
@@ -122,7 +122,7 @@ def _prefill_metrics(rec, configs, d, acc, device) -> None:
                 m.setdefault("jaccard", []).append(inter / union if union else float("nan"))
 
 
-def _decode_metrics(rec, configs, d, acc, decode_steps, device) -> None:
+def _decode_metrics(rec, configs, acc, decode_steps, device) -> None:
     for prompt in rec.prompts:
         steps, needles = _answer_rows(rec, prompt, decode_steps)
         blocks_of = sorted({t // next(iter(configs.values())).block_size for s0, s1 in needles for t in range(s0, s1)})
@@ -130,10 +130,10 @@ def _decode_metrics(rec, configs, d, acc, decode_steps, device) -> None:
         for step in replay_decode(one, configs, steps, device=device, backend="torch", selection_only=True):
             mass = step.mass[0]
             needle = [j for j in blocks_of if j < mass.shape[0]]
-            for name, s in step.steps.items():
+            for key, s in step.steps.items():
                 if s.dense:
                     continue
-                m = acc.setdefault((name, d), {})
+                m = acc.setdefault(key, {})
                 m.setdefault("recall_decode", []).append(float((mass * s.mask[0]).sum()))
                 m.setdefault("density_decode", []).append(s.density)
                 if needle:
