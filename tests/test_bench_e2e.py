@@ -182,3 +182,16 @@ def test_gpu_smollm2_e2e(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(r["clock"] == "cuda-events" for r in rows)
     assert all(r["frontend_ms"] > 0 for r in rows if r["label"] != "dense")
+
+
+def test_kernels_still_refuses_unknown_shapes_and_takes_density_lists(capsys):
+    """--shapes lost its argparse choices (e2e takes config.json paths): bench kernels checks it itself."""
+    assert cli.main(["bench", "kernels", "--dry-run", "--shapes", "llama70b"]) == 2
+    assert "--shapes" in capsys.readouterr().err
+    import argparse
+
+    from sketchwalk.bench import add_kernel_arguments, resolve_settings
+
+    p = argparse.ArgumentParser()
+    add_kernel_arguments(p)
+    assert resolve_settings(p.parse_args(["--density", "0.2,1.0", "0.5"])).density == [1.0, 0.5, 0.2]
