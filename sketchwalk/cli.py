@@ -358,9 +358,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     from .bench import add_kernel_arguments  # light: no torch until a benchmark runs
 
-    p.add_argument("what", choices=["kernels"],
+    p.add_argument("what", choices=["kernels", "e2e"],
                    help="what to benchmark: 'kernels' = the Triton block-sparse prefill and decode kernels "
-                        "against dense SDPA (flash, cuDNN), FlexAttention and the reference")
+                        "against dense SDPA (flash, cuDNN), FlexAttention and the reference; 'e2e' = whole-model "
+                        "prefill and decode steps, dense vs Sketch&Walk configs, with a per-phase breakdown")
     add_kernel_arguments(p)
 
 
@@ -375,10 +376,10 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                      "TFLOP/s, the front end's share and decode GB/s per shape; --out writes every row as JSON. "
                      "The full run takes about 3 minutes on an H200. Without a GPU only --dry-run works.")
 def cmd_bench(args: argparse.Namespace) -> int:
-    """`sketchwalk bench kernels`: exit 0, or 2 without CUDA (unless --dry-run) or on bad input."""
-    from .bench import run_kernels
+    """`sketchwalk bench kernels|e2e`: exit 0, or 2 without CUDA (kernels, unless --dry-run) or on bad input."""
+    from .bench import run_e2e, run_kernels
 
-    return run_kernels(args)
+    return run_e2e(args) if args.what == "e2e" else run_kernels(args)
 
 
 # -- entry point ------------------------------------------------------------------------------

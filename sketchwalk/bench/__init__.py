@@ -63,17 +63,18 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"write every row and the run's metadata as JSON (bare --out: {DEFAULT_OUT}); "
                         "without --out the tables are only printed. The file is rewritten after every "
                         "(shape, length) group, so an interrupted run keeps what it measured")
-    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None, metavar="SHAPE",
-                   help="attention shapes: llama8b (32 q heads / 8 KV heads, d 128), smollm2 (9/3, d 64), "
-                        f"tiny (4/2, d 32) (default: {' '.join(full['shapes'])})")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
+                   help="shapes: llama8b (32 q heads / 8 KV heads, d 128), smollm2 (9/3, d 64), "
+                        f"tiny (4/2, d 32) (default: {' '.join(full['shapes'])}); e2e also takes a config.json path")
     p.add_argument("--seq", nargs="+", type=int, default=None, metavar="N",
                    help="prefill lengths in tokens (default: 4K 8K 16K 32K 64K 128K)")
     p.add_argument("--decode-seq", nargs="+", type=int, default=None, metavar="L",
                    help=f"decode KV-cache lengths (default: the --seq values >= {DECODE_MIN_SEQ})")
-    p.add_argument("--decode-batch", nargs="+", type=int, default=None, metavar="B",
+    p.add_argument("--decode-batch", "--batch", dest="decode_batch", nargs="+", type=int, default=None, metavar="B",
                    help="decode batch sizes (default: 1 8)")
-    p.add_argument("--density", nargs="+", type=float, default=None, metavar="D",
-                   help="nominal densities, SketchWalkConfig(density=D) (default: 1.0 0.5 0.2 0.1)")
+    p.add_argument("--density", nargs="+", type=_floats, default=None, metavar="D",
+                   help="nominal densities, SketchWalkConfig(density=D), space- or comma-separated "
+                        "(default: kernels 1.0 0.5 0.2 0.1; e2e 0.2 0.1)")
     p.add_argument("--block-size", type=int, default=None, choices=[16, 32, 64, 128],
                    help="selection block size in tokens (default: 64; --dry-run: 32)")
     p.add_argument("--reference-max-seq", type=int, default=16 * K, metavar="N",
@@ -86,6 +87,15 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop starting new (shape, length) groups after this many seconds; the skipped "
                         "ones are listed in the JSON (default: no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and selections")
+    e2e = p.add_argument_group("e2e only")
+    e2e.add_argument("--model", default=None, metavar="SPEC",
+                     help="e2e: a real model (smollm2-135m, a .gguf, an HF dir; sketchwalk.models.load) instead "
+                          "of the random-weight --shapes")
+    e2e.add_argument("--config", action="append", default=None, metavar="YAML",
+                     help="e2e: a Sketch&Walk config file to time (repeatable; beside or instead of --density)")
+    e2e.add_argument("--repeats", type=int, default=None, metavar="N",
+                     help="e2e: timed calls per measurement, median reported (default: 3; --dry-run 2)")
+    e2e.add_argument("--warmup", type=int, default=None, metavar="N", help="e2e: untimed calls first (default: 1)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="a short GPU run: lengths 4K and 16K, densities 1.0 and 0.2, decode at 16K")
@@ -95,13 +105,26 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
                            "mean nothing")
 
 
+def _floats(text: str) -> list[float]:
+    """'0.2,0.1' -> [0.2, 0.1] (a --density value; the lists of every value are flattened)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or comma-separated numbers: {text!r}") from None
+
+
+def flat(values):
+    """[[0.2, 0.1], [0.5]] -> [0.2, 0.1, 0.5]; None stays None."""
+    return None if values is None else [x for v in values for x in (v if isinstance(v, list) else [v])]
+
+
 def resolve_settings(args: argparse.Namespace) -> KernelBenchSettings:
     """The preset chosen by --quick / --dry-run (else the full run) with explicit flags applied."""
     mode = "dry-run" if args.dry_run else "quick" if args.quick else "full"
     preset = PRESETS[mode]
 
     def pick(name):
-        value = getattr(args, name)
+        value = flat(getattr(args, name)) if name == "density" else getattr(args, name)
         return preset[name] if value is None else value
 
     seq = sorted(set(pick("seq")))
@@ -117,6 +140,11 @@ def resolve_settings(args: argparse.Namespace) -> KernelBenchSettings:
 
 def run_kernels(args: argparse.Namespace) -> int:
     """Run `bench kernels` from parsed flags; exit code 0, or 2 when it cannot run here."""
+    unknown = [s for s in (args.shapes or []) if s not in SHAPES]
+    if unknown:
+        print(f"sketchwalk bench kernels: --shapes: unknown shape(s) {unknown}; choose from {sorted(SHAPES)}",
+              file=sys.stderr)
+        return 2
     settings = resolve_settings(args)
     bad = [d for d in settings.density if not 0.0 < d <= 1.0] + [n for n in settings.seq + settings.decode_seq if n < 1]
     if bad or any(b < 1 for b in settings.decode_batch):
@@ -135,5 +163,24 @@ def run_kernels(args: argparse.Namespace) -> int:
     return kernels.main(settings)
 
 
-__all__ = ["SHAPES", "PRESETS", "DEFAULT_OUT", "KernelBenchSettings", "add_kernel_arguments", "resolve_settings",
+def run_e2e(args: argparse.Namespace) -> int:
+    """Run `bench e2e` from parsed flags; exit 0, or 2 on bad input (naming the flag) or when it cannot run."""
+    from .e2e_plan import PlanError, resolve
+
+    from .e2e_plan import DEFAULT_OUT as E2E_OUT
+
+    args.density = flat(args.density)
+    if args.out is None or args.out == DEFAULT_OUT:  # e2e always writes its JSON; bare --out = its default
+        args.out = E2E_OUT
+    try:
+        settings = resolve(args)
+    except PlanError as exc:
+        print(f"sketchwalk bench e2e: {exc}", file=sys.stderr)
+        return 2
+    from . import e2e
+
+    return e2e.main(settings)
+
+
+__all__ = ["run_e2e", "SHAPES", "PRESETS", "DEFAULT_OUT", "KernelBenchSettings", "add_kernel_arguments", "resolve_settings",
            "run_kernels"]

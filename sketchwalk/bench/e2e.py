@@ -1,0 +1,368 @@
+"""`sketchwalk bench e2e`: whole-model speed, dense (the model's SDPA path) vs Sketch&Walk configs.
+
+Per model (a random-weight shape from `e2e_plan.MODEL_SHAPES` / a config.json, or a real model),
+length n and config:
+  prefill  the bare prefill forward of [1, n] random token ids with a KV cache and logits_to_keep=1
+           (the call generate() makes first);
+  decode   one decode step ([batch, 1] ids) on the cache a [batch, n] prefill built: the median of
+           `repeats` consecutive steps (the cache grows by one token per step, as in generate()).
+Times: CUDA events, median of `repeats` calls after `warmup` untimed ones; on the CPU wall time
+(labelled "cpu": a test of the code path, not a measurement).
+
+Breakdown (a second, instrumented set of the same calls, per forward, median over calls), in ms:
+  attention_ms  the attention kernels: the model's SDPA call (dense), or `SketchWalkRuntime._attend`
+                (the block-sparse kernel with its row packing, or FlashAttention on dense layers);
+  frontend_ms   the rest of the attention function: the selection front end (0 for dense);
+  rest_ms       ms - attention_ms - frontend_ms: projections, MLP, norms, the head, host work;
+  bound_ms      ms_dense - attention_ms_dense + attention_ms: the model time our kernels allow,
+                with a free front end; speedup_bound = ms_dense / bound_ms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..config import ConfigError, SketchWalkConfig
+from .e2e_plan import E2ESettings, ModelShape, PlanError, check_memory
+from .kernels import _k, _ms, _x, _f, rich_table, write_json
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+def time_ms(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of `repeats` calls of fn after `warmup` untimed ones (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+class PhaseTimer:
+    """Per-forward milliseconds of the attention function and of the attention kernels inside it.
+
+    Wraps the registered transformers attention function (looked up by `config._attn_implementation`
+    on every forward) and, with Sketch&Walk attached, the runtime's `_attend` (the kernel call).
+    `forward()` brackets one model call; `medians()` -> (attention_fn_ms, kernel_ms) per forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, runtime, device: torch.device):
+        self.model, self.runtime, self.device = model, runtime, device
+        self.name = model.config._attn_implementation
+        self._fn: list[list] = []
+        self._kernel: list[list] = []
+        self._original = None
+
+    def _span(self, sink: list, fn, *args, **kwargs):
+        if self.device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            stop.record()
+            sink[-1].append((start, stop))
+        else:
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sink[-1].append(1e3 * (time.perf_counter() - t0))
+        return out
+
+    def __enter__(self) -> "PhaseTimer":
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self.name not in ALL_ATTENTION_FUNCTIONS:
+            raise ValueError(f"attention implementation {self.name!r} is not timeable (use sdpa)")
+        self._original = original = ALL_ATTENTION_FUNCTIONS[self.name]
+        AttentionInterface.register(self.name, lambda *a, **kw: self._span(self._fn, original, *a, **kw))
+        if self.runtime is not None:
+            attend = self.runtime._attend
+            self.runtime._attend = lambda *a, **kw: self._span(self._kernel, attend, *a, **kw)
+        return self
+
+    def forward(self, fn: Callable[[], Any]) -> Any:
+        self._fn.append([])
+        self._kernel.append([])
+        return fn()
+
+    def __exit__(self, *exc) -> None:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(self.name, self._original)
+        if self.runtime is not None:
+            del self.runtime._attend  # the instance attribute: the class method again
+
+    def _total(self, spans: list) -> float:
+        if self.device.type == "cuda":
+            return sum(a.elapsed_time(b) for a, b in spans)
+        return sum(spans)
+
+    def medians(self) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        fn = statistics.median(self._total(s) for s in self._fn)
+        kernel = statistics.median(self._total(s) for s in self._kernel) if self.runtime is not None else fn
+        return fn, kernel
+
+
+# -- rows -------------------------------------------------------------------------------------
+
+def derive(row: dict, dense: dict) -> dict:
+    """The derived fields of a row from its own times and its dense row's (same shape, n, batch, phase)."""
+    row["ms_dense"] = dense["ms"]
+    row["speedup"] = dense["ms"] / row["ms"] if row["ms"] else None
+    row["rest_ms"] = row["ms"] - row["attention_ms"] - row["frontend_ms"]
+    row["bound_ms"] = dense["ms"] - dense["attention_ms"] + row["attention_ms"]
+    row["speedup_bound"] = dense["ms"] / row["bound_ms"] if row["bound_ms"] > 0 else None
+    row["frontend_pct_of_attention"] = 100.0 * row["frontend_ms"] / row["attention_ms"] if row["attention_ms"] else None
+    return row
+
+
+@dataclasses.dataclass
+class Variant:
+    """One timed attention setup: dense (config None) or a Sketch&Walk config."""
+
+    label: str
+    config: Optional[SketchWalkConfig]
+
+
+def variants(settings: E2ESettings, head_dim: int) -> list[Variant]:
+    """dense, then d=<density> for each --density, then each --config file (by its stem)."""
+    out = [Variant("dense", None)]
+    extra = {} if settings.block_size is None else {"block_size": settings.block_size}
+    for d in settings.density:
+        out.append(Variant(f"d={d:g}", SketchWalkConfig(density=d, sketch_dim=min(64, head_dim), **extra)))
+    for path in settings.configs:
+        out.append(Variant(os.path.splitext(os.path.basename(path))[0], SketchWalkConfig.from_yaml(path)))
+    return out
+
+
+class Bench:
+    """The model under test and how to time its prefill and decode calls."""
+
+    def __init__(self, model, name: str, device: torch.device, settings: E2ESettings):
+        self.model, self.name, self.device, self.s = model, name, device, settings
+        self.vocab = model.config.vocab_size
+        self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+
+    def ids(self, batch: int, n: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (batch, n), generator=self.gen).to(self.device)
+
+    def _prefill(self, ids):
+        return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+
+    def measure(self, phase: str, n: int, batch: int, runtime) -> tuple[float, float, float]:
+        """(ms, attention-function ms, kernel ms) of one call of `phase` at length n, batch."""
+        s = self.s
+        with torch.no_grad():
+            if phase == "prefill":
+                ids = self.ids(batch, n)
+                call = lambda: self._prefill(ids)  # noqa: E731
+                ms = time_ms(call, s.repeats, s.warmup, self.device)
+                with PhaseTimer(self.model, runtime, self.device) as pt:
+                    for _ in range(s.repeats):
+                        pt.forward(call)
+                return (ms, *pt.medians())
+            cache = self._prefill(self.ids(batch, n)).past_key_values
+            state = {"len": n}
+            token = self.ids(batch, 1)
+
+            def step():
+                state["len"] += 1
+                mask = torch.ones(batch, state["len"], dtype=torch.long, device=self.device)
+                return self.model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                  logits_to_keep=1)
+
+            ms = time_ms(step, s.repeats, s.warmup, self.device)
+            with PhaseTimer(self.model, runtime, self.device) as pt:
+                for _ in range(s.repeats):
+                    pt.forward(step)
+            del cache
+            return (ms, *pt.medians())
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes free on the device: CUDA's mem_get_info, or the host's available memory on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 62
+
+
+def plan_rows(settings: E2ESettings) -> list[tuple[str, int, int]]:
+    """(phase, n, batch) in run order: prefill (batch 1) at each --seq, decode at each --decode-seq x --batch."""
+    return ([("prefill", n, 1) for n in settings.seq]
+            + [("decode", n, b) for n in settings.decode_seq for b in settings.decode_batch])
+
+
+def check_plan(shape: ModelShape, settings: E2ESettings, elem_bytes: int, free: int) -> tuple[list, list]:
+    """(rows that fit, skipped rows); raises PlanError when an explicitly requested row does not fit."""
+    keep, skipped = [], []
+    for phase, n, batch in plan_rows(settings):
+        err = check_memory(shape, n, batch, elem_bytes, free, settings.repeats + settings.warmup)
+        if err is None:
+            keep.append((phase, n, batch))
+        elif settings.explicit_sizes:
+            raise err
+        else:
+            skipped.append(dict(shape=shape.name, phase=phase, n=n, batch=batch, reason=str(err)))
+    return keep, skipped
+
+
+def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype, seed: int):
+    """LlamaForCausalLM of the shape with random weights, on the device, SDPA attention, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{k: v for k, v in shape.fields.items() if k not in ("architectures", "torch_dtype")})
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def bench_model(model, shape: ModelShape, settings: E2ESettings, device, rows_plan, result, console) -> None:
+    """Every (phase, n, batch) row of one model, dense first, then each variant (rows appended to result)."""
+    from ..integration.hf import attach, detach
+
+    bench = Bench(model, shape.name, device, settings)
+    vs = variants(settings, shape.head_dim)
+    for v in vs[1:]:
+        v.config.validate_for_model(shape.fields["num_hidden_layers"], shape.head_dim)
+    for phase, n, batch in rows_plan:
+        dense = None
+        for v in vs:
+            runtime = None
+            if v.config is not None:
+                runtime = attach(model, v.config, backend="auto")
+            try:
+                ms, fn_ms, kernel_ms = bench.measure(phase, n, batch, runtime)
+            finally:
+                if runtime is not None:
+                    detach(model)
+                _free(device)
+            row = dict(shape=shape.name, model=shape.title, n=n, batch=batch, phase=phase, label=v.label,
+                       density=1.0 if v.config is None else v.config.density, ms=ms,
+                       attention_ms=kernel_ms, frontend_ms=max(fn_ms - kernel_ms, 0.0) if runtime else 0.0,
+                       clock="cuda-events" if device.type == "cuda" else "cpu")
+            dense = row if dense is None else dense
+            result["rows"].append(derive(row, dense))
+            console.print(f"  {shape.name} {phase} n={n} b={batch} {v.label}: {ms:.3f} ms", highlight=False)
+        if settings.out:
+            write_json(result, settings.out)
+
+
+def environment(settings: E2ESettings, device, dtype) -> dict:
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else
+                f"cpu ({platform.processor() or platform.machine()})",
+                torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                dtype=str(dtype).replace("torch.", ""),
+                timing=("CUDA events, median of repeats after warm-up" if device.type == "cuda" else
+                        "CPU wall clock (a code-path test, not a measurement)"),
+                backend="triton" if device.type == "cuda" else "torch (reference; CPU)",
+                settings={**dataclasses.asdict(settings),
+                          "shapes": [dataclasses.asdict(s) for s in settings.shapes]})
+
+
+TABLE = [("N", "n", _k), ("B", "batch", str), ("config", "label", str), ("ms", "ms", _ms),
+         ("dense ms", "ms_dense", _ms), ("x", "speedup", _x), ("attn ms", "attention_ms", _ms),
+         ("front ms", "frontend_ms", _ms), ("rest ms", "rest_ms", _ms), ("bound ms", "bound_ms", _ms),
+         ("x bound", "speedup_bound", _x), ("front %", "frontend_pct_of_attention", _f(1))]
+
+
+def print_tables(console, result: dict, cpu: bool) -> None:
+    note = " [CPU times: not a measurement]" if cpu else ""
+    for name in dict.fromkeys(r["shape"] for r in result["rows"]):
+        for phase in ("prefill", "decode"):
+            rows = [r for r in result["rows"] if r["shape"] == name and r["phase"] == phase]
+            if rows:
+                console.print(rich_table(f"{rows[0]['model']} {phase}{note}", rows, TABLE))
+
+
+def main(settings: E2ESettings) -> int:
+    """Run the benchmark; exit 2 on a config the model refuses or a memory need above the free memory."""
+    from ..console import make_console
+
+    console = make_console(width=200)
+    cuda = torch.cuda.is_available() and settings.mode != "dry-run"
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    elem = torch.finfo(dtype).bits // 8
+    result = {"meta": environment(settings, device, dtype), "rows": [], "skipped": []}
+    start = time.monotonic()
+    try:
+        if settings.model:
+            from .. import models
+
+            model, _ = models.load(settings.model, device=str(device), attn_implementation="sdpa", progress=False)
+            cfg = model.config
+            shape = ModelShape(settings.model, settings.model, dict(
+                num_hidden_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+                num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                tie_word_embeddings=getattr(cfg, "tie_word_embeddings", False)))
+            elem = next(model.parameters()).element_size()
+            # The weights are loaded already: check the rest against what is left plus their own size.
+            free = free_memory_bytes(device) + sum(p.numel() * p.element_size() for p in model.parameters())
+            keep, skipped = check_plan(shape, settings, elem, free)
+            result["skipped"] += skipped
+            bench_model(model, shape, settings, device, keep, result, console)
+            del model
+        else:
+            plans = []
+            for shape in settings.shapes:  # every shape checked before any model is built
+                for v in variants(settings, shape.head_dim)[1:]:
+                    v.config.validate_for_model(shape.fields["num_hidden_layers"], shape.head_dim)
+                keep, skipped = check_plan(shape, settings, elem, free_memory_bytes(device))
+                plans.append((shape, keep))
+                result["skipped"] += skipped
+            for shape, keep in plans:
+                if not keep:
+                    continue
+                model = build_model(shape, device, dtype, settings.seed)
+                bench_model(model, shape, settings, device, keep, result, console)
+                del model
+                _free(device)
+    except PlanError as exc:
+        print(f"sketchwalk bench e2e: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"sketchwalk bench e2e: --density/--config: {exc}", file=sys.stderr)
+        return 2
+    result["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
+    print_tables(console, result, cpu=not cuda)
+    path = write_json(result, settings.out)
+    print(f"wrote {path} ({len(result['rows'])} rows, {result['meta']['elapsed_s']} s)")
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} rows that do not fit in memory (listed in the JSON)", file=sys.stderr)
+    return 0
