@@ -410,20 +410,27 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     """SIGKILL a real sweep process in the middle of a trial, resume it: finished trials are not
     re-run, the interrupted one is re-queued, MLflow holds one run per trial key."""
     import optuna
+    from filelock import FileLock
 
     f = _write_sweep(tmp_path, "kr", budget={"trials": 3}, heartbeat_s=1)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(_sweep_cmd(str(f), "--sweep-id", "kr", "--workdir", str(tmp_path)), env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    storage = f"sqlite:///{tmp_path}/runs/optuna.db"
+    db = tmp_path / "runs" / "optuna.db"
+    storage = f"sqlite:///{db}"
     deadline = time.time() + 600
     killed_during = None
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
+            if not db.exists():
+                continue
             try:
-                trials = optuna.load_study(study_name="kr", storage=storage).trials
+                # Under the sweep's own schema lock: a reader opening a fresh file while the sweep
+                # creates Optuna's schema would race it (UNIQUE constraint on alembic_version).
+                with FileLock(str(db) + ".lock", timeout=60):
+                    trials = optuna.load_study(study_name="kr", storage=storage).trials
             except Exception:
                 continue
             done = [t for t in trials if t.state.name == "COMPLETE"]
