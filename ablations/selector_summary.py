@@ -46,9 +46,11 @@ def ruler_score(scores: dict[SampleKey, float], length: int) -> float:
 
 
 def summarize(dense: dict[str, Any], variants: dict[str, dict[str, Any]], *,
-              tensors: Optional[dict[str, Any]] = None, best: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
+              tensors: Optional[dict[str, Any]] = None, best: Optional[str] = None,
+              compare: Optional[list[tuple[str, str]]] = None, seed: int = 0) -> dict[str, Any]:
     """The summary dict: dense per length, per variant config / measured density (sparse layers,
-    prefill) / score per length / paired interval of variant - dense per length / tensor recalls."""
+    prefill) / score per length / paired interval of variant - dense per length / tensor recalls;
+    `comparisons`: for each (a, b) in `compare`, the paired difference a - b per length."""
     base = sample_scores(dense)
     lengths = sorted({n for _, n, _ in base})
     out: dict[str, Any] = {"dense": {str(n): round(ruler_score(base, n), 3) for n in lengths}, "variants": []}
@@ -72,7 +74,23 @@ def summarize(dense: dict[str, Any], variants: dict[str, dict[str, Any]], *,
     if best is not None and best not in variants:
         raise ValueError(f"--best {best!r} is not a variant: {sorted(variants)}")
     out["best"] = best
+    out["comparisons"] = [_compare(a, b, {k: sample_scores(v) for k, v in variants.items()}, lengths, seed)
+                          for a, b in (compare or [])]
     return out
+
+
+def _compare(a: str, b: str, scores: dict[str, dict[SampleKey, float]], lengths: list[int], seed: int) -> dict[str, Any]:
+    """Paired difference a - b per length (RULER points, x100) with its bootstrap 95% interval,
+    over the samples both variants answered (the same suite, seed and samples as dense)."""
+    for name in (a, b):
+        if name not in scores:
+            raise ValueError(f"--compare {a}-{b}: {name!r} is not a variant: {sorted(scores)}")
+    row: dict[str, Any] = {"a": a, "b": b}
+    for n in lengths:
+        keys = sorted(k for k in scores[b] if k[1] == n)
+        diff, lo, hi = paired_bootstrap([scores[b][k] for k in keys], [scores[a][k] for k in keys], seed=seed)
+        row[str(n)] = {"diff": round(diff, 3), "lo": round(lo, 3), "hi": round(hi, 3)}
+    return row
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -88,6 +106,13 @@ def markdown(summary: dict[str, Any]) -> str:
             cells.append(f"{r[n]:.1f} ({diff:+.1f} [{r['diff_lo'][n]:+.1f}, {r['diff_hi'][n]:+.1f}])")
         cells += [_num(r["recall_prefill"]), _num(r["recall_decode"])]
         lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("comparisons"):
+        lines += ["", "| paired difference | " + " | ".join(f"{n} [95%]" for n in lengths) + " |",
+                  "|" + "---|" * (len(lengths) + 1)]
+        for c in summary["comparisons"]:
+            cells = [f"{c['a']} − {c['b']}"] + [f"{c[n]['diff']:+.1f} [{c[n]['lo']:+.1f}, {c[n]['hi']:+.1f}]"
+                                                for n in lengths]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,15 +127,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH", help="a variant's eval JSON")
     p.add_argument("--tensors", default=None, help="`sketchwalk tensors study` JSON (tensor-level recalls)")
     p.add_argument("--best", default=None, help="the variant chosen before these samples were scored")
+    p.add_argument("--compare", action="append", default=[], metavar="A-B",
+                   help="also the paired difference of variant A minus variant B per length (repeatable)")
     p.add_argument("--out", required=True, help="directory for summary.json and summary.md")
     args = p.parse_args(argv)
     try:
         pairs = [v.split("=", 1) for v in args.variant]
         if not pairs or any(len(pv) != 2 or not pv[0] for pv in pairs):
             raise ValueError("--variant: give at least one, each as NAME=PATH")
+        compare = [tuple(c.split("-", 1)) for c in args.compare]
+        if any(len(c) != 2 or not all(c) for c in compare):
+            raise ValueError("--compare: give each as A-B, two variant names")
         load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
         summary = summarize(load(args.dense), {name: load(path) for name, path in pairs},
-                            tensors=load(args.tensors) if args.tensors else None, best=args.best)
+                            tensors=load(args.tensors) if args.tensors else None, best=args.best, compare=compare)
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

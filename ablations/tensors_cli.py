@@ -382,7 +382,7 @@ STUDY_METRICS = ("recall_prefill", "recall_last", "recall_decode", "needle_recal
 def load_study_plan(path: str) -> dict[str, Any]:
     """A validated study plan: recordings (existing recording dirs, relative to the plan), densities in
     (0, 1], variants name -> SketchWalkConfig (base fields + the variant's), decode_steps (None or
-    >= 1), out. Errors name the key and the allowed values (ValueError / ConfigError)."""
+    >= 1), out (relative to the plan, or None). Errors name the key and the allowed values (ValueError / ConfigError)."""
     import yaml
 
     from sketchwalk import SketchWalkConfig
@@ -420,8 +420,13 @@ def load_study_plan(path: str) -> dict[str, Any]:
     steps = data.get("decode_steps")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"{path}: decode_steps: null (the recorded answer tokens) or an integer >= 1")
+    out = data.get("out")
+    if out is not None and not isinstance(out, str):
+        raise ValueError(f"{path}: out: a directory path (relative to the plan), got {out!r}")
+    if out is not None and not Path(out).is_absolute():
+        out = str(plan_path.parent / out)  # like recordings: the plan means where it lives, not the cwd
     return {"recordings": recordings, "densities": [float(d) for d in densities], "variants": configs,
-            "decode_steps": steps, "out": data.get("out")}
+            "decode_steps": steps, "out": out}
 
 
 def _study(args: argparse.Namespace) -> int:

@@ -48,19 +48,25 @@ def _configs():
             [{"top_k": 1}, {"top_k": 2}, {"top_k": 5}, {"density": 0.1}, {"density": 0.2}, {"density": 0.3},
              {"density": 0.55}, {"density": 1.0}], [0, 1, 3], [1, 2, 4]):
         yield SketchWalkConfig(block_size=16, sketch_dim=8, sink_blocks=sink, local_blocks=local, **budget)
+    for budget, tail in itertools.product([{"top_k": 2}, {"density": 0.2}, {"density": 1.0}], [1, 3]):
+        yield SketchWalkConfig(block_size=16, sketch_dim=8, dense_last_blocks=tail, **budget)
 
 
 def test_row_budget_equals_measured_counts():
     """count_i = min(i+1, max(τ_i, |forced_i|)) on the host equals select_blocks' measured counts."""
     for cfg in _configs():
         for nb in (1, 2, 3, 7, 16, 33, 100):
-            sel = select_blocks(torch.zeros(nb, nb), torch.arange(nb), cfg)
+            sel = select_blocks(torch.zeros(nb, nb), torch.arange(nb), cfg, num_blocks=nb)
             measured = sel.counts.tolist()
-            assert [row_budget(cfg, i) for i in range(nb)] == measured, (cfg, nb)
+            assert [row_budget(cfg, i, nb) for i in range(nb)] == measured, (cfg, nb)
+            tail = range(max(0, nb - cfg.dense_last_blocks), nb)
+            assert [measured[i] for i in tail] == [i + 1 for i in tail]  # the last rows are dense
             selector = BlockSelector(cfg)
             assert selector.pairs(nb) == sum(measured) == int(sel.selected_pairs())
             assert selector.max_count(nb) == sel.indices.shape[1]
-            assert selector.counts(0, nb, "cpu").tolist() == measured
+            assert selector.prefill_counts(nb, "cpu").tolist() == measured
+            if not cfg.dense_last_blocks:
+                assert selector.counts(0, nb, "cpu").tolist() == measured
 
 
 def _score_rows(rng, rows: int, b: int, kind: int) -> torch.Tensor:
@@ -79,7 +85,7 @@ def test_selector_equals_select_blocks(index_dtype):
         for nb in (1, 2, 5, 17, 40):
             for dtype in (torch.float32, torch.float64):
                 scores = _score_rows(rng, nb, nb, n % 3).to(dtype)
-                ref = select_blocks(scores, torch.arange(nb), cfg)
+                ref = select_blocks(scores, torch.arange(nb), cfg, num_blocks=nb)
                 got = selector.prefill(scores, index_dtype)
                 assert got.indices.dtype == index_dtype and got.counts.dtype == index_dtype
                 assert same_selection(got, ref), (cfg, nb)

@@ -933,3 +933,43 @@ def test_sub_block_scores_are_log_sum_exp_of_sub_block_means():
     w_sub = transition_rows(block_means(q1, B)[:, 3:], block_means(k1, Bs), rows, d, cfg)[0]
     w_mean = transition_rows(block_means(q1, B)[:, 3:], block_means(k1, B), rows, d, paper)[0]
     assert w_sub[1] > w_sub[2] and w_mean[1] < w_mean[2]
+
+
+# --------------------------------------------------------------------------------------
+# dense_last_blocks: the last query-block rows of a prefill attend densely
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dense_last_blocks_rows_dense_counted_and_equal_to_reference(backend):
+    """Left-padded batch of two lengths: each sequence's last `dense_last_blocks` rows hold every causal
+    block, the other rows are what the paper's rule selects from the same scores, the density counters
+    include the dense rows, and the output equals the reference attention over those selections."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+    B, hq, hkv, d, tail = 16, 4, 2, 16, 2
+    lens = [150, 70]
+    n = max(lens)
+    cfg = SketchWalkConfig(block_size=B, sketch_dim=8, density=0.2, skip_layers=0, dense_last_blocks=tail)
+    paper = cfg.replace(dense_last_blocks=0)
+    qs = [rand(2, hq, n, d, seed=80 + l) for l in range(2)]
+    ks = [rand(2, hkv, n, d, seed=90 + l) for l in range(2)]
+    valid = torch.stack([torch.arange(n) >= n - L for L in lens])
+    outs, rt = run_layers(cfg, qs, ks, ks, key_valid=valid, runtime=SketchWalkRuntime(cfg, backend=backend))
+    _, rt_paper = run_layers(paper, qs, ks, ks, key_valid=valid, runtime=SketchWalkRuntime(paper, backend="torch"))
+    selected = causal = 0
+    for l in range(2):
+        for b, L in enumerate(lens):
+            nb = -(-L // B)
+            rows, base = sel_rows(rt.last_selection[l][b]), sel_rows(rt_paper.last_selection[l][b])
+            assert rows[nb - tail:] == [list(range(i + 1)) for i in range(nb - tail, nb)]
+            assert rows[:nb - tail] == base[:nb - tail]  # same scores, same rule above the tail
+            assert all(len(r) < i + 1 for i, r in enumerate(base[nb - tail:], nb - tail) if i >= 9)  # sparse there
+            selected += sum(len(r) for r in rows)
+            causal += nb * (nb + 1) // 2
+            off = n - L
+            pos = torch.arange(L)
+            ref = sparse_attention(qs[l][b, :, off:], ks[l][b, :, off:], ks[l][b, :, off:], pos,
+                                   rt.last_selection[l][b], d ** -0.5)
+            torch.testing.assert_close(outs[l][b, :, off:], ref, atol=2e-5, rtol=1e-4)
+    assert rt.density().overall["prefill"] == pytest.approx(selected / causal, abs=1e-12)
+    assert rt.density().overall["prefill"] > rt_paper.density().overall["prefill"]

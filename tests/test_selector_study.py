@@ -99,6 +99,14 @@ def test_study_cli_writes_table_json_plot_and_refuses_bad_plans(record_dir, tmp_
     assert {r["variant"] for r in data["rows"]} == {"paper", "oracle"}
     assert (tmp_path / "out" / "recall_density.png").stat().st_size > 1000
     assert "| paper | 0.30 |" in (tmp_path / "out" / "study.md").read_text()
+    # A relative `out` means beside the plan, whatever the working directory (like `recordings`).
+    sub = tmp_path / "plans"
+    sub.mkdir()
+    (sub / "rel.yaml").write_text(plan.read_text().replace(f"out: {tmp_path / 'out'}", "out: ../rel-out"))
+    assert load_study_plan(str(sub / "rel.yaml"))["out"] == str(sub / "../rel-out")
+    with pytest.raises(ValueError, match="out"):
+        (sub / "num.yaml").write_text(plan.read_text().replace(f"out: {tmp_path / 'out'}", "out: 3"))
+        load_study_plan(str(sub / "num.yaml"))
     bad = tmp_path / "bad.yaml"
     for text, needle in ((f"recordings: [{record_dir}]\nvariants: {{a: {{}}}}\ncolour: red\n", "colour"),
                          (f"recordings: [{record_dir}]\nvariants: {{a: {{walk: sideways}}}}\n", "walk"),
@@ -133,3 +141,27 @@ def test_summary_cli_bad_input_exits_2(tmp_path, capsys):
     assert summary_main(["--dense", str(tmp_path / "none.json"), "--variant", "x=y", "--out", str(tmp_path)]) == 2
     assert summary_main(["--dense", str(tmp_path / "none.json"), "--variant", "novalue", "--out", str(tmp_path)]) == 2
     assert "--variant" in capsys.readouterr().err
+
+
+def test_summary_compares_two_variants_pairwise(tmp_path):
+    """--compare A-B: the paired difference A - B per length, the same bootstrap as against dense;
+    a name that is not a variant is refused (exit 2, naming the flag)."""
+    dense = _eval({("a", 4096): [1, 1, 1, 1]}, 1.0)
+    good = _eval({("a", 4096): [1, 1, 1, 0]})
+    bad = _eval({("a", 4096): [0, 0, 1, 0]})
+    s = summarize(dense, {"good": good, "bad": bad}, compare=[("good", "bad"), ("bad", "bad")])
+    gb, bb = s["comparisons"]
+    assert (gb["a"], gb["b"]) == ("good", "bad") and gb["4096"]["diff"] == 50.0  # (3 - 1) / 4
+    assert 0 <= gb["4096"]["lo"] < 50.0 < gb["4096"]["hi"] <= 100.0  # differences [1, 1, 0, 0]
+    assert bb["4096"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    with pytest.raises(ValueError, match="not a variant"):
+        summarize(dense, {"good": good}, compare=[("good", "nope")])
+    paths = {}
+    for name, res in (("dense", dense), ("good", good), ("bad", bad)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(res))
+    args = ["--dense", str(paths["dense"]), "--variant", f"good={paths['good']}", "--variant", f"bad={paths['bad']}",
+            "--out", str(tmp_path / "out")]
+    assert summary_main(args + ["--compare", "good-bad"]) == 0
+    assert "good − bad | +50.0" in (tmp_path / "out" / "summary.md").read_text()
+    assert summary_main(args + ["--compare", "good"]) == 2

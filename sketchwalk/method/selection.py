@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -45,23 +46,29 @@ class BlockSelection:
         return (self.row_blocks + 1).sum()
 
 
-def row_budget(cfg: SketchWalkConfig, i: int) -> int:
-    """Blocks kept by query-block row i: min(i+1, max(τ_i, |forced_i|)) — config and row index alone.
+def row_budget(cfg: SketchWalkConfig, i: int, num_blocks: Optional[int] = None) -> int:
+    """Blocks kept by query-block row i: min(i+1, max(τ_i, |forced_i|)) — config and row index alone,
+    except that in a prefill of `num_blocks` rows the last `cfg.dense_last_blocks` rows keep all i+1.
 
     forced_i = the sinks [0, min(sink_blocks, i+1)) and the locals (i-local_blocks, i], a prefix and a
     suffix of the row's i+1 causal blocks, so |forced_i| = min(i+1, |sinks| + |locals|). Equals
     select_blocks' counts (τ_i uses the same float64 rounding as there: cfg.budget).
     """
     n = i + 1
+    if num_blocks is not None and i >= num_blocks - cfg.dense_last_blocks:
+        return n
     forced = min(n, min(cfg.sink_blocks, n) + min(cfg.local_blocks, n))
     return min(n, max(cfg.budget(n), forced))
 
 
-def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWalkConfig) -> BlockSelection:
+def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWalkConfig,
+                  num_blocks: Optional[int] = None) -> BlockSelection:
     """Pick key blocks per row from walk scores.
 
     scores: [rows, b] walk scores R^k (any real values; only causal columns are considered);
-    row_blocks: [rows] query-block index of each row.
+    row_blocks: [rows] query-block index of each row; num_blocks: the prefill's number of query
+    blocks when the rows belong to one (rows >= num_blocks - cfg.dense_last_blocks are dense), None
+    for a decode row.
     Always keeps the sink blocks (0 .. sink_blocks-1) and the local blocks (the diagonal and the
     local_blocks-1 before it), then fills up to τ with the highest-scoring remaining causal blocks
     (ties go to the lower block index). A row with at most τ causal blocks is dense.
@@ -74,6 +81,8 @@ def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWal
     rb = row_blocks.to(device=device, dtype=torch.long)
     causal = cols[None, :] <= rb[:, None]
     forced = causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > rb[:, None] - cfg.local_blocks))
+    if num_blocks is not None and cfg.dense_last_blocks:
+        forced = forced | (causal & (rb[:, None] >= num_blocks - cfg.dense_last_blocks))
     n_causal = rb + 1
     if cfg.top_k is not None:
         tau = torch.full_like(rb, cfg.top_k)
@@ -99,6 +108,7 @@ class _PrefillMasks:
     forced: torch.Tensor  # [nb, nb] bool: sinks and locals (always kept)
     free: torch.Tensor  # [nb, nb] bool: causal and not forced (competes on its score)
     keep: torch.Tensor  # [nb, max_count] bool: slot < the row's count
+    counts: dict = dataclasses.field(default_factory=dict)  # dtype -> [nb]: the row counts
     fills: dict = dataclasses.field(default_factory=dict)  # dtype -> [nb, nb]: +inf forced, -inf not causal
 
     def fill(self, dtype: torch.dtype) -> torch.Tensor:
@@ -115,7 +125,7 @@ class BlockSelector:
     them, their sum (the density counters) and the selection width; the device tensors that
     depend only on (number of rows, device) — aranges, count tables, the causal/forced masks —
     are built once and reused as views. Results equal select_blocks' bit for bit:
-      prefill(scores [nb, nb], nb)  == select_blocks(scores, arange(nb), cfg)
+      prefill(scores [nb, nb], nb)  == select_blocks(scores, arange(nb), cfg, num_blocks=nb)
       decode(scores [1, i+1], i)    == select_blocks(scores, tensor([i]), cfg)
     `index_dtype` int32 gives indices and counts in the Triton kernels' dtype (no conversion
     there); the reference attention takes int64.
@@ -142,15 +152,27 @@ class BlockSelector:
         self._extend(i + 1)
         return self._counts[i]
 
+    def _tail(self, nb: int) -> int:
+        """First row of a prefill of nb rows that `dense_last_blocks` makes dense (nb if none)."""
+        return max(0, nb - self.cfg.dense_last_blocks)
+
     def pairs(self, nb: int) -> int:
-        """Selected (query-block, key-block) pairs of a prefill of nb blocks: sum of rows 0..nb-1."""
+        """Selected (query-block, key-block) pairs of a prefill of nb blocks: sum of its row counts."""
         self._extend(nb)
-        return self._prefix[nb]
+        t = self._tail(nb)
+        return self._prefix[t] + (nb * (nb + 1) - t * (t + 1)) // 2
 
     def max_count(self, nb: int) -> int:
         """Width of a prefill selection of nb rows: its largest row count."""
         self._extend(nb)
-        return max(self._counts[:nb], default=0)
+        return nb if self._tail(nb) < nb else max(self._counts[:nb], default=0)
+
+    def prefill_counts(self, nb: int, device, dtype=torch.long) -> torch.Tensor:
+        """Row counts of a prefill of nb rows, [nb] (a cached view unless dense_last_blocks applies)."""
+        t = self._tail(nb)
+        if t == nb:
+            return self.counts(0, nb, device, dtype)
+        return torch.cat([self.counts(0, t, device, dtype), self.arange(nb + 1, device, dtype)[t + 1:]])
 
     # -- cached device tables -----------------------------------------------------------
     def _table(self, kind: str, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -184,9 +206,11 @@ class BlockSelector:
             cols = torch.arange(nb, device=device)
             causal = cols[None, :] <= cols[:, None]
             forced = causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > cols[:, None] - cfg.local_blocks))
-            width = self.max_count(nb)
-            keep = torch.arange(width, device=device)[None, :] < self.counts(0, nb, device)[:, None]
-            m = _PrefillMasks(causal=causal, forced=forced, free=causal & ~forced, keep=keep)
+            forced = forced | (causal & (cols[:, None] >= self._tail(nb)))  # dense last rows
+            counts = self.prefill_counts(nb, device)
+            keep = torch.arange(self.max_count(nb), device=device)[None, :] < counts[:, None]
+            m = _PrefillMasks(causal=causal, forced=forced, free=causal & ~forced, keep=keep,
+                              counts={torch.long: counts})
             if len(self._masks) >= self.MAX_CACHED:
                 self._masks.pop(next(iter(self._masks)))
             self._masks[key] = m
@@ -208,7 +232,10 @@ class BlockSelector:
         # Kept slots ascending; the others sort last via the sentinel nb, then become -1.
         top = torch.where(m.keep, top, nb).sort(dim=-1).values
         top = torch.where(top == nb, -1, top)
-        return BlockSelection(indices=top.to(index_dtype), counts=self.counts(0, nb, device, index_dtype),
+        counts = m.counts.get(index_dtype)
+        if counts is None:
+            counts = m.counts[index_dtype] = self.prefill_counts(nb, device, index_dtype)
+        return BlockSelection(indices=top.to(index_dtype), counts=counts,
                               row_blocks=self.arange(nb, device), block_size=self.cfg.block_size)
 
     def decode(self, scores: torch.Tensor, i: int, index_dtype: torch.dtype = torch.long) -> BlockSelection:
