@@ -180,7 +180,7 @@ def summary(session: SweepSession, a: Analysis) -> dict:
 
     def row(r: TrialRecord) -> dict:
         return {"number": r.number, "state": r.state, "feasible": feasible(r, limit), "run_id": r.run_id,
-                "config": r.config,
+                "config": None if r.config is None else r.config_fields,
                 "objectives": {o.name: r.value(o) for o in session.objectives},
                 "accuracy_interval": list(r.accuracy_interval), "metrics": r.metrics}
 

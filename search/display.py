@@ -57,7 +57,7 @@ class SweepDisplay:
             self.log(f"[red]trial {number} failed[/red]: {escape(last[0][:200])}")
             return
         vals = [metrics.get(o.metric, metrics.get(o.name, math.nan)) for o in self.objectives]
-        record = TrialRecord(number, "COMPLETE", {}, {k: float(v) for k, v in metrics.items() if _number(v)})
+        record = TrialRecord(number, "COMPLETE", None, {k: float(v) for k, v in metrics.items() if _number(v)})
         for o, v in zip(self.objectives, vals):  # Ray reports objectives by name
             if _number(v):
                 record.metrics.setdefault(o.metric, float(v))

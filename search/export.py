@@ -11,7 +11,6 @@ import yaml
 
 from search.pareto import is_valid, knee_point, pareto_front
 from search.records import OBJECTIVES, Objective, TrialRecord
-from sketchwalk.config import SketchWalkConfig
 
 RULE_FORMS = ("fastest-within-drop:<points>", "most-accurate-under:<value>", "knee")
 _ACCURACY = Objective("accuracy", "maximize")
@@ -172,7 +171,7 @@ def export_yaml(
     """
     if record.config is None:
         raise ValueError(f"record: trial {record.number} has no config (the dense baseline cannot be exported)")
-    config = SketchWalkConfig.from_dict(dict(record.config))
+    config = record.config
     if objectives is None:
         objectives = [Objective(n, d) for n, (m, d, _) in OBJECTIVES.items() if m in record.metrics]
     lo, hi = record.accuracy_interval

@@ -39,7 +39,7 @@ def infer_distributions(records: Sequence[TrialRecord], params: Sequence[str]) -
     """
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    configs = [r.config for r in records if r.config is not None]
+    configs = [r.config_fields for r in records if r.config is not None]
     dists: dict[str, Any] = {}
     for p in params:
         if not any(p in c for c in configs):
@@ -79,7 +79,7 @@ def build_study(records: Sequence[TrialRecord], objectives: Sequence[Objective],
     for r in records:
         if not is_valid(r, objectives):
             continue
-        config = r.config or {}
+        config = r.config_fields
         # Categorical choices may include None; numeric distributions cannot hold it.
         kept = {p: d for p, d in dists.items() if p in config and (config[p] is not None or isinstance(d, CategoricalDistribution))}
         trials.append(
@@ -208,7 +208,7 @@ def front_table(front: list[TrialRecord], objectives: list[Objective], *, baseli
     the front (constant fields are omitted to keep the table readable), named `config.<field>`
     where the field's name is already a column (e.g. `config.density`, the target density).
     """
-    configs = [r.config or {} for r in front]
+    configs = [r.config_fields for r in front]
     fields = list(dict.fromkeys(k for c in configs for k in c))
     varying = [k for k in fields if len({repr(c.get(k)) for c in configs}) > 1]
     rows = []

@@ -53,7 +53,7 @@ def _yerr(records: Sequence[TrialRecord], y: Objective) -> Optional[list[list[fl
 
 
 def _varying_fields(records: Sequence[TrialRecord]) -> list[str]:
-    configs = [r.config for r in records if r.config is not None]
+    configs = [r.config_fields for r in records if r.config is not None]
     fields = list(dict.fromkeys(k for c in configs for k in c))
     return [k for k in fields if len({repr(c.get(k)) for c in configs}) > 1]
 
@@ -222,10 +222,10 @@ def plot_parallel_coordinates(
     pool = [r for r in records if r.config is not None and is_valid(r, objectives)]
     if not pool:
         raise ValueError("records: no COMPLETE trial with a config and finite objectives to plot")
-    missing = [p for p in params if not any(p in r.config for r in pool)]
+    missing = [p for p in params if not any(p in r.config_fields for r in pool)]
     if missing:
         raise ValueError(f"params: {missing} are not config fields of the plotted trials")
-    columns = [([r.config.get(p) for r in pool], None, p) for p in params]
+    columns = [([r.config_fields.get(p) for r in pool], None, p) for p in params]
     columns += [([r.value(o) for r in pool], o.maximize, f"{o.name}\n({'max' if o.maximize else 'min'})") for o in objectives]
     axes = [(*_axis(vals, up_is_better=better), name) for vals, better, name in columns]
     colour = [r.metrics.get("accuracy", math.nan) for r in pool]

@@ -9,6 +9,8 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+from sketchwalk.config import SketchWalkConfig
+
 #: Objective name -> (MLflow metric it reads, default direction, unit shown in tables/plots).
 OBJECTIVES: dict[str, tuple[str, str, str]] = {
     "accuracy": ("accuracy", "maximize", "RULER score x100"),
@@ -48,7 +50,8 @@ class TrialRecord:
     """One finished (or failed) trial.
 
     number: trial number within the sweep (0-based, unique); state: 'COMPLETE' | 'FAIL' | 'RUNNING'
-    | 'KILLED'; config: `SketchWalkConfig.to_dict()` (None for the dense baseline); metrics: the
+    | 'KILLED'; config: the trial's `SketchWalkConfig` (None for the dense baseline; `config_fields`
+    is its dict view for tables and plots); metrics: the
     MLflow metrics of the trial's run, e.g. accuracy, accuracy_lo, accuracy_hi (x100, 95% bootstrap),
     prefill_s, prefill_forward_s, decode_ms_per_token, density, attention_tflop, peak_memory_mb;
     run_id: its MLflow run.
@@ -56,10 +59,21 @@ class TrialRecord:
 
     number: int
     state: str
-    config: Optional[dict[str, Any]]
+    config: Optional[SketchWalkConfig]
     metrics: dict[str, float]
     run_id: Optional[str] = None
     error: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        # The config travels as the object from the sampler to the record (a dict here is how two
+        # shapes of one idea start to drift).
+        if self.config is not None and not isinstance(self.config, SketchWalkConfig):
+            raise TypeError(f"TrialRecord.config: a SketchWalkConfig or None, got {type(self.config).__name__}")
+
+    @property
+    def config_fields(self) -> dict[str, Any]:
+        """{field: value} of the config ({} for the dense baseline): the view tables and plots use."""
+        return {} if self.config is None else self.config.to_dict()
 
     def value(self, objective: Objective) -> float:
         """The objective's value (NaN when the metric is missing)."""

@@ -328,10 +328,10 @@ def load_records(session: SweepSession, runs: Optional[list[ChildRun]] = None
     return records, baseline
 
 
-def _config_from_params(params: dict[str, str]) -> Optional[dict[str, Any]]:
-    """The trial's config dict from its MLflow params, or None if they make no valid config."""
+def _config_from_params(params: dict[str, str]) -> Optional[SketchWalkConfig]:
+    """The trial's config from its MLflow params, or None if they make no valid config."""
     try:
-        return SketchWalkConfig.from_params(params).to_dict()
+        return SketchWalkConfig.from_params(params)
     except (ConfigError, TypeError, ValueError):  # e.g. the raw params of a refused trial
         return None
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.evaluation import EvalResult, evaluate
 from sketchwalk.evaluation.plan import EvalPlan, baseline_key, build_samples, load_model, prepare_run
+from sketchwalk.model_shape import model_shape
 from tracking.names import TAG_WORKER_GPU_SHARE, TAG_WORKER_GPUS, TAG_WORKER_HOST, TAG_WORKER_PID
 
 from .records import Objective
@@ -30,12 +31,6 @@ def plan_for(spec: SweepSpec) -> EvalPlan:
 class TrialFailed(RuntimeError):
     """A trial finished without usable objective values (e.g. NaN); recorded as FAIL. The one error
     type both drivers raise for such a trial."""
-
-
-def model_shape(model) -> tuple[int, int]:
-    """(num_layers, head_dim) of a loaded HF model, what `SketchWalkConfig.validate_for_model` checks."""
-    cfg = model.config
-    return cfg.num_hidden_layers, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 @dataclasses.dataclass
@@ -146,7 +141,7 @@ def _log_by_length(m: dict[str, float], name: str, by_length: dict[str, float]) 
 def attention_tflop(result: EvalResult, model) -> float:
     """Prefill attention FLOPs per sample (TFLOP) at the measured prefill density: QK^T and PV over
     the causal pairs, 4 * n(n+1)/2 * head_dim * q_heads per layer, times density, mean over samples."""
-    layers, head_dim = model_shape(model)
+    layers, head_dim = model_shape(model.config)
     heads = model.config.num_attention_heads
     density = float((result.density or {}).get("prefill", 1.0))
     per = [4.0 * n * (n + 1) / 2 * head_dim * heads * layers * density

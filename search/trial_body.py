@@ -16,12 +16,13 @@ import time
 from typing import Any, Callable, Optional
 
 from sketchwalk.config import ConfigError, SketchWalkConfig
+from sketchwalk.model_shape import model_shape
 from tracking import ChildRun, SweepTracker, TrackingError
 
 from .session import SweepSession, fail_trial, finish_trial, keep_pending, start_trial
 from .space import constraint_excess
 from .spec import config_from_params
-from .trial import (TrialFailed, Workload, free_cuda_cache, model_shape, objective_values, result_metrics,
+from .trial import (TrialFailed, Workload, free_cuda_cache, objective_values, result_metrics,
                     run_trial, worker_metrics)
 
 
@@ -55,7 +56,7 @@ def execute(session: SweepSession, work: Workload, number: int, params: dict[str
         if invalid is not None:
             raise invalid
         if config is not None:  # None: a dense variant
-            config.validate_for_model(*model_shape(work.model))
+            config.validate_for_model(*model_shape(work.model.config))
         t0 = time.perf_counter()
         result = run_trial(work, config)
         metrics = result_metrics(result, model=work.model, baseline=work.baseline)

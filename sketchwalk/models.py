@@ -20,6 +20,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from .model_shape import model_shape
+
 if TYPE_CHECKING:  # torch/transformers are heavy; import them only where used.
     import torch
 
@@ -512,9 +514,9 @@ def model_info(model) -> dict[str, Any]:
     """
     cfg = getattr(model, "config", model)
     heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    num_layers, head_dim = model_shape(cfg)
     return {
-        "num_layers": cfg.num_hidden_layers,
+        "num_layers": num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
         "head_dim": head_dim,

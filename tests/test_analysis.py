@@ -23,7 +23,7 @@ def rec(number, acc, density, drop, *, lo=None, hi=None, state="COMPLETE"):
          "accuracy_hi": acc + 5 if hi is None else hi}
     if drop is not None:
         m["accuracy_drop"] = drop
-    return TrialRecord(number, state, {"density": density}, m)
+    return TrialRecord(number, state, SketchWalkConfig(density=density), m)
 
 
 # -- the one rule -------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ INVALID = [
     ("score_block_size", 64, {"block_size": 32}, ["<= block_size = 32"]),
     ("score_block_size", 8.0, {}, ["null or one of"]),
     ("score_block_size", True, {}, ["null or one of"]),
+    ("dense_last_blocks", -1, {}, [">= 0"]),
+    ("dense_last_blocks", 1.5, {}, [">= 0"]),
+    ("dense_last_blocks", True, {}, [">= 0"]),
 ]
 
 
@@ -320,7 +323,7 @@ CHANGES = [
     {"skip_layers": 1}, {"sink_blocks": 2}, {"local_blocks": 2}, {"walk": "damped"}, {"damping": 0.5},
     {"degree": 2}, {"sketch": "exact"}, {"head_aggregation": "sum_probs"}, {"phases": "prefill"},
     {"decode_query": "window"}, {"decode_window": 16}, {"seed": 1}, {"selector": "oracle"},
-    {"score_block_size": 8},
+    {"score_block_size": 8}, {"dense_last_blocks": 1},
 ]
 
 
@@ -397,3 +400,12 @@ def test_score_block_size_default_hash_and_block_size_spelling():
     assert SketchWalkConfig(score_block_size=64) == paper and SketchWalkConfig(score_block_size=64).short_hash() == paper.short_hash()
     assert SketchWalkConfig(score_block_size=8).short_hash() != paper.short_hash()
     assert SketchWalkConfig(score_block_size=8).sub_blocks == 8 and paper.sub_blocks == 1 and paper.score_block == 64
+
+
+def test_dense_last_blocks_default_keeps_old_hashes():
+    """dense_last_blocks = 0 (the paper) is left out of the hash, so configs recorded before the
+    field existed keep their hash (`sub8_sumprobs` was 36f35232cd9e on the GPU runs); 1 hashes apart."""
+    old = SketchWalkConfig(density=0.2, score_block_size=8, head_aggregation="sum_probs")
+    assert old.short_hash() == "36f35232cd9e"
+    assert old.replace(dense_last_blocks=1).short_hash() != old.short_hash()
+    assert SketchWalkConfig.from_dict(old.replace(dense_last_blocks=2).to_dict()).dense_last_blocks == 2

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from sketchwalk import cli, models
+from sketchwalk.config import SketchWalkConfig
 from sketchwalk.evaluation import (BaselineKey, EvalResult, SampleResult, bootstrap_ci, dense_baseline,
                                    load_baseline, store_baseline, suite_fingerprint)
 from sketchwalk.evaluation.harness import accuracy_table
-from sketchwalk.evaluation.model_facts import context_length, gguf_metadata, model_identity, model_shape
+from sketchwalk.evaluation.model_facts import context_length, gguf_metadata, model_identity, shape_without_loading
 from sketchwalk.evaluation.report import result_filename, write_result
 from sketchwalk.evaluation.timing import TokenClock
 from sketchwalk.ruler import load_suite
@@ -337,19 +338,19 @@ def test_model_shape_without_weights(tmp_path):
     """(num_layers, head_dim) from a GGUF header (key_length, else embedding / heads) or config.json."""
     g = _gguf(tmp_path / "a.gguf", [("general.architecture", 8, "llama"), ("llama.block_count", 4, 30),
                                     ("llama.attention.head_count", 4, 9), ("llama.embedding_length", 4, 576)])
-    assert model_shape(models.resolve(str(g))) == (30, 64)
+    assert shape_without_loading(models.resolve(str(g))) == (30, 64)
     g = _gguf(tmp_path / "b.gguf", [("general.architecture", 8, "qwen2"), ("qwen2.block_count", 4, 2),
                                     ("qwen2.attention.head_count", 4, 4), ("qwen2.embedding_length", 4, 256),
                                     ("qwen2.attention.key_length", 4, 128)])
-    assert model_shape(models.resolve(str(g))) == (2, 128)
-    assert model_shape(models.resolve(str(_gguf(tmp_path / "c.gguf", [("general.architecture", 8, "llama")])))) is None
+    assert shape_without_loading(models.resolve(str(g))) == (2, 128)
+    assert shape_without_loading(models.resolve(str(_gguf(tmp_path / "c.gguf", [("general.architecture", 8, "llama")])))) is None
     d = _hf_dir(tmp_path, num_hidden_layers=6, num_attention_heads=8, hidden_size=512)
-    assert model_shape(models.resolve(str(d))) == (6, 64)
+    assert shape_without_loading(models.resolve(str(d))) == (6, 64)
     (d / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3, "head_dim": 32,
                                                                "num_attention_heads": 2, "hidden_size": 512}}))
-    assert model_shape(models.resolve(str(d))) == (3, 32)
+    assert shape_without_loading(models.resolve(str(d))) == (3, 32)
     (d / "config.json").write_text("{}")
-    assert model_shape(models.resolve(str(d))) is None
+    assert shape_without_loading(models.resolve(str(d))) is None
 
 
 # -- `sketchwalk eval`: bad input fails before any weights load ---------------------------------
@@ -565,3 +566,34 @@ def test_gpu_baseline_keys_carry_the_prefill_timing():
 
     assert _key(device="NVIDIA H200").as_dict()["prefill_forward_repeats"] == PREFILL_FORWARD_REPEATS
     assert "prefill_forward_repeats" not in _key().as_dict()
+
+
+def test_model_shape_reads_objects_dicts_and_text_configs():
+    """One derivation of (num_layers, head_dim) for HF config objects and config.json dicts:
+    explicit head_dim wins, else hidden_size // heads; multimodal configs answer for the text model;
+    a config that says neither is refused naming the field."""
+    from transformers import LlamaConfig
+
+    from sketchwalk.model_shape import model_shape
+
+    assert model_shape(LlamaConfig(num_hidden_layers=3, hidden_size=96, num_attention_heads=3)) == (3, 32)
+    assert model_shape(LlamaConfig(num_hidden_layers=2, hidden_size=96, num_attention_heads=3, head_dim=16)) == (2, 16)
+    assert model_shape({"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9}) == (30, 64)
+    assert model_shape({"text_config": {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 2},
+                        "num_hidden_layers": 99}) == (4, 32)
+    with pytest.raises(ValueError, match="head_dim"):
+        model_shape({"num_hidden_layers": 4})
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        model_shape({"hidden_size": 64, "num_attention_heads": 2})
+
+
+def test_eval_result_carries_the_config_object_through_json(tmp_path):
+    """EvalResult.config is the SketchWalkConfig (None = dense): written as its dict, read back as
+    an equal object, so a recorded eval and its trial agree on the config."""
+    cfg = SketchWalkConfig(density=0.2, score_block_size=8, dense_last_blocks=1)
+    res = dataclasses.replace(_result(), config=cfg)
+    data = json.loads(res.to_json(tmp_path / "r.json"))
+    assert data["config"] == cfg.to_dict() and data["config"]["dense_last_blocks"] == 1
+    back = EvalResult.from_dict(data)
+    assert isinstance(back.config, SketchWalkConfig) and back.config == cfg
+    assert EvalResult.from_dict(_result().to_dict()).config is None

@@ -21,7 +21,7 @@ OBJ = [ACC, DENSITY]
 
 def rec(number, acc, measured, *, half=2.0, state="COMPLETE", **cfg):
     """A record with accuracy `acc` +- `half` (95% interval) and measured density."""
-    return TrialRecord(number, state, SketchWalkConfig(**cfg).to_dict(), {"accuracy": acc, "accuracy_lo": acc - half, "accuracy_hi": acc + half, "density": measured}, run_id=f"run{number}")
+    return TrialRecord(number, state, SketchWalkConfig(**cfg), {"accuracy": acc, "accuracy_lo": acc - half, "accuracy_hi": acc + half, "density": measured}, run_id=f"run{number}")
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_export_yaml_round_trip(records, tmp_path):
     r = records[3]  # top_k set, density None, non-default sparsity exponent
     path = export_yaml(r, tmp_path / "out" / "best.yaml", provenance={"sweep_id": "s1", "model": "tiny"},
                        rule="most-accurate-under:0.1", objectives=OBJ)
-    expected = SketchWalkConfig.from_dict(r.config)
+    expected = r.config
     assert SketchWalkConfig.from_yaml(path) == expected
     assert SketchWalkConfig.from_yaml(str(path)) == expected
     prov = yaml.safe_load(path.read_text())["provenance"]
@@ -207,3 +207,14 @@ def test_plot_parallel_coordinates(records, tmp_path):
     _check_outputs(paths)
     with pytest.raises(ValueError, match="params"):
         plot_parallel_coordinates(records, OBJ, ["no_such_field"], path_stem=tmp_path / "bad")
+
+
+def test_records_carry_the_config_object_not_a_dict():
+    """TrialRecord.config is the SketchWalkConfig itself (a dict is refused); config_fields is
+    its dict view, {} for the dense baseline."""
+    cfg = SketchWalkConfig(density=0.3, dense_last_blocks=1)
+    r = TrialRecord(0, "COMPLETE", cfg, {"accuracy": 1.0})
+    assert r.config is cfg and r.config_fields == cfg.to_dict() and r.config_fields["dense_last_blocks"] == 1
+    assert TrialRecord(-1, "COMPLETE", None, {}).config_fields == {}
+    with pytest.raises(TypeError, match="SketchWalkConfig"):
+        TrialRecord(1, "COMPLETE", cfg.to_dict(), {})

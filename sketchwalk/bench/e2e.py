@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import ConfigError, SketchWalkConfig
+from ..model_shape import model_shape
 from .e2e_plan import E2ESettings, ModelShape, PlanError, check_memory
 from .kernels import _k, _ms, _x, _f, rich_table, write_json
 
@@ -328,7 +329,7 @@ def main(settings: E2ESettings) -> int:
             shape = ModelShape(settings.model, settings.model, dict(
                 num_hidden_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
                 num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                head_dim=model_shape(cfg)[1],
                 intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
                 tie_word_embeddings=getattr(cfg, "tie_word_embeddings", False)))
             elem = next(model.parameters()).element_size()

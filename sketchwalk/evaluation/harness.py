@@ -109,7 +109,7 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         if config is not None:
             detach(model)
     return EvalResult(
-        model=model_name, config=config.to_dict() if config else None, device=device_name(device),
+        model=model_name, config=config, device=device_name(device),
         dtype=str(dtype).replace("torch.", ""), accuracy=accuracy_table(results),
         prefill_s=_median_by_length(results, lambda r: r.prefill_s),
         decode_tokens_per_s=_median_by_length(results, lambda r: r.decode_tokens_per_s),

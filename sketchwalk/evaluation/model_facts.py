@@ -8,6 +8,8 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
+from ..model_shape import model_shape
+
 from ..models import ResolvedModel
 
 # GGUF metadata value types (gguf spec): scalar sizes in bytes; 8 = string, 9 = array.
@@ -178,7 +180,7 @@ def _hf_text_config(resolved: ResolvedModel) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def model_shape(resolved: ResolvedModel) -> Optional[tuple[int, int]]:
+def shape_without_loading(resolved: ResolvedModel) -> Optional[tuple[int, int]]:
     """(num_layers, head_dim) of the model without loading weights; None if the header or config
     does not say. GGUF: '<arch>.block_count' and '<arch>.attention.key_length' (else
     embedding_length / head_count); HF directory: config.json (text_config for multimodal)."""
@@ -191,10 +193,10 @@ def model_shape(resolved: ResolvedModel) -> Optional[tuple[int, int]]:
         if head_dim is None and heads and width:
             head_dim = int(width) // int(heads)
         return (int(layers), int(head_dim)) if layers and head_dim else None
-    cfg = _hf_text_config(resolved)
-    layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
-    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
-    return (int(layers), int(head_dim)) if isinstance(layers, int) and head_dim else None
+    try:
+        return model_shape(_hf_text_config(resolved))
+    except ValueError:
+        return None
 
 
 def model_identity(resolved: ResolvedModel) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from ..config import ConfigError, SketchWalkConfig
 from ..models import ModelFetchError, ModelSpecError, ResolvedModel
 from ..ruler import RulerError, Suite, read_jsonl
-from .model_facts import ModelFactsError, check_gguf_tensors, context_length, model_shape
+from .model_facts import ModelFactsError, check_gguf_tensors, context_length, shape_without_loading
 
 
 class EvalInputError(ValueError):
@@ -100,7 +100,7 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
         if resolved.kind == "bundled" and fetch:
             models.ensure_bundled_gguf(progress=True)
         limit = context_length(resolved)
-        shape = model_shape(resolved)
+        shape = shape_without_loading(resolved)
         if resolved.gguf_file:
             check_gguf_tensors(resolved.file)  # a truncated file: named here, not as a reshape error mid-load
     except (ModelSpecError, ModelFetchError, ModelFactsError, OSError) as e:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import SketchWalkConfig
+
 
 @dataclasses.dataclass
 class SampleResult:
@@ -64,7 +66,7 @@ class EvalResult:
     """
 
     model: str
-    config: Optional[dict[str, Any]]
+    config: Optional[SketchWalkConfig]  # None = dense; written to JSON as its dict
     device: str
     dtype: str
     accuracy: dict[str, dict[str, float]]
@@ -87,6 +89,8 @@ class EvalResult:
         names = {f.name for f in dataclasses.fields(cls)}
         sample_names = {f.name for f in dataclasses.fields(SampleResult)}
         kw = {k: v for k, v in data.items() if k in names}
+        if kw.get("config") is not None:
+            kw["config"] = SketchWalkConfig.from_dict(kw["config"])
         kw["samples"] = [SampleResult(**{k: v for k, v in s.items() if k in sample_names})
                          for s in data.get("samples", [])]
         return cls(**kw)

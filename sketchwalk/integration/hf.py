@@ -15,6 +15,7 @@ import torch
 
 from ..config import SketchWalkConfig
 from ..method.runtime import SketchWalkRuntime
+from ..model_shape import model_shape
 
 ATTN_NAME = "sketchwalk"
 _RUNTIME_ATTR = "_sketchwalk_runtime"
@@ -29,12 +30,6 @@ def register() -> None:
 
     AttentionInterface.register(ATTN_NAME, sketchwalk_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-def _model_shape(config: Any) -> tuple[int, int]:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, head_dim
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -60,7 +55,7 @@ def attach(model: torch.nn.Module, config: SketchWalkConfig | None = None, backe
     results (beyond floating-point rounding).
     """
     config = config or SketchWalkConfig()
-    num_layers, head_dim = _model_shape(model.config)
+    num_layers, head_dim = model_shape(model.config)
     config.validate_for_model(num_layers, head_dim)
     modules = _attention_modules(model)
     if not modules:
@@ -116,7 +111,7 @@ def _lazy_runtime(module: torch.nn.Module) -> SketchWalkRuntime:
     if rt is None:
         raw = getattr(cfg, "sketchwalk_config", None)
         sw = SketchWalkConfig.from_dict(dict(raw)) if raw else SketchWalkConfig()
-        num_layers, head_dim = _model_shape(cfg)
+        num_layers, head_dim = model_shape(cfg)
         rt = SketchWalkRuntime(sw, num_layers, head_dim)
         _LAZY_RUNTIMES[id(cfg)] = rt
         weakref.finalize(cfg, _LAZY_RUNTIMES.pop, id(cfg), None)

@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..model_shape import model_shape
+
 META_FILE = "meta.json"
 FORMAT = 1
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
@@ -98,9 +100,9 @@ def load_recording(path: Union[str, Path]) -> Recording:
 def _model_facts(model) -> dict[str, int]:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = cfg.num_attention_heads
-    return {"num_layers": cfg.num_hidden_layers, "num_heads": heads,
-            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads}
+    num_layers, head_dim = model_shape(cfg)
+    return {"num_layers": num_layers, "num_heads": heads,
+            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads, "head_dim": head_dim}
 
 
 def _pick(values: Optional[Sequence[int]], n: int, what: str) -> list[int]:
