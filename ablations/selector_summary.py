@@ -54,8 +54,9 @@ def summarize(dense: dict[str, Any], variants: dict[str, dict[str, Any]], *,
     base = sample_scores(dense)
     lengths = sorted({n for _, n, _ in base})
     out: dict[str, Any] = {"dense": {str(n): round(ruler_score(base, n), 3) for n in lengths}, "variants": []}
+    by_name = {name: sample_scores(res) for name, res in variants.items()}
     for name, res in variants.items():
-        scores = sample_scores(res)
+        scores = by_name[name]
         missing = sorted(set(base) - set(scores))
         if missing:
             raise ValueError(f"variant {name!r} lacks {len(missing)} of dense's samples (first: {missing[0]}): "
@@ -74,7 +75,7 @@ def summarize(dense: dict[str, Any], variants: dict[str, dict[str, Any]], *,
     if best is not None and best not in variants:
         raise ValueError(f"--best {best!r} is not a variant: {sorted(variants)}")
     out["best"] = best
-    out["comparisons"] = [_compare(a, b, {k: sample_scores(v) for k, v in variants.items()}, lengths, seed)
+    out["comparisons"] = [_compare(a, b, by_name, lengths, seed)
                           for a, b in (compare or [])]
     return out
 

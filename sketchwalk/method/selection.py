@@ -46,6 +46,12 @@ class BlockSelection:
         return (self.row_blocks + 1).sum()
 
 
+def dense_tail_start(cfg: SketchWalkConfig, num_blocks: int) -> int:
+    """First query-block row of a prefill of `num_blocks` rows that `cfg.dense_last_blocks` makes
+    dense (num_blocks when none is): the one statement of that rule."""
+    return max(0, num_blocks - cfg.dense_last_blocks)
+
+
 def row_budget(cfg: SketchWalkConfig, i: int, num_blocks: Optional[int] = None) -> int:
     """Blocks kept by query-block row i: min(i+1, max(τ_i, |forced_i|)) — config and row index alone,
     except that in a prefill of `num_blocks` rows the last `cfg.dense_last_blocks` rows keep all i+1.
@@ -55,7 +61,7 @@ def row_budget(cfg: SketchWalkConfig, i: int, num_blocks: Optional[int] = None) 
     select_blocks' counts (τ_i uses the same float64 rounding as there: cfg.budget).
     """
     n = i + 1
-    if num_blocks is not None and i >= num_blocks - cfg.dense_last_blocks:
+    if num_blocks is not None and i >= dense_tail_start(cfg, num_blocks):
         return n
     forced = min(n, min(cfg.sink_blocks, n) + min(cfg.local_blocks, n))
     return min(n, max(cfg.budget(n), forced))
@@ -82,7 +88,7 @@ def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWal
     causal = cols[None, :] <= rb[:, None]
     forced = causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > rb[:, None] - cfg.local_blocks))
     if num_blocks is not None and cfg.dense_last_blocks:
-        forced = forced | (causal & (rb[:, None] >= num_blocks - cfg.dense_last_blocks))
+        forced = forced | (causal & (rb[:, None] >= dense_tail_start(cfg, num_blocks)))
     n_causal = rb + 1
     if cfg.top_k is not None:
         tau = torch.full_like(rb, cfg.top_k)
@@ -153,8 +159,7 @@ class BlockSelector:
         return self._counts[i]
 
     def _tail(self, nb: int) -> int:
-        """First row of a prefill of nb rows that `dense_last_blocks` makes dense (nb if none)."""
-        return max(0, nb - self.cfg.dense_last_blocks)
+        return dense_tail_start(self.cfg, nb)
 
     def pairs(self, nb: int) -> int:
         """Selected (query-block, key-block) pairs of a prefill of nb blocks: sum of its row counts."""
