@@ -47,10 +47,13 @@ def ruler_score(scores: dict[SampleKey, float], length: int) -> float:
 
 def summarize(dense: dict[str, Any], variants: dict[str, dict[str, Any]], *,
               tensors: Optional[dict[str, Any]] = None, best: Optional[str] = None,
-              compare: Optional[list[tuple[str, str]]] = None, seed: int = 0) -> dict[str, Any]:
+              compare: Optional[list[tuple[str, str]]] = None, seed: int = 0,
+              tensor_names: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The summary dict: dense per length, per variant config / measured density (sparse layers,
-    prefill) / score per length / paired interval of variant - dense per length / tensor recalls;
-    `comparisons`: for each (a, b) in `compare`, the paired difference a - b per length."""
+    prefill) / score per length / paired interval of variant - dense per length / tensor recalls
+    (the tensor study's variant of the same name, or `tensor_names[name]`: the GPU variant may add
+    options the replay does not see, e.g. dense_last_blocks); `comparisons`: for each (a, b) in
+    `compare`, the paired difference a - b per length."""
     base = sample_scores(dense)
     lengths = sorted({n for _, n, _ in base})
     out: dict[str, Any] = {"dense": {str(n): round(ruler_score(base, n), 3) for n in lengths}, "variants": []}
@@ -69,7 +72,11 @@ def summarize(dense: dict[str, Any], variants: dict[str, dict[str, Any]], *,
             row[str(n)] = round(ruler_score(scores, n), 3)
             _, lo[str(n)], hi[str(n)] = paired_bootstrap([base[k] for k in keys], [scores[k] for k in keys], seed=seed)
         row["diff_lo"], row["diff_hi"] = ({k: round(v, 3) for k, v in d.items()} for d in (lo, hi))
-        recall = (tensors or {}).get("variants", {}).get(name, {})
+        tensor_name = (tensor_names or {}).get(name, name)
+        recall = (tensors or {}).get("variants", {}).get(tensor_name, {})
+        if tensors is not None and tensor_names and name in tensor_names and not recall:
+            raise ValueError(f"--tensor-variant {name}={tensor_name}: the tensor study has no variant "
+                             f"{tensor_name!r} (it has {sorted(tensors.get('variants', {}))})")
         row["recall_prefill"], row["recall_decode"] = recall.get("recall_prefill"), recall.get("recall_decode")
         out["variants"].append(row)
     if best is not None and best not in variants:
@@ -127,6 +134,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dense", required=True, help="the dense eval JSON")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH", help="a variant's eval JSON")
     p.add_argument("--tensors", default=None, help="`sketchwalk tensors study` JSON (tensor-level recalls)")
+    p.add_argument("--tensor-variant", action="append", default=[], metavar="NAME=TENSOR_NAME",
+                   help="take variant NAME's recalls from the tensor study's variant TENSOR_NAME (repeatable)")
     p.add_argument("--best", default=None, help="the variant chosen before these samples were scored")
     p.add_argument("--compare", action="append", default=[], metavar="A-B",
                    help="also the paired difference of variant A minus variant B per length (repeatable)")
@@ -139,9 +148,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         compare = [tuple(c.split("-", 1)) for c in args.compare]
         if any(len(c) != 2 or not all(c) for c in compare):
             raise ValueError("--compare: give each as A-B, two variant names")
+        tensor_names = dict(t.split("=", 1) for t in args.tensor_variant if "=" in t)
+        if len(tensor_names) != len(args.tensor_variant) or not all(tensor_names) or not all(tensor_names.values()):
+            raise ValueError("--tensor-variant: give each as NAME=TENSOR_NAME")
         load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
         summary = summarize(load(args.dense), {name: load(path) for name, path in pairs},
-                            tensors=load(args.tensors) if args.tensors else None, best=args.best, compare=compare)
+                            tensors=load(args.tensors) if args.tensors else None, best=args.best, compare=compare,
+                            tensor_names=tensor_names)
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ DEFAULT_DENSITY = 0.2  # the paper's "80% sparsity"
 # Fields added after config hashes were first recorded (sweeps, baselines, exports): left out of
 # short_hash() while at these defaults, so every earlier config keeps its hash.
 _HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None, "dense_last_blocks": 0}
-SCORE_BLOCK_SIZES = (4, 8, 16, 32, 64)
+SCORE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class ConfigError(ValueError):

@@ -29,7 +29,9 @@ def _run_layers(backend: str, cfg, q, k, v, key_valid, layers=3):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("kw", [dict(top_k=3), dict(density=1.0), dict(density=0.4, phases="prefill")])
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(density=1.0), dict(density=0.4, phases="prefill"),
+                                dict(density=0.4, score_block_size=1, head_aggregation="sum_probs", walk="none",
+                                     dense_last_blocks=1)])
 def test_triton_backend_matches_torch_reference(padded, kw):
     g = torch.Generator().manual_seed(3)
     bsz, hq, hkv, n, d = 2, 6, 2, 90, 32

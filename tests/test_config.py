@@ -85,7 +85,7 @@ INVALID = [
     ("seed", 1.5, {}, [">= 0"]),
     ("seed", True, {}, [">= 0"]),
     ("selector", "quest", {}, ["sketchwalk", "oracle", "random", "streaming"]),
-    ("score_block_size", 12, {}, ["[4, 8, 16, 32, 64]", "<= block_size = 64"]),
+    ("score_block_size", 12, {}, ["[1, 2, 4, 8, 16, 32, 64]", "<= block_size = 64"]),
     ("score_block_size", 64, {"block_size": 32}, ["<= block_size = 32"]),
     ("score_block_size", 8.0, {}, ["null or one of"]),
     ("score_block_size", True, {}, ["null or one of"]),

@@ -219,6 +219,8 @@ DECODE_CASES = [
     (dict(decode_query="window", walk="product", top_k=2, decode_window=40, sketch_dim=16, sink_blocks=2), [70, 3], 40),
     (dict(decode_query="token", walk="product", top_k=3, score_block_size=4), [45, 30], 40),
     (dict(decode_query="window", walk="damped", density=0.3, score_block_size=8, decode_window=5), [37], 30),
+    (dict(decode_query="token", walk="none", density=0.4, score_block_size=1, head_aggregation="sum_probs"),
+     [45, 30], 40),
 ]
 
 

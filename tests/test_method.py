@@ -586,12 +586,15 @@ _BM_EXACT_NONE = SketchWalkConfig(block_size=16, sketch="exact", top_k=4, skip_l
                                   walk="none")
 _BM_SUB_BLOCKS = SketchWalkConfig(block_size=16, sketch_dim=8, top_k=3, skip_layers=1, decode_query="block_mean",
                                   score_block_size=4)
+_BM_TOKEN_KEYS = SketchWalkConfig(block_size=16, sketch_dim=8, top_k=3, skip_layers=1, decode_query="block_mean",
+                                  score_block_size=1, head_aggregation="sum_probs", walk="none")
 
 
 # n0 = 40: the prefill ends inside a block; n0 = 64: it ends exactly on a block boundary.
 @pytest.mark.parametrize("n0", [40, 64])
-@pytest.mark.parametrize("cfg", [_BM_PRODUCT, _BM_DAMPED, _BM_SUM_PROBS, _BM_EXACT_NONE, _BM_SUB_BLOCKS],
-                         ids=["product-topk", "damped-density", "sum_probs", "exact-none", "sub-blocks"])
+@pytest.mark.parametrize("cfg", [_BM_PRODUCT, _BM_DAMPED, _BM_SUM_PROBS, _BM_EXACT_NONE, _BM_SUB_BLOCKS,
+                                 _BM_TOKEN_KEYS],
+                         ids=["product-topk", "damped-density", "sum_probs", "exact-none", "sub-blocks", "token-keys"])
 def test_decode_block_mean_matches_from_scratch_prefill(cfg, n0):
     layers, hq, hkv, d, T = 4, 4, 2, 16, 38  # crosses two block boundaries
     N = n0 + T

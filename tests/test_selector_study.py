@@ -165,3 +165,26 @@ def test_summary_compares_two_variants_pairwise(tmp_path):
     assert summary_main(args + ["--compare", "good-bad"]) == 0
     assert "good − bad | +50.0" in (tmp_path / "out" / "summary.md").read_text()
     assert summary_main(args + ["--compare", "good"]) == 2
+
+
+def test_summary_takes_recalls_from_a_named_tensor_variant(tmp_path, capsys):
+    """--tensor-variant NAME=T: a GPU variant (here with an option the replay does not see) gets the
+    tensor study's variant T's recalls; a T the study lacks is refused naming the flag."""
+    dense = _eval({("a", 4096): [1, 1, 1, 1]}, 1.0)
+    good = _eval({("a", 4096): [1, 1, 1, 0]})
+    tensors = {"variants": {"t1": {"recall_prefill": 0.81, "recall_decode": 0.92}}}
+    s = summarize(dense, {"good_dl1": good}, tensors=tensors, tensor_names={"good_dl1": "t1"})
+    assert (s["variants"][0]["recall_prefill"], s["variants"][0]["recall_decode"]) == (0.81, 0.92)
+    assert summarize(dense, {"good_dl1": good}, tensors=tensors)["variants"][0]["recall_prefill"] is None
+    with pytest.raises(ValueError, match="--tensor-variant"):
+        summarize(dense, {"good_dl1": good}, tensors=tensors, tensor_names={"good_dl1": "t2"})
+    paths = {}
+    for name, res in (("dense", dense), ("good", good), ("tensors", tensors)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(res))
+    args = ["--dense", str(paths["dense"]), "--variant", f"g={paths['good']}", "--tensors", str(paths["tensors"]),
+            "--out", str(tmp_path / "out")]
+    assert summary_main(args + ["--tensor-variant", "g=t1"]) == 0
+    assert "| 0.810 | 0.920 |" in (tmp_path / "out" / "summary.md").read_text()
+    assert summary_main(args + ["--tensor-variant", "g"]) == 2
+    assert "--tensor-variant" in capsys.readouterr().err
