@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config_tag = plan.config.short_hash() if plan.config is not None else "dense"
     title = f"{plan.resolved.name} on {plan.suite.name}, {'dense' if plan.config is None else 'SketchWalk ' + config_tag}"
-    baseline, extra = None, {"suite": dataclasses.asdict(plan.suite)}
+    baseline, extra = None, {"suite": plan.suite.to_dict()}
     cache_dir = args.cache_dir or _default_cache()
     batching = {"batch_size": args.batch_size, "timing_samples": args.timing_samples}
     if plan.config is None:
@@ -345,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(result_table(dense, title=f"{plan.resolved.name} on {plan.suite.name}: dense"))
     for line in summary_lines(sparse):
         console.print(line, highlight=False)
-    out = {"suite": dataclasses.asdict(plan.suite), "dense": dense.to_dict(), "sketchwalk": sparse.to_dict()}
+    out = {"suite": plan.suite.to_dict(), "dense": dense.to_dict(), "sketchwalk": sparse.to_dict()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2, default=str)

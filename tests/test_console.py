@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from sketchwalk.console import make_console, print_error
-
 # Far longer than any terminal: a clone path like the one that broke test_cli_input_errors.
 LONG_DIR = "/tmp/" + "/".join(f"a-rather-long-directory-name-{i}" for i in range(8))
 
@@ -22,6 +20,8 @@ def _lines_with(text: str, needle: str) -> list[str]:
 
 
 def test_console_off_a_terminal_never_wraps(capsys):
+    from sketchwalk.console import make_console
+
     console = make_console()
     assert not console.is_terminal
     command = f"mlflow ui --backend-store-uri sqlite:///{LONG_DIR}/runs/mlflow.db"
@@ -30,6 +30,8 @@ def test_console_off_a_terminal_never_wraps(capsys):
 
 
 def test_print_error_is_one_line_and_escapes_markup(capsys):
+    from sketchwalk.console import make_console, print_error
+
     console = make_console()
     assert print_error(console, ValueError(f"x = [/not/markup] at {LONG_DIR}")) == 2
     assert capsys.readouterr().out == f"error: x = [/not/markup] at {LONG_DIR}\n"
@@ -42,7 +44,8 @@ def test_print_error_is_one_line_and_escapes_markup(capsys):
 ])
 def test_cli_errors_naming_a_long_path_stay_on_one_line(capsys, argv, needle):
     """The bug behind issue 18's bug 11: under a long clone path the error wrapped and a test looking
-    for 'no such file' in one line failed. Exit 2, the whole message (path included) on one line."""
+    for 'no such file' in one line failed. Exit 2, the whole message (path included) on one line.
+    Only the CLI is imported, so this runs (and fails) on the code from before the console factory."""
     from sketchwalk import cli
 
     assert cli.main(argv) == 2

@@ -377,7 +377,7 @@ def _suite(tmp_path, text, name="s.yaml") -> str:
 @pytest.mark.parametrize("suite_text, imports, expect", [
     ("tasks: [niah_single_9]\nlengths: [256]\nsamples: 2\n", None, "unknown task 'niah_single_9'"),
     ("tasks: [vt]\nlengths: [1024]\nsamples: 2\n", None, "length(s) [1024] exceed the context"),
-    ("tasks: [vt]\nlengths: [256]\nsamples: 0\n", None, "'samples' must be a positive integer"),
+    ("tasks: [vt]\nlengths: [256]\nsamples: 0\n", None, "samples: Input should be greater than 0 (got 0)"),
     ("tasks: []\nlengths: [256]\nsamples: 2\nimports: [{path: qa.jsonl, task: qa_1}]\n",
      '{"index": 0, "input": "q", "length": 5}\n', "missing field 'outputs'"),
     ("tasks: []\nlengths: [256]\nsamples: 2\nimports: [{path: qa.jsonl, task: qa_1}]\n",

@@ -271,13 +271,22 @@ BAD_SWEEPS = {
     "skip-layers-vs-model": ({"base": {"skip_layers": 40}}, [], "sweep.base.skip_layers", "(30 layers)"),
     "missing-suite": ({"suite": "ruler-nope"}, [], "ruler-nope", "suite"),
     "missing-model": ({"model": "/nonexistent/m.gguf"}, [], "/nonexistent/m.gguf", "m.gguf"),
+    "corrupt-gguf": (lambda t: {"model": str(_garbage_gguf(t / "bad.gguf", b"\xff" * 64))}, [], "bad.gguf",
+                     "truncated"),
+    "sketch-dim-vs-model": ({"base": {"sketch_dim": 128}}, [], "sweep.base.sketch_dim", "head_dim = 64"),
+    "unknown-objective": ({"objectives": ["accuracy", "speedy"]}, [], "sweep.objectives", "allowed: ['accuracy'"),
+    "bad-value": ({"sampler": "annealing"}, [], "sweep.sampler", "'tpe', 'gp' or 'random'"),
+    "suite-file-unknown-key": (lambda t: {"suite": _suite_file(t, "tasks: [vt]\nlengths: [512]\nsample: 1\n")}, [],
+                               "sample:", "allowed keys here: ['name', 'tasks', 'lengths', 'samples'"),
+    "suite-file-bad-length": (lambda t: {"suite": _suite_file(t, "tasks: [vt]\nlengths: [-512]\nsamples: 1\n")}, [],
+                              "lengths.0:", "length must be positive"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_SWEEPS))
 def test_bad_input_matrix_sweep(tmp_path, capsys, monkeypatch, no_weights, case):
     over, extra, field, text = BAD_SWEEPS[case]
-    f = _sweep_file(tmp_path, **over)
+    f = _sweep_file(tmp_path, **(over(tmp_path) if callable(over) else over))
     args = extra(tmp_path, monkeypatch) if callable(extra) else list(extra)
     if "--workdir" not in args:
         args += ["--workdir", str(tmp_path)]
@@ -288,11 +297,91 @@ def test_bad_input_matrix_sweep(tmp_path, capsys, monkeypatch, no_weights, case)
     assert "Traceback" not in out and no_weights == []
 
 
-def test_bad_input_matrix_eval_and_missing_sweep_file(tmp_path, capsys, no_weights):
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("# nothing here\n")
-    rc, out = _cli(capsys, "eval", "--config", str(empty), "--suite", "ruler-smoke")
-    assert rc == 2 and "--config" in out and "empty" in out, out
+def _suite_file(tmp_path, text: str, name: str = "bad-suite.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+VT = "tasks: [vt]\nlengths: [512]\nsamples: 1\n"
+ROW = '{"index": 0, "input": "q", "outputs": ["a"], "length": 300}\n'
+BAD_EVALS = {
+    # case: (suite file text, or a suite name when it has no newline; files {name: content} written
+    # beside it; extra `eval` args ({tmp} = the test's folder); the field named; text in the message)
+    "suite-unknown-key": ("tasks: [vt]\nlengths: [512]\nsample: 1\n", {}, [], "sample:",
+                          "allowed keys here: ['name', 'tasks', 'lengths', 'samples', 'seed', 'imports', 'description']"),
+    "suite-import-unknown-key": ("tasks: []\nlengths: [512]\nsamples: 1\nimports: [{file: qa.jsonl, task: qa_1}]\n",
+                                 {"qa.jsonl": ROW}, [], "imports.0.file:", "allowed keys here: ['path', 'task', 'length']"),
+    "suite-bad-length": ("tasks: [vt]\nlengths: [512, 4x]\nsamples: 1\n", {}, [], "lengths.1:",
+                         "use tokens (8192) or k-units (8k = 8192)"),
+    "suite-no-lengths": ("tasks: [vt]\nsamples: 1\n", {}, [], "lengths:", "Field required"),
+    "suite-length-beyond-context": ("tasks: [vt]\nlengths: [1m]\nsamples: 1\n", {}, [], "suite bad-suite",
+                                    "exceed the context"),
+    "suite-bad-task": ("tasks: [vt, niah_single_9]\nlengths: [512]\nsamples: 1\n", {}, [], "tasks.1:",
+                       "known tasks: niah_single_1, niah_single_2"),
+    "suite-import-only-task": ("tasks: [qa_1]\nlengths: [512]\nsamples: 1\n", {}, [], "tasks.0:", "under 'imports'"),
+    "suite-bad-samples": ("tasks: [vt]\nlengths: [512]\nsamples: 0\n", {}, [], "samples:", "greater than 0 (got 0)"),
+    "suite-samples-not-int": ("tasks: [vt]\nlengths: [512]\nsamples: two\n", {}, [], "samples:",
+                              "valid integer (got 'two')"),
+    "suite-import-bad-task": ("tasks: []\nlengths: [512]\nsamples: 1\nimports: [{path: qa.jsonl, task: qa_9}]\n",
+                              {"qa.jsonl": ROW}, [], "imports.0.task:", "'qa_1' or 'qa_2'"),
+    "suite-import-missing-file": ("tasks: []\nlengths: [512]\nsamples: 1\nimports: [{path: nope.jsonl, task: qa_1}]\n",
+                                  {}, [], "imports.0.path:", "nope.jsonl not found"),
+    "suite-import-bad-jsonl": ("tasks: []\nlengths: [512]\nsamples: 1\nimports: [{path: qa.jsonl, task: qa_1}]\n",
+                               {"qa.jsonl": '{"index": 0, "input": "q", "length": 5}\n'}, [], "qa.jsonl",
+                               "missing field 'outputs'"),
+    "suite-unknown-name": ("ruler-nope", {}, [], "suite 'ruler-nope'", "built-in suites: ruler-11"),
+    "samples-flag": (VT, {}, ["--samples", "0"], "--samples", "positive integer"),
+    "config-empty": (VT, {"cfg.yaml": "# nothing here\n"}, ["--config", "{tmp}/cfg.yaml"], "--config", "empty"),
+    "config-missing": (VT, {}, ["--config", "{tmp}/nope.yaml"], "--config", "no such file"),
+    "config-bad-value": (VT, {"cfg.yaml": "density: 7\n"}, ["--config", "{tmp}/cfg.yaml"], "density",
+                         "density = 7 is invalid"),
+    "config-unknown-key": (VT, {"cfg.yaml": "densty: 0.2\n"}, ["--config", "{tmp}/cfg.yaml"], "densty", "cfg.yaml"),
+    "config-vs-model": (VT, {"cfg.yaml": "sketch_dim: 128\n"}, ["--config", "{tmp}/cfg.yaml"], "sketch_dim",
+                        "head_dim = 64"),
+    "dense-and-config": (VT, {"cfg.yaml": "density: 0.2\n"}, ["--config", "{tmp}/cfg.yaml", "--dense"], "--dense",
+                         "exclude each other"),
+    "model-missing": (VT, {}, ["--model", "/nonexistent/m.gguf"], "--model", "m.gguf"),
+    "model-corrupt-gguf": (VT, {"bad.gguf": b"GGUF\x03\x00\x00\x00" + b"\xff" * 64}, ["--model", "{tmp}/bad.gguf"],
+                           "--model", "truncated"),
+    "essays-missing": ("tasks: [niah_single_2]\nlengths: [512]\nsamples: 1\n", {}, [], "--essays",
+                       "PaulGrahamEssays.json"),
+    "essays-not-a-file": ("tasks: [niah_single_2]\nlengths: [512]\nsamples: 1\n", {},
+                          ["--essays", "{tmp}/nope.json"], "--essays", "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EVALS))
+def test_bad_input_matrix_eval(tmp_path, capsys, monkeypatch, no_weights, case):
+    """Every documented bad `eval` input (suite file, imports, config, model, essays): exit 2, one
+    error line naming the field or flag, no weights loaded."""
+    suite, files, extra, field, text = BAD_EVALS[case]
+    monkeypatch.delenv("SKETCHWALK_ESSAYS", raising=False)
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    suite_arg = _suite_file(tmp_path, suite) if "\n" in suite else suite
+    args = [a.format(tmp=tmp_path) for a in extra]
+    rc, out = _cli(capsys, "eval", "--suite", suite_arg, *args)
+    assert rc == 2, out
+    assert out.startswith("error:") and out.count("error:") == 1, out
+    assert field in out and text in out, out
+    assert "Traceback" not in out and no_weights == []
+
+
+def test_bad_suite_exits_2_from_the_real_entry_point(tmp_path):
+    """`python -m sketchwalk eval --suite bad.yaml`: the process itself exits 2 with the field named."""
+    import subprocess
+    import sys
+
+    bad = _suite_file(tmp_path, "tasks: [vt]\nlengths: [512]\nsample: 1\n", "bad.yaml")
+    proc = subprocess.run([sys.executable, "-m", "sketchwalk", "eval", "--suite", bad], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == (f"error: suite {bad}: sample: unknown key; allowed keys here: ['name', 'tasks', "
+                                   f"'lengths', 'samples', 'seed', 'imports', 'description'] (got 1)")
+
+
+def test_missing_sweep_file_is_named(tmp_path, capsys, no_weights):
     rc, out = _cli(capsys, "sweep", str(tmp_path / "missing.yaml"), "--workdir", str(tmp_path))
     assert rc == 2 and "sweep.<file>" in out and "missing.yaml" in out, out
     assert no_weights == []
@@ -612,9 +701,9 @@ def test_bug4_mlflow_http_retries_are_bounded_and_reported(monkeypatch, caplog):
     import time
 
     from tracking import SweepTracker, TrackingError
-    from tracking.retry import MLFLOW_HTTP_ENV
 
-    for key in MLFLOW_HTTP_ENV:
+    # Named here, not imported, so the test also runs (and fails) on the code from before the fix.
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # a user's own value is kept
     monkeypatch.setattr("tracking.retry.random.uniform", lambda a, b: 0.0)

@@ -509,23 +509,60 @@ def _write_suite(tmp_path, text):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("tasks: [niah_single_1, needle_x]\nlengths: [1024]\nsamples: 2", r"unknown task 'needle_x'; known tasks: niah_single_1, "),
-    ("tasks: [qa_1]\nlengths: [1024]\nsamples: 2", r"qa_1 cannot be generated.*imports"),
-    ("tasks: [vt]\nlengths: [1024, -5]\nsamples: 2", r"'lengths': length must be positive"),
-    ("tasks: [vt]\nlengths: [1024, 0]\nsamples: 2", r"'lengths': length must be positive"),
-    ("tasks: [vt]\nlengths: []\nsamples: 2", r"'lengths' must be a non-empty list"),
-    ("tasks: [vt]\nsamples: 2", r"missing 'lengths'"),
-    ("tasks: [vt]\nlengths: [1024]\nsamples: 0", r"'samples' must be a positive integer"),
-    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nseed: x", r"'seed' must be an integer"),
-    ("tasks: [vt, vt]\nlengths: [1024]\nsamples: 2", r"duplicate tasks: vt"),
-    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nsample: 3", r"unknown key\(s\) sample"),
-    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: nope.jsonl, task: qa_1}]", r"imports\[0\]: file .*nope\.jsonl not found"),
-    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: q.jsonl, task: qa_9}]", r"imports\[0\]: 'task' must be one of"),
-    ("- just a list", r"expected a mapping"),
+    # Every error names the file, the field (a dotted path) and what is allowed there.
+    ("tasks: [niah_single_1, needle_x]\nlengths: [1024]\nsamples: 2",
+     r"s\.yaml: tasks\.1: unknown task 'needle_x'; known tasks: niah_single_1, "),
+    ("tasks: [qa_1]\nlengths: [1024]\nsamples: 2", r"tasks\.0: task qa_1 cannot be generated.*imports"),
+    ("tasks: vt\nlengths: [1024]\nsamples: 2", r"tasks: Input should be a list \(got 'vt'\)"),
+    ("tasks: [vt]\nlengths: [1024, -5]\nsamples: 2", r"lengths\.1: length must be positive, got -5"),
+    ("tasks: [vt]\nlengths: [1024, 0]\nsamples: 2", r"lengths\.1: length must be positive"),
+    ("tasks: [vt]\nlengths: [1024, 4x]\nsamples: 2", r"lengths\.1: invalid length '4x': use tokens \(8192\) or k-units"),
+    ("tasks: [vt]\nlengths: []\nsamples: 2", r"lengths: must be a non-empty list of token counts"),
+    ("tasks: [vt]\nsamples: 2", r"lengths: Field required"),
+    ("tasks: [vt]\nlengths: [1024, 1k]\nsamples: 2", r"lengths: duplicate lengths: 1024"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 0", r"samples: Input should be greater than 0 \(got 0\)"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: '3'", r"samples: Input should be a valid integer \(got '3'\)"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: true", r"samples: Input should be a valid integer \(got True\)"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nseed: x", r"seed: Input should be a valid integer \(got 'x'\)"),
+    ("name: ''\ntasks: [vt]\nlengths: [1024]\nsamples: 2", r"name: String should have at least 1 character"),
+    ("tasks: [vt, vt]\nlengths: [1024]\nsamples: 2", r"tasks: duplicate tasks: vt"),
+    # An unknown key comes first (a typo also leaves its real key missing) and lists the allowed keys.
+    ("tasks: [vt]\nlengths: [1024]\nsample: 3", r"sample: unknown key; allowed keys here: \['name', 'tasks', "
+                                               r"'lengths', 'samples', 'seed', 'imports', 'description'\] \(got 3\)"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nsource: x", r"source: unknown key; allowed keys here: \['name'"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: nope.jsonl, task: qa_1}]",
+     r"imports\.0\.path: file .*nope\.jsonl not found"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: q.jsonl, task: qa_9}]",
+     r"imports\.0\.task: Input should be 'niah_single_1', .* 'qa_1' or 'qa_2' \(got 'qa_9'\)"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: q.jsonl, task: qa_1, pth: x}]",
+     r"imports\.0\.pth: unknown key; allowed keys here: \['path', 'task', 'length'\]"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: q.jsonl, task: qa_1, length: 2k}]",
+     r"imports\.0\.length: 2048 is not one of the suite's lengths \[1024\]$"),
+    ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: q.jsonl, task: vt, length: 1k}]",
+     r"imports\.0: vt at 1024 is both generated and imported$"),
+    ("tasks: []\nlengths: [1024]\nsamples: 2", r"no 'tasks' and no 'imports': nothing to evaluate$"),
+    ("- just a list", r"expected a mapping with keys name, tasks, lengths"),
 ])
 def test_suite_validation(tmp_path, body, message):
+    write_jsonl(tmp_path / "q.jsonl", [{"index": 0, "input": "q", "outputs": ["a"], "length": 900}])
     with pytest.raises(RulerError, match=message):
         load_suite(_write_suite(tmp_path, body))
+
+
+def test_suite_replace_validates_again(tmp_path):
+    """`Suite.replace` (eval/sweep --samples, the '@' lengths) re-checks the changed fields with the
+    same messages as the file, and keeps where the suite came from."""
+    p = _write_suite(tmp_path, "tasks: [vt]\nlengths: [1024]\nsamples: 2\n")
+    suite = load_suite(p)
+    assert (suite.replace(samples=5).samples, suite.replace(samples=5).source) == (5, p)
+    assert suite.replace(samples=5).to_dict() == {"name": "s", "tasks": ["vt"], "lengths": [1024], "samples": 5,
+                                                  "seed": 42, "imports": [], "description": "", "source": str(p)}
+    with pytest.raises(RulerError, match=r"s\.yaml: samples: Input should be greater than 0 \(got 0\)"):
+        suite.replace(samples=0)
+    with pytest.raises(RulerError, match=r"s\.yaml: lengths: duplicate lengths: 1024"):
+        load_suite(f"{p}@1k,1024")
+    with pytest.raises(ValueError, match=r"frozen"):  # immutable, as the dataclass was
+        suite.samples = 3  # type: ignore[misc]
 
 
 def test_suite_errors_by_name():

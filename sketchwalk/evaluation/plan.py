@@ -81,7 +81,7 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
         if samples is not None:
             if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
                 raise EvalInputError(f"--samples must be a positive integer, got {samples!r}")
-            st = dataclasses.replace(st, samples=samples)
+            st = st.replace(samples=samples)
         for imp in st.imports:  # read now: a malformed import must fail before the model loads
             read_jsonl(imp.path, imp.task)
         essays = essays or os.environ.get("SKETCHWALK_ESSAYS")

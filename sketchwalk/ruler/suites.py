@@ -10,75 +10,34 @@ A suite file (`suites/<name>.yaml`, or any path) holds:
     imports:                # optional RULER-format JSONL files, used as they are
       - {path: qa1_4k.jsonl, task: qa_1, length: 4096}   # path relative to the YAML file;
                                                            # length optional (inferred)
-`load_suite("ruler-11@4k,8k")` loads a suite with its lengths replaced by 4096 and 8192.
+`load_suite("ruler-11@4k,8k")` loads a suite with its lengths replaced by 4096 and 8192. The
+file's schema and its error messages are in `suite_file.py`.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
+from pydantic import ValidationError
 
 from .errors import RulerError
 from .fitting import context_limit
 from .generate import generate_task
 from .haystacks import resolve_essays_path
 from .jsonl import read_jsonl
-from .tasks import IMPORT_ONLY, TASKS
-from .templates import TASK_FAMILY
+from .suite_file import FILE_KEYS, Suite, SuiteImport, parse_length, suite_error
+from .tasks import TASKS
+
+__all__ = ["Suite", "SuiteImport", "parse_length", "list_suites", "load_suite", "build_suite", "short_samples_note"]
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
-_KEYS = ("name", "description", "tasks", "lengths", "samples", "seed", "imports")
-
-
-@dataclass(frozen=True)
-class SuiteImport:
-    """A RULER-format JSONL file used as the samples of `task` at `length` tokens (None: inferred)."""
-
-    path: Path
-    task: str
-    length: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class Suite:
-    """A validated suite: generated `tasks` × `lengths` (tokens) with `samples` each, plus imports."""
-
-    name: str
-    tasks: tuple[str, ...]
-    lengths: tuple[int, ...]
-    samples: int
-    seed: int = 42
-    imports: tuple[SuiteImport, ...] = ()
-    description: str = ""
-    source: Optional[Path] = field(default=None, compare=False)
 
 
 def list_suites() -> list[str]:
     """Names of the suites shipped in `sketchwalk/ruler/suites/`."""
     return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
-
-
-def parse_length(value: Any) -> int:
-    """A length in tokens from an int or a string: '4096', '4k' / '4K' (×1024), '1m' (×1024²)."""
-    if isinstance(value, bool):
-        raise RulerError(f"invalid length {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-        digits = text[:-1] if mult > 1 else text
-        if not digits.isdigit():
-            raise RulerError(f"invalid length {value!r}: use tokens (8192) or k-units (8k = 8192)")
-        n = int(digits) * mult
-    else:
-        raise RulerError(f"invalid length {value!r}: use tokens (8192) or k-units (8k = 8192)")
-    if n <= 0:
-        raise RulerError(f"length must be positive, got {value!r}")
-    return n
 
 
 def _resolve_path(spec: str) -> Path:
@@ -92,7 +51,8 @@ def _resolve_path(spec: str) -> Path:
 
 def load_suite(name_or_path: str | os.PathLike) -> Suite:
     """Load and validate a suite by built-in name ('ruler-11') or YAML path; a trailing
-    '@4k,8k' replaces its lengths (imports with an explicit length outside them are dropped)."""
+    '@4k,8k' replaces its lengths (imports with an explicit length outside them are dropped).
+    RulerError names the file and the field (see `suite_file.suite_error`)."""
     spec, override = str(name_or_path), None
     if "@" in spec:
         spec, _, lens = spec.rpartition("@")
@@ -106,98 +66,16 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
         raise RulerError(f"cannot read suite file {path}: {e}") from e
     except yaml.YAMLError as e:
         raise RulerError(f"suite file {path} is not valid YAML: {e}") from e
-    suite = _validate(data, path)
-    if override is not None:
-        _no_duplicates(override, "lengths", path)
-        suite = replace(suite, lengths=override,
-                        imports=tuple(i for i in suite.imports if i.length is None or i.length in override))
-    return suite
-
-
-def _no_duplicates(items, what: str, path: Path) -> None:
-    dup = sorted({str(x) for x in items if list(items).count(x) > 1})
-    if dup:
-        raise RulerError(f"suite {path}: duplicate {what}: {', '.join(dup)}")
-
-
-def _validate(data: Any, path: Path) -> Suite:
-    where = f"suite {path}"
     if not isinstance(data, dict):
-        raise RulerError(f"{where}: expected a mapping with keys {', '.join(_KEYS)}")
-    unknown = sorted(set(map(str, data)) - set(_KEYS))
-    if unknown:
-        raise RulerError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_KEYS)}")
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name:
-        raise RulerError(f"{where}: 'name' must be a non-empty string")
-
-    tasks = data.get("tasks", [])
-    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-        raise RulerError(f"{where}: 'tasks' must be a list of task names")
-    for t in tasks:
-        if t in IMPORT_ONLY:
-            raise RulerError(f"{where}: task {t} cannot be generated (it needs SQuAD/HotpotQA); "
-                             f"list a RULER JSONL for it under 'imports'")
-        if t not in TASKS:
-            raise RulerError(f"{where}: unknown task {t!r}; known tasks: {', '.join(TASKS)} "
-                             f"(import-only: {', '.join(IMPORT_ONLY)})")
-    _no_duplicates(tasks, "tasks", path)
-
-    if "lengths" not in data:
-        raise RulerError(f"{where}: missing 'lengths' (a list of token counts, e.g. [4096, 8192])")
-    raw = data["lengths"]
-    if not isinstance(raw, list) or not raw:
-        raise RulerError(f"{where}: 'lengths' must be a non-empty list, got {raw!r}")
+        raise RulerError(f"suite {path}: expected a mapping with keys {', '.join(FILE_KEYS)}, got {type(data).__name__}")
     try:
-        lengths = tuple(parse_length(x) for x in raw)
-    except RulerError as e:
-        raise RulerError(f"{where}: 'lengths': {e}") from None
-    _no_duplicates(lengths, "lengths", path)
-
-    samples = data.get("samples")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
-        raise RulerError(f"{where}: 'samples' must be a positive integer (per task per length), got {samples!r}")
-    seed = data.get("seed", 42)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RulerError(f"{where}: 'seed' must be an integer, got {seed!r}")
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise RulerError(f"{where}: 'description' must be a string")
-
-    imports = []
-    raw_imports = data.get("imports") or []
-    if not isinstance(raw_imports, list):
-        raise RulerError(f"{where}: 'imports' must be a list of {{path, task, length?}} mappings")
-    for i, item in enumerate(raw_imports):
-        at = f"{where}: imports[{i}]"
-        if not isinstance(item, dict):
-            raise RulerError(f"{at}: expected a mapping with 'path', 'task' and optional 'length'")
-        extra = sorted(set(map(str, item)) - {"path", "task", "length"})
-        if extra:
-            raise RulerError(f"{at}: unknown key(s) {', '.join(extra)}; allowed: path, task, length")
-        if not isinstance(item.get("path"), str) or not item["path"]:
-            raise RulerError(f"{at}: missing 'path' (a RULER-format JSONL file)")
-        task = item.get("task")
-        if task not in TASK_FAMILY:
-            raise RulerError(f"{at}: 'task' must be one of {', '.join(TASK_FAMILY)}, got {task!r}")
-        length = None
-        if item.get("length") is not None:
-            try:
-                length = parse_length(item["length"])
-            except RulerError as e:
-                raise RulerError(f"{at}: 'length': {e}") from None
-            if length not in lengths:
-                raise RulerError(f"{at}: length {length} is not one of the suite's lengths {list(lengths)}")
-            if task in tasks:
-                raise RulerError(f"{at}: {task} at {length} is both generated and imported")
-        p = Path(item["path"]).expanduser()
-        p = p if p.is_absolute() else path.parent / p
-        if not p.is_file():
-            raise RulerError(f"{at}: file {p} not found")
-        imports.append(SuiteImport(p, task, length))
-    if not tasks and not imports:
-        raise RulerError(f"{where}: no 'tasks' and no 'imports': nothing to evaluate")
-    return Suite(name, tuple(tasks), lengths, samples, seed, tuple(imports), description, path)
+        suite = Suite.model_validate(data, context={"file": path})
+    except ValidationError as exc:
+        raise suite_error(exc, f"suite {path}") from None
+    if override is not None:
+        suite = suite.replace(lengths=override,
+                              imports=[i for i in suite.imports if i.length is None or i.length in override])
+    return suite
 
 
 def build_suite(suite: Suite, tokenizer, essays_path: str | os.PathLike | None = None, *,
