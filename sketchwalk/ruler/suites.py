@@ -7,6 +7,7 @@ A suite file (`suites/<name>.yaml`, or any path) holds:
     lengths: [4096, 8192]   # max_seq_length values in tokens ('4k' = 4096 also accepted)
     samples: 20             # per task per length
     seed: 42                # optional, default 42
+    singularise_chat_template: false  # optional: reproduce RULER's "You is" bug (generate_task)
     imports:                # optional RULER-format JSONL files, used as they are
       - {path: qa1_4k.jsonl, task: qa_1, length: 4096}   # path relative to the YAML file;
                                                            # length optional (inferred)
@@ -30,7 +31,7 @@ from .tasks import IMPORT_ONLY, TASKS
 from .templates import TASK_FAMILY
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
-_KEYS = ("name", "description", "tasks", "lengths", "samples", "seed", "imports")
+_KEYS = ("name", "description", "tasks", "lengths", "samples", "seed", "imports", "singularise_chat_template")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class SuiteImport:
 
 @dataclass(frozen=True)
 class Suite:
-    """A validated suite: generated `tasks` × `lengths` (tokens) with `samples` each, plus imports."""
+    """A validated suite: generated `tasks` × `lengths` (tokens) with `samples` each, plus imports.
+    `singularise_chat_template`: generate_task's option of that name (RULER's "You is" bug), off by default."""
 
     name: str
     tasks: tuple[str, ...]
@@ -54,6 +56,7 @@ class Suite:
     imports: tuple[SuiteImport, ...] = ()
     description: str = ""
     source: Optional[Path] = field(default=None, compare=False)
+    singularise_chat_template: bool = False
 
 
 def list_suites() -> list[str]:
@@ -160,6 +163,9 @@ def _validate(data: Any, path: Path) -> Suite:
     seed = data.get("seed", 42)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise RulerError(f"{where}: 'seed' must be an integer, got {seed!r}")
+    quirk = data.get("singularise_chat_template", False)
+    if not isinstance(quirk, bool):
+        raise RulerError(f"{where}: 'singularise_chat_template' must be true or false, got {quirk!r}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise RulerError(f"{where}: 'description' must be a string")
@@ -197,7 +203,7 @@ def _validate(data: Any, path: Path) -> Suite:
         imports.append(SuiteImport(p, task, length))
     if not tasks and not imports:
         raise RulerError(f"{where}: no 'tasks' and no 'imports': nothing to evaluate")
-    return Suite(name, tuple(tasks), lengths, samples, seed, tuple(imports), description, path)
+    return Suite(name, tuple(tasks), lengths, samples, seed, tuple(imports), description, path, quirk)
 
 
 def build_suite(suite: Suite, tokenizer, essays_path: str | os.PathLike | None = None, *,
@@ -221,7 +227,8 @@ def build_suite(suite: Suite, tokenizer, essays_path: str | os.PathLike | None =
         for length in suite.lengths:
             out[(task, length)] = generate_task(task, length, suite.samples, tokenizer, seed=suite.seed,
                                                 essays_path=essays_path, chat_template=chat_template,
-                                                max_context=max_context, backoff=backoff)
+                                                max_context=max_context, backoff=backoff,
+                                                singularise_chat_template=suite.singularise_chat_template)
     for imp in suite.imports:
         samples = read_jsonl(imp.path, imp.task)[:suite.samples]
         length = imp.length
@@ -247,7 +254,7 @@ def short_samples_note(samples: dict[tuple[str, int], list[dict]]) -> Optional[s
     """One line naming the samples whose RULER `length` (prompt + answer budget, tokens) is below
     SHORT_SHARE of their suite length, or None. Such samples are RULER's own behaviour, not a bug
     of ours: RULER's generator retries a sample that does not fit with one whole step of haystack
-    less (500 essay words at every length; 25 or 5 lines), and at 1-2K tokens one essay step is
+    less (500 essay words at every length; 25 or 5 niah lines, 10 vt lines), and at 1-2K tokens one essay step is
     most of the prompt (measured: niah_single_2 at 299 tokens of "1024", 1322 of "2048")."""
     short = {key: [s["length"] for s in ss if s.get("length", key[1]) < SHORT_SHARE * key[1]]
              for key, ss in samples.items()}
@@ -257,4 +264,4 @@ def short_samples_note(samples: dict[tuple[str, int], list[dict]]) -> Optional[s
         return None
     return (f"short samples: {', '.join(parts)} are more than {1 - SHORT_SHARE:.0%} below their length. This is "
             f"RULER's behaviour: its generator retries a sample that does not fit with a whole step of haystack "
-            f"less (500 essay words, 25 or 5 lines), which at short lengths is most of the prompt")
+            f"less (500 essay words, 25 or 5 niah lines, 10 vt lines), which at short lengths is most of the prompt")
