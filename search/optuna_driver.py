@@ -3,7 +3,8 @@
 Kill-safety, in three parts:
 - every trial runs inside `study.optimize` with a heartbeat, so a trial whose process died
   (SIGKILL included) goes stale after `grace_s`, is marked FAIL and is re-queued with the same
-  params by the stale-trial callback (its MLflow run is marked KILLED, never deleted);
+  params by the stale-trial callback (its MLflow run is marked KILLED, never deleted, and ends
+  when the trial was last known alive: `liveness.last_alive_ms`);
 - a trial's MLflow run is finished *before* Optuna is told, and a RUNNING trial whose run already
   reads FINISHED is completed from MLflow's metrics on resume (nothing re-run, nothing lost);
 - MLflow child runs are keyed by (sweep id, trial number), so re-attaching never duplicates.
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 from tracking import TrackingError
 from tracking.names import TAG_CONFIG_HASH, TAG_RETRY_OF
 
+from .liveness import last_alive_ms
 from .session import SweepSession, config_hash, error_text, recorded_trial, trial_key
 from .space import CONSTRAINT_ATTR, constraint_excess, make_sampler, suggest_params
 from .spec import VARIANT_PARAM
@@ -45,7 +47,8 @@ def open_study(session: SweepSession, *, storage_url: str, heartbeat_s: int = 10
 
 
 class _StaleTrialCallback:
-    """Marks the dead trial's MLflow run KILLED, then re-queues its params (Optuna's retry callback)."""
+    """Marks the dead trial's MLflow run KILLED, ended at its last sign of life, then re-queues its
+    params (Optuna's retry callback)."""
 
     def __init__(self, session: SweepSession, max_retry: int = 2):
         import optuna
@@ -59,8 +62,10 @@ class _StaleTrialCallback:
         tracker = self.session.tracker()
         run = tracker.find_child(trial_key(frozen.number))
         if run is not None and run.status == "RUNNING":
+            # Ended when it was last seen alive, not now: now may be a resume days later.
             tracker.finish(run.run_id, "KILLED", error=f"trial {frozen.number} was interrupted (its worker stopped "
-                                                        f"heartbeating); its params were re-queued as a new trial")
+                                                        f"heartbeating); its params were re-queued as a new trial",
+                           end_ms=last_alive_ms(study._storage, frozen._trial_id, tracker, run))
         self.retry(study, frozen)  # the re-queued trial names this one in system_attrs["failed_trial"]
 
 

@@ -76,7 +76,7 @@ def plot_front(
     line at dense accuracy minus the allowed drop, `front` highlighted and joined by a step line
     (the attainment staircase; orange and titled so when no trial is feasible and the front is the
     infeasible trials'), the dense `baseline` as a red star with its interval plus a dashed line at
-    its value; `noise` adds "(within noise of dense)" to the title. HTML: `optuna.visualization.plot_pareto_front` of an in-memory study of
+    its value (one legend entry for both); `noise` adds "(within noise of dense)" to the title. HTML: `optuna.visualization.plot_pareto_front` of an in-memory study of
     all objectives (Optuna's plain front highlighted), plus the baseline and the given front as
     extra traces; plotly.js is inlined so the file works offline.
     """
@@ -119,8 +119,12 @@ def plot_front(
             for r in line:
                 ax.annotate(f"#{r.number}", (r.value(x), r.value(y)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if base_ok:
-            ax.axhline(baseline.value(y), color="tab:red", ls="--", lw=1, label=f"dense baseline {y.name}", zorder=0)
-            if math.isfinite(baseline.value(x)):
+            star = math.isfinite(baseline.value(x))
+            # One legend entry for the baseline (issue 21: "dense baseline" was listed twice): the
+            # star when it is drawn, the dashed line at its level being part of it; else the line.
+            ax.axhline(baseline.value(y), color="tab:red", ls="--", lw=1,
+                       label="_nolegend_" if star else f"dense baseline {y.name}", zorder=0)
+            if star:
                 ax.errorbar([baseline.value(x)], [baseline.value(y)], yerr=_yerr([baseline], y), fmt="*", ms=14,
                             color="tab:red", capsize=3, label="dense baseline", zorder=4)
         ax.set_xlabel(_axis_label(x))

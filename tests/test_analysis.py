@@ -188,3 +188,37 @@ def test_stop_reason_names_the_budget_that_stopped_the_sweep():
     assert "sketchwalk sweep --resume s-1 --trials 8 --wall-time 1560" in early
     assert stop_reason(spec, {"complete": 7, "failed": 1}, 800.0, sweep_id="s-1").startswith("trials: the budget of 8")
     assert stop_reason(spec, {"complete": 3, "failed": 0}, 10.0, sweep_id="s-1").startswith("ended: 3 trial(s)")
+
+
+def test_dense_baseline_is_listed_once(tmp_path, monkeypatch):
+    """Issue 21: "dense baseline" appeared twice in the legend of the front chart MLflow shows (the
+    star and the dashed line at its accuracy had an entry each). Now one entry; the interactive
+    chart has one baseline trace; and MLflow holds one run named "dense baseline" per sweep, also
+    when a resume logs the baseline again (real SQLite store)."""
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
+
+    from search.analysis import analyze
+    from search.session import log_baseline
+    from sketchwalk.evaluation import EvalResult
+
+    legends = []
+    savefig = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    session = _sweep(tmp_path, [{"accuracy": 80.0, "accuracy_lo": 60.0, "accuracy_hi": 95.0, "density": 0.3},
+                                {"accuracy": 85.0, "accuracy_lo": 70.0, "accuracy_hi": 100.0, "density": 0.6}])
+    overall = {"mean": 90.0, "lo": 70.0, "hi": 100.0, "n": 1}
+    again = EvalResult("m", None, "cpu", "float32", {"overall": overall}, {}, {}, {"prefill": 1.0}, None, [])
+    log_baseline(session, again, {"accuracy": 90.0})  # a resume: the FINISHED run is kept as it is
+    analyze(session, stop_reason="trials: the budget of 2 trial(s) was spent (2 complete)")
+    baseline_entries = [t for t in legends if "dense" in t and "constraint" not in t]
+    assert baseline_entries == ["dense baseline"], legends
+    assert (session.sweep_dir / "front.html").read_text().count('"name":"dense baseline"') == 1
+    runs = MlflowClient(session.tracking_uri).search_runs([session.experiment_id])
+    names = [r.info.run_name for r in runs]
+    assert names.count("dense baseline") == 1 and len(names) == 4, names  # parent, baseline, 2 trials

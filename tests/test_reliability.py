@@ -309,7 +309,7 @@ BAD_EVALS = {
     # case: (suite file text, or a suite name when it has no newline; files {name: content} written
     # beside it; extra `eval` args ({tmp} = the test's folder); the field named; text in the message)
     "suite-unknown-key": ("tasks: [vt]\nlengths: [512]\nsample: 1\n", {}, [], "sample:",
-                          "allowed keys here: ['name', 'tasks', 'lengths', 'samples', 'seed', 'imports', 'description']"),
+                          "allowed keys here: ['name', 'tasks', 'lengths', 'samples', 'seed', 'imports', 'description', 'singularise_chat_template']"),
     "suite-import-unknown-key": ("tasks: []\nlengths: [512]\nsamples: 1\nimports: [{file: qa.jsonl, task: qa_1}]\n",
                                  {"qa.jsonl": ROW}, [], "imports.0.file:", "allowed keys here: ['path', 'task', 'length']"),
     "suite-bad-length": ("tasks: [vt]\nlengths: [512, 4x]\nsamples: 1\n", {}, [], "lengths.1:",
@@ -378,7 +378,7 @@ def test_bad_suite_exits_2_from_the_real_entry_point(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout.strip() == (f"error: suite {bad}: sample: unknown key; allowed keys here: ['name', 'tasks', "
-                                   f"'lengths', 'samples', 'seed', 'imports', 'description'] (got 1)")
+                                   f"'lengths', 'samples', 'seed', 'imports', 'description', 'singularise_chat_template'] (got 1)")
 
 
 def test_missing_sweep_file_is_named(tmp_path, capsys, no_weights):
@@ -764,3 +764,65 @@ def test_config_from_mlflow_params_round_trips_and_tau_switches_once():
     spec = parse_spec({"name": "tau", "base": {"top_k": 2, "density": None}, "space": SPACE})
     got = config_from_params(spec, {"density": 0.25})
     assert (got.top_k, got.density) == (None, 0.25)
+
+
+# -- issue 21: a killed trial's MLflow run ends when it was last alive, not at the resume ----------
+
+def test_killed_trial_run_ends_at_its_last_heartbeat_not_at_the_resume(tmp_path):
+    """A trial that died 2 minutes before the sweep was resumed (its last heartbeat 120 s old, in
+    the real Optuna SQLite storage): the stale-trial callback marks its run KILLED with MLflow's
+    end_time at that heartbeat, so its duration is the time it ran, not the downtime too."""
+    import sqlite3
+    import time
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from search import optuna_driver
+    from search.session import open_session
+
+    spec = parse_spec({"name": "hb", "space": SPACE, "budget": {"trials": 2}})
+    session = open_session(spec, "hb", OBJECTIVES, workdir=tmp_path)
+    db = tmp_path / "optuna.db"
+    study = optuna_driver.open_study(session, storage_url=f"sqlite:///{db}", heartbeat_s=1)
+    trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    now_ms = int(time.time() * 1000)
+    started = now_ms - 300_000  # the trial began 5 minutes ago ...
+    tracker = session.tracker()
+    run = tracker.child_run("trial-00000", role="trial", name="t0", start_ms=started)
+    tracker.client.log_metric(run.run_id, "started_at", started / 1000, timestamp=started)
+    with sqlite3.connect(db) as con:  # ... and was last alive 2 minutes ago (the database's clock)
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-120 seconds')")
+
+    optuna.storages.fail_stale_trials(study)  # what a resume does first
+
+    info = MlflowClient(session.tracking_uri).get_run(run.run_id).info
+    assert info.status == "KILLED"
+    assert abs(info.end_time - (now_ms - 120_000)) < 3_000, info.end_time - now_ms  # SQLite keeps whole seconds
+    assert info.start_time == started
+    assert study.trials[0].state.name == "FAIL"
+    assert [t.system_attrs.get("failed_trial") for t in study.trials[1:]] == [0]  # still re-queued
+
+
+def test_last_alive_falls_back_to_the_runs_last_metric(tmp_path):
+    """Without a heartbeat (none recorded, or no RDB storage) the run's last logged metric is the
+    last sign of life; with neither, None (the run ends now, as MLflow would)."""
+    import time
+
+    from search.liveness import last_alive_ms
+    from search.session import open_session
+
+    spec = parse_spec({"name": "lm", "space": SPACE})
+    session = open_session(spec, "lm", OBJECTIVES, workdir=tmp_path)
+    tracker = session.tracker()
+    now_ms = int(time.time() * 1000)
+    run = tracker.child_run("trial-00000", role="trial", name="t0", start_ms=now_ms - 600_000)
+    for ago in (500_000, 90_000, 400_000):  # the latest is what counts, whatever the order logged
+        tracker.client.log_metric(run.run_id, "x", 1.0, timestamp=now_ms - ago)
+    run = tracker.find_child("trial-00000")
+    assert last_alive_ms(object(), 0, tracker, run) == now_ms - 90_000
+    bare = tracker.child_run("trial-00001", role="trial", name="t1", start_ms=now_ms - 60_000)
+    assert last_alive_ms(object(), 1, tracker, bare) == now_ms - 60_000  # the start, at least
+    with pytest.raises(ValueError, match="end_ms must be a non-negative int"):
+        tracker.finish(bare.run_id, "KILLED", end_ms=-5)

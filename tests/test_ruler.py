@@ -137,10 +137,13 @@ def check_vt(content, prefix, outputs):
     assert len(outputs) == 5 and all(re.fullmatch(r"[A-Z]{5}", o) for o in outputs) and len(set(outputs)) == 5
     lines = question[len(VT_HEAD):m.start()].split("\n")
     chain = [ln for ln in lines if ln.startswith("VAR ")]
-    assert chain == [f"VAR {outputs[0]} = {value}"] + [f"VAR {outputs[j + 1]} = VAR {outputs[j]}" for j in range(4)]
+    # RULER's bytes: each hop statement ends in a space, the value statement does not.
+    assert chain == [f"VAR {outputs[0]} = {value}"] + [f"VAR {outputs[j + 1]} = VAR {outputs[j]} " for j in range(4)]
     assert set(lines) == {NOISE_LINE} | set(chain)
+    assert lines[-1] == NOISE_LINE  # never a statement after the last noise line
     example = content[:content.rindex(VT_HEAD)]
-    assert re.search(r"they are: [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3}\n\n$", example)
+    # RULER's example answer: ' ' + names after the prefix's ': ', hence two spaces.
+    assert re.search(r"they are:  [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3}\n\n$", example)
     assert value not in example
 
 
@@ -263,9 +266,11 @@ def one_step_tokens(task, length, tok, essays=None, chat_template=True):
 def assert_ruler_length(samples, task, length, tok, essays=None):
     """RULER's fit: every sample's length (prompt + tokens to generate) is <= the target and at
     most one back-off step below it, plus slack for how much a sample's tokens differ from the
-    probe's at the same size: 1%, or 3% for fwe, whose coded words are drawn per sample."""
+    probe's at the same size: 1%, or 3% for fwe, whose coded words are drawn per sample. fwe may
+    lose one step more: RULER's linear search stops on its grid, up to a step below the largest fit."""
     slack = max(4, length * (3 if task == "fwe" else 1) // 100)
-    floor = length - one_step_tokens(task, length, tok, essays) - slack
+    steps = 2 if task == "fwe" else 1
+    floor = length - steps * one_step_tokens(task, length, tok, essays) - slack
     for s in samples:
         assert floor <= s["length"] <= length, (task, length, s["length"], floor)
 
@@ -528,7 +533,7 @@ def _write_suite(tmp_path, text):
     ("tasks: [vt, vt]\nlengths: [1024]\nsamples: 2", r"tasks: duplicate tasks: vt"),
     # An unknown key comes first (a typo also leaves its real key missing) and lists the allowed keys.
     ("tasks: [vt]\nlengths: [1024]\nsample: 3", r"sample: unknown key; allowed keys here: \['name', 'tasks', "
-                                               r"'lengths', 'samples', 'seed', 'imports', 'description'\] \(got 3\)"),
+                                               r"'lengths', 'samples', 'seed', 'imports', 'description', 'singularise_chat_template'\] \(got 3\)"),
     ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nsource: x", r"source: unknown key; allowed keys here: \['name'"),
     ("tasks: [vt]\nlengths: [1024]\nsamples: 2\nimports: [{path: nope.jsonl, task: qa_1}]",
      r"imports\.0\.path: file .*nope\.jsonl not found"),
@@ -556,7 +561,8 @@ def test_suite_replace_validates_again(tmp_path):
     suite = load_suite(p)
     assert (suite.replace(samples=5).samples, suite.replace(samples=5).source) == (5, p)
     assert suite.replace(samples=5).to_dict() == {"name": "s", "tasks": ["vt"], "lengths": [1024], "samples": 5,
-                                                  "seed": 42, "imports": [], "description": "", "source": str(p)}
+                                                  "seed": 42, "imports": [], "description": "",
+                                                  "singularise_chat_template": False, "source": str(p)}
     with pytest.raises(RulerError, match=r"s\.yaml: samples: Input should be greater than 0 \(got 0\)"):
         suite.replace(samples=0)
     with pytest.raises(RulerError, match=r"s\.yaml: lengths: duplicate lengths: 1024"):

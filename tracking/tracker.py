@@ -408,12 +408,25 @@ class SweepTracker:
         self._call(f"log artifact {path!r} to run {run_id}",
                    self.client.log_artifact, run_id, path, artifact_path)
 
-    def finish(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    def finish(self, run_id: str, status: str = "FINISHED", error: str | None = None,
+               end_ms: int | None = None) -> None:
         """End a run with `status` (FINISHED | FAILED | KILLED, else ValueError). With `error`:
-        tag sketchwalk.error = its first 500 chars and the full text as artifact error.txt."""
+        tag sketchwalk.error = its first 500 chars and the full text as artifact error.txt.
+        `end_ms` (ms since the epoch; default now): when the run ended, for a run found dead later."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"status must be one of {', '.join(FINAL_STATUSES)}, got {status!r}")
+        if end_ms is not None and (isinstance(end_ms, bool) or not isinstance(end_ms, int) or end_ms < 0):
+            raise ValueError(f"end_ms must be a non-negative int (ms since the epoch), got {end_ms!r}")
         if error is not None:
             self.set_tags(run_id, {TAG_ERROR: error[:_ERROR_TAG_CHARS]})
             self.log_text(run_id, error, "error.txt")
-        self._call(f"finish run {run_id}", self.client.set_terminated, run_id, status=status)
+        self._call(f"finish run {run_id}", self.client.set_terminated, run_id, status=status, end_time=end_ms)
+
+    def last_logged_ms(self, run_id: str) -> int | None:
+        """The latest timestamp (ms since the epoch) of any metric value the run logged; None if none."""
+        latest = None
+        for key in self._get(run_id).data.metrics:
+            history = self._call(f"read metric {key!r} of run {run_id}", self.client.get_metric_history, run_id, key)
+            for m in history:
+                latest = m.timestamp if latest is None else max(latest, m.timestamp)
+        return latest

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..ruler.generate import GENERATOR_VERSION
 from .result import EvalResult
 from .timing import PREFILL_FORWARD_REPEATS
 
@@ -47,16 +48,20 @@ def _canonical(obj: Any) -> bytes:
 
 
 def suite_fingerprint(suite, samples: Optional[dict] = None, *, essays_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The resolved content of a suite: tasks, lengths, samples, seed, imports' sha256, essays' sha256,
-    plus the sha256 of the built samples when given (which also catches generator or tokenizer changes).
+    """The resolved content of a suite: tasks, lengths, samples, seed, the RULER generator's version
+    (`sketchwalk.ruler.GENERATOR_VERSION`: a generator fix makes earlier baselines miss even where
+    no samples are hashed), imports' sha256, essays' sha256, plus the sha256 of the built samples
+    when given (which also catches tokenizer changes).
 
     suite: a `sketchwalk.ruler.Suite`; samples: {(task, length): [sample dicts]}.
     """
     fp: dict[str, Any] = {
         "name": suite.name, "tasks": list(suite.tasks), "lengths": list(suite.lengths),
-        "samples": suite.samples, "seed": suite.seed,
+        "samples": suite.samples, "seed": suite.seed, "generator": GENERATOR_VERSION,
         "imports": [{"task": i.task, "length": i.length, "sha256": file_sha256(i.path)} for i in suite.imports],
     }
+    if suite.singularise_chat_template:
+        fp["singularise_chat_template"] = True
     if essays_path is not None:
         fp["essays_sha256"] = file_sha256(essays_path)
     if samples is not None:

@@ -6,7 +6,7 @@ JSONL import and scoring. Facts and prompt strings: `../shared/docs/ruler.md`.
     score = metric_for_task("vt")(predictions, [s["outputs"] for s in samples])
 """
 from .errors import RulerError
-from .generate import generate_task
+from .generate import GENERATOR_VERSION, generate_task
 from .jsonl import read_jsonl, write_jsonl
 from .scoring import metric_for_task, postprocess, score_task, string_match_all, string_match_part
 from .suites import Suite, SuiteImport, build_suite, list_suites, load_suite, parse_length, short_samples_note
@@ -14,7 +14,7 @@ from .tasks import IMPORT_ONLY, TASKS, TaskSpec, get_task
 from .templates import tokens_to_generate
 
 __all__ = [
-    "RulerError", "generate_task", "read_jsonl", "write_jsonl", "metric_for_task", "postprocess",
+    "RulerError", "GENERATOR_VERSION", "generate_task", "read_jsonl", "write_jsonl", "metric_for_task", "postprocess",
     "score_task", "string_match_all", "string_match_part", "Suite", "SuiteImport", "build_suite",
     "list_suites", "load_suite", "parse_length", "IMPORT_ONLY", "TASKS", "TaskSpec", "get_task",
     "tokens_to_generate", "short_samples_note",

@@ -43,6 +43,7 @@ class CommonWordsBuilder:
         self.min_units = spec.num_cw
         # Example and question words are disjoint, so both come out of one wonderwords pool.
         self.max_units = len(self.pool) - self.example[0]
+        self.grid_origin = None
 
     def build(self, rng: random.Random, n: int) -> TaskPrompt:
         """A cwe prompt whose question lists `n` distinct words; words and order drawn from `rng`."""

@@ -148,11 +148,13 @@ def fit_and_generate(task: str, builder: Builder, *, max_seq_length: int, tokens
     build `num_samples` samples, each backing off until it fits.
 
     backoff 'step' (default) is RULER's: a sample that does not fit loses one whole step (500
-    essay words, 25 / 5 lines, ...) per retry, so it may land up to one step's tokens below the
-    budget. 'overshoot' (opt-in, not RULER) removes only the units its excess tokens need (at
+    essay words, 25 / 5 niah lines, 10 vt lines, ...) per retry, so it may land up to one step's
+    tokens below the budget. 'overshoot' (opt-in, not RULER) removes only the units its excess tokens need (at
     least 1, at most one step) per retry, so it lands within a few tokens of the budget instead
     (25 uuid lines are ~2,000 tokens, a quarter of 8K); samples then differ from RULER's.
 
+    A builder with a `grid_origin` (fwe) gets the largest fitting size on RULER's linear-search
+    grid (`on_grid`) instead of the exact largest.
     Sample i draws everything from random.Random(f"{seed_text}:{i}") (re-created for every
     retry, so a sample keeps its needles and only its haystack shrinks); the probe uses
     random.Random(f"{seed_text}:fit"). `length` is RULER's: prompt tokens (chat template and
@@ -180,6 +182,9 @@ def fit_and_generate(task: str, builder: Builder, *, max_seq_length: int, tokens
         raise RulerError(f"{task}: max_seq_length {max_seq_length} is too small: even {e.n} {builder.unit} "
                          f"give a {e.tokens}-token prompt, over the {budget} tokens left after "
                          f"{tokens_to_generate} for the answer") from None
+    if builder.grid_origin is not None:
+        n_fit = on_grid(n_fit, builder.grid_origin, builder.step, builder.min_units)
+        probe_cost(n_fit)  # the per-unit estimate below reads the cost at n_fit
     if builder.max_units is not None and n_fit >= builder.max_units:
         raise RulerError(f"{task}: max_seq_length {max_seq_length} needs more than the {builder.max_units} "
                          f"{builder.unit} available (wonderwords' lists; RULER's english_words.json "
@@ -204,6 +209,16 @@ def fit_and_generate(task: str, builder: Builder, *, max_seq_length: int, tokens
         samples.append({"index": index, "input": text, "outputs": list(prompt.outputs),
                         "length": tokens + tokens_to_generate, "answer_prefix": prompt.answer_prefix})
     return samples
+
+
+def on_grid(n: int, origin: int, step: int, floor: int) -> int:
+    """The largest point origin + k·step (k any integer) that is <= n, but at least `floor`.
+
+    RULER's linear search (fwe) starts at `origin` and adds `step` while the prompt fits, so it
+    ends on this grid; for a cost increasing in n, the last grid point at or below the largest
+    fitting n is the last fitting grid point, i.e. what RULER's search finds.
+    """
+    return max(floor, origin + (n - origin) // step * step)
 
 
 def _tokens_per_unit(costs: dict[int, int], n: int, step: int) -> float:

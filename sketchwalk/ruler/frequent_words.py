@@ -30,26 +30,38 @@ def zipf_counts(num_words: int, vocab_size: int, alpha: float) -> list[int]:
 
 
 class FrequentWordsBuilder:
-    """Builds fwe prompts; units are RULER's `num_words` (the Zipf scale; the text has about that many words)."""
+    """Builds fwe prompts; units are RULER's `num_words` (the Zipf scale; the text has about that many words).
+
+    As in RULER's generator: the length search starts at (budget // coded_wordlen) words and
+    goes up in steps of budget // 32 (budget = max_seq_length - tokens to generate), so the
+    fitted size is a grid point; the vocabulary (sorted) and the word sequence are shuffled with
+    `random.Random(shuffle_seed)`, the generation seed itself, afresh for every sample: samples
+    of one size put their ranks in the same order and differ only in the coded words.
+    """
 
     unit = "words"
 
-    def __init__(self, spec: TaskSpec, max_seq_length: int, tokens_to_generate: int):
+    def __init__(self, spec: TaskSpec, max_seq_length: int, tokens_to_generate: int, shuffle_seed: int = 42):
         self.spec = spec
+        self.shuffle_seed = shuffle_seed
         self.vocab_size = max(5, max_seq_length // 50)
-        # RULER's fwe steps by 1/32 of the input budget: sample lengths vary by several per cent
-        # (each sample draws its own coded words), so small steps would retry many times.
-        self.step = max(10, (max_seq_length - tokens_to_generate) // 32)
+        budget = max_seq_length - tokens_to_generate
+        # RULER's step is budget // 32; the floor of 10 only matters below ~370 tokens, where
+        # RULER's own step would be a handful of words (or 0, a search that never moves).
+        self.step = max(10, budget // 32)
+        self.grid_origin = budget // spec.coded_wordlen
         # Enough words that ranks 2-4 all occur and the 4th clearly beats the 5th.
         self.min_units = 100
         self.max_units = None
 
     def build(self, rng: random.Random, n: int) -> TaskPrompt:
-        """An fwe prompt for Zipf scale `n`; coded words and their order drawn from `rng`."""
+        """An fwe prompt for Zipf scale `n`: coded words drawn from `rng`, their order from the fixed shuffle seed."""
         s = self.spec
-        vocab = distinct(rng, self.vocab_size, lambda r: random_letters(r, s.coded_wordlen, string.ascii_lowercase))
+        vocab = sorted(distinct(rng, self.vocab_size,
+                                lambda r: random_letters(r, s.coded_wordlen, string.ascii_lowercase)))
+        random.Random(self.shuffle_seed).shuffle(vocab)
         vocab[0] = "..."  # the most frequent 'word' is noise the question says to ignore
         counts = zipf_counts(n, len(vocab), s.alpha)
         text = [w for w, c in zip(vocab, counts) for _ in range(c)]
-        rng.shuffle(text)
+        random.Random(self.shuffle_seed).shuffle(text)
         return TaskPrompt(TEMPLATES["fwe"].format(context=" ".join(text)), ANSWER_PREFIXES["fwe"], vocab[1:4])

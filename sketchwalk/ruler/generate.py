@@ -12,13 +12,20 @@ from .haystacks import load_essay_words, resolve_essays_path
 from .niah import NiahBuilder
 from .prompt import Builder
 from .tasks import get_task
-from .templates import tokens_to_generate
+from .templates import singularise_wrapper, tokens_to_generate
 from .variable_tracking import VariableTrackingBuilder, fit_icl
+
+#: Bumped whenever the same arguments start giving different samples, so that everything keyed
+#: by a suite's content (dense baselines: `evaluation.baseline.suite_fingerprint`) misses.
+#: 2: RULER's vt statements (hop trailing space, example's double space, 10-line step), line
+#: insertion before existing lines only, fwe's fixed shuffle seed and linear-search grid.
+GENERATOR_VERSION = 2
 
 
 def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *, seed: int = 42,
                   essays_path: str | os.PathLike | None = None, chat_template: bool = True,
-                  max_context: Optional[int] = None, backoff: str = "step") -> list[dict]:
+                  max_context: Optional[int] = None, backoff: str = "step",
+                  singularise_chat_template: bool = False) -> list[dict]:
     """Generate `num_samples` RULER samples of `task` sized to `max_seq_length` tokens.
 
     Returns dicts with `index` (0..n-1), `input` (the prompt, chat-wrapped when `chat_template`,
@@ -29,6 +36,9 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
     `max_context` (tokens) overrides `tokenizer.model_max_length` as the model's context limit.
     `backoff`: 'step' (default: RULER's whole-step retries) or the finer opt-in 'overshoot'
     (see fitting.fit_and_generate).
+    `singularise_chat_template` (default False): reproduce RULER's bug of running its singular
+    rewrite over the chat template too on single-value niah tasks ('You are' → 'You is' in a
+    system prompt; see templates.singularise_wrapper); other tasks are unaffected.
     Same arguments → identical samples; all randomness comes from `seed`.
     """
     get_task(task)  # an unknown task is refused here, before any tokenizer work
@@ -38,6 +48,8 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
         raise RulerError(f"num_samples must be a non-negative int, got {num_samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise RulerError(f"seed must be an int, got {seed!r}")
+    if not isinstance(singularise_chat_template, bool):
+        raise RulerError(f"singularise_chat_template must be true or false, got {singularise_chat_template!r}")
     limit, source = context_limit(tokenizer, max_context)
     if limit is not None and max_seq_length > limit:
         raise RulerError(f"{task}: max_seq_length {max_seq_length} exceeds the model's context of {limit} "
@@ -48,6 +60,9 @@ def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *
                          f"({ttg} tokens are reserved for the answer)")
 
     wrap = make_wrapper(tokenizer, chat_template)
+    spec = get_task(task)
+    if singularise_chat_template and chat_template and spec.family == "niah" and spec.num_q * spec.num_v == 1:
+        wrap = singularise_wrapper(wrap)
     builder, seed_text = task_builder(task, max_seq_length, tokenizer, seed=seed, essays_path=essays_path,
                                       chat_template=chat_template)
     return fit_and_generate(task, builder, max_seq_length=max_seq_length, tokens_to_generate=ttg,
@@ -75,5 +90,6 @@ def task_builder(task: str, max_seq_length: int, tokenizer, *, seed: int = 42,
     elif spec.family == "cwe":
         builder = CommonWordsBuilder(spec, max_seq_length)
     else:
-        builder = FrequentWordsBuilder(spec, max_seq_length, tokens_to_generate(task))
+        # RULER shuffles fwe with its generation seed itself, the same for every sample and length.
+        builder = FrequentWordsBuilder(spec, max_seq_length, tokens_to_generate(task), shuffle_seed=seed)
     return builder, seed_text

@@ -130,10 +130,16 @@ def insert_at_depths(sentences: Sequence[str], needles: Sequence[str], rng: rand
 
 
 def insert_lines(lines: Sequence[str], needles: Sequence[str], rng: random.Random) -> list[str]:
-    """Insert `needles` (in order) at distinct random line positions of `lines` (noise / needle haystacks)."""
+    """Insert `needles` (in order) before distinct random lines of `lines` (noise / needle haystacks).
+
+    Positions are drawn from 0..len(lines)-1 as in RULER, so a needle always goes before an
+    existing line, never after the last one. RulerError if there are fewer lines than needles.
+    """
+    if len(needles) > len(lines):
+        raise RulerError(f"cannot place {len(needles)} needles before distinct lines of a {len(lines)}-line haystack")
     out = list(lines)
     # Inserting from the back keeps the earlier positions valid; sorting keeps needle order.
-    slots = sorted(rng.sample(range(len(out) + 1), len(needles)), reverse=True)
+    slots = sorted(rng.sample(range(len(out)), len(needles)), reverse=True)
     for slot, needle in zip(slots, reversed(needles)):
         out.insert(slot, needle)
     return out

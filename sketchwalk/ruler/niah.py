@@ -31,8 +31,10 @@ class NiahBuilder:
         else:
             # RULER: 25 lines per step, 5 below 4K where 25 lines are a large share of the prompt.
             self.unit, self.step = "haystack lines", 25 if max_seq_length >= 4096 else 5
-        self.min_units = 1
+        # A line haystack needs a line to go before for every needle (see insert_lines).
+        self.min_units = 1 if spec.haystack == "essay" else spec.num_k * spec.num_v
         self.max_units = None  # essays repeat; noise/needle lines are unbounded
+        self.grid_origin = None
         self._sentences: dict[int, list[str]] = {}
         single = spec.num_q * spec.num_v == 1
         self.template = singularise(TEMPLATES["niah"]) if single else TEMPLATES["niah"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
 from .errors import RulerError
@@ -84,7 +84,8 @@ class SuiteImport(_Strict):
 
 class Suite(_Strict):
     """A validated suite: generated `tasks` × `lengths` (tokens) with `samples` each, plus imports.
-    `source` is the file it was read from (None when built in code); it is not a key of the file."""
+    `source` is the file it was read from (None when built in code); it is not a key of the file.
+    `singularise_chat_template`: generate_task's option of that name (RULER's "You is" bug), off by default."""
 
     name: StrictStr = Field(min_length=1)
     tasks: tuple[GeneratedTask, ...] = ()
@@ -93,6 +94,7 @@ class Suite(_Strict):
     seed: StrictInt = 42
     imports: tuple[SuiteImport, ...] = ()
     description: StrictStr = ""
+    singularise_chat_template: StrictBool = False
     source: Optional[Path] = None
 
     @model_validator(mode="before")

@@ -7,6 +7,7 @@ A suite file (`suites/<name>.yaml`, or any path) holds:
     lengths: [4096, 8192]   # max_seq_length values in tokens ('4k' = 4096 also accepted)
     samples: 20             # per task per length
     seed: 42                # optional, default 42
+    singularise_chat_template: false  # optional: reproduce RULER's "You is" bug (generate_task)
     imports:                # optional RULER-format JSONL files, used as they are
       - {path: qa1_4k.jsonl, task: qa_1, length: 4096}   # path relative to the YAML file;
                                                            # length optional (inferred)
@@ -99,7 +100,8 @@ def build_suite(suite: Suite, tokenizer, essays_path: str | os.PathLike | None =
         for length in suite.lengths:
             out[(task, length)] = generate_task(task, length, suite.samples, tokenizer, seed=suite.seed,
                                                 essays_path=essays_path, chat_template=chat_template,
-                                                max_context=max_context, backoff=backoff)
+                                                max_context=max_context, backoff=backoff,
+                                                singularise_chat_template=suite.singularise_chat_template)
     for imp in suite.imports:
         samples = read_jsonl(imp.path, imp.task)[:suite.samples]
         length = imp.length
@@ -125,7 +127,7 @@ def short_samples_note(samples: dict[tuple[str, int], list[dict]]) -> Optional[s
     """One line naming the samples whose RULER `length` (prompt + answer budget, tokens) is below
     SHORT_SHARE of their suite length, or None. Such samples are RULER's own behaviour, not a bug
     of ours: RULER's generator retries a sample that does not fit with one whole step of haystack
-    less (500 essay words at every length; 25 or 5 lines), and at 1-2K tokens one essay step is
+    less (500 essay words at every length; 25 or 5 niah lines, 10 vt lines), and at 1-2K tokens one essay step is
     most of the prompt (measured: niah_single_2 at 299 tokens of "1024", 1322 of "2048")."""
     short = {key: [s["length"] for s in ss if s.get("length", key[1]) < SHORT_SHARE * key[1]]
              for key, ss in samples.items()}
@@ -135,4 +137,4 @@ def short_samples_note(samples: dict[tuple[str, int], list[dict]]) -> Optional[s
         return None
     return (f"short samples: {', '.join(parts)} are more than {1 - SHORT_SHARE:.0%} below their length. This is "
             f"RULER's behaviour: its generator retries a sample that does not fit with a whole step of haystack "
-            f"less (500 essay words, 25 or 5 lines), which at short lengths is most of the prompt")
+            f"less (500 essay words, 25 or 5 niah lines, 10 vt lines), which at short lengths is most of the prompt")

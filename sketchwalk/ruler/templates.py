@@ -6,6 +6,8 @@ published RULER numbers if they match exactly.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from .errors import RulerError
 
 # family -> task template ({context}, {query} and family-specific fields are filled in by the generators)
@@ -82,3 +84,31 @@ def singularise(text: str) -> str:
     for old, new in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
         text = text.replace(old, new)
     return text
+
+
+_SLOT = "\x00sketchwalk-content\x00"  # stands for the user turn when splitting a chat wrapper
+
+
+def singularise_wrapper(wrap: Callable[[str], str]) -> Callable[[str], str]:
+    """`wrap` with RULER's singular rewrite applied to the chat template's own text (not the user turn).
+
+    RULER rewrites its whole prompt template, model template included, before the haystack goes
+    in, so a system prompt 'You are a helpful AI assistant' becomes 'You is a helpful AI
+    assistant'. That is a RULER bug (SmolLM2's token count is unchanged by it); it is
+    reproduced only on request (generate_task's `singularise_chat_template`). RulerError when the
+    template does not hold the user turn verbatim (the chat text cannot be told apart from it).
+    """
+    parts = wrap(_SLOT).split(_SLOT)
+    if len(parts) != 2:
+        raise RulerError("singularise_chat_template: the chat template does not hold the user turn verbatim "
+                         "once, so its own text cannot be rewritten apart from it")
+    before, after = parts
+
+    def wrapped(content: str) -> str:
+        text = wrap(content)
+        if not (text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after)):
+            raise RulerError("singularise_chat_template: the chat template changed the user turn "
+                             "(it is not embedded verbatim), so its own text cannot be rewritten apart from it")
+        return singularise(before) + text[len(before):len(text) - len(after)] + singularise(after)
+
+    return wrapped

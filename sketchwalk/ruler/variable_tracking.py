@@ -14,7 +14,13 @@ from .words import distinct, random_letters
 ICL_TOKENS = 500      # RULER sizes its one in-context example to 500 tokens (no chat template, no answer)
 ICL_NAME_LEN = 3      # RULER's example uses 3-letter names (5 in the real question) ...
 ICL_MAX_HOPS = 10     # ... and at most 10 hops
+ICL_STEP = 5          # RULER's search/back-off step for the example, in noise lines ...
+STEP = 10             # ... and for the question, at every length (RULER's `incremental`)
 NAME_LEN = 5
+
+# RULER's statements, byte for byte: a hop ends in a space, the value statement does not.
+VALUE_STATEMENT = "VAR {name} = {value}"
+HOP_STATEMENT = "VAR {name} = VAR {prev} "
 
 
 def _value(rng: random.Random, exclude=frozenset()) -> str:
@@ -35,8 +41,8 @@ def _chains(rng: random.Random, num_chains: int, num_hops: int, name_len: int,
     chains, values = [], []
     for chain_names in per_chain:
         values.append(_value(rng, {value_exclude, *values}))
-        lines = [f"VAR {chain_names[0]} = {values[-1]}"]
-        lines += [f"VAR {chain_names[j + 1]} = VAR {chain_names[j]}" for j in range(num_hops)]
+        lines = [VALUE_STATEMENT.format(name=chain_names[0], value=values[-1])]
+        lines += [HOP_STATEMENT.format(name=chain_names[j + 1], prev=chain_names[j]) for j in range(num_hops)]
         chains.append(lines)
     return per_chain, chains, values[0]
 
@@ -44,8 +50,10 @@ def _chains(rng: random.Random, num_chains: int, num_hops: int, name_len: int,
 def _noise_with_chains(layout_rng: random.Random, n: int, chains: list[list[str]]) -> str:
     lines = [NOISE_LINE] * n
     for chain in chains:
-        # Sorted slots plus the running offset j keep each chain in order (as in RULER).
-        slots = sorted(layout_rng.sample(range(len(lines) + 1), len(chain)))
+        # Sorted slots plus the running offset j keep each chain in order (as in RULER). Slots
+        # are among the current lines, so a statement always goes before an existing line, never
+        # after the last one (RULER samples from range(len(sentences))).
+        slots = sorted(layout_rng.sample(range(len(lines)), len(chain)))
         for j, (slot, stmt) in enumerate(zip(slots, chain)):
             lines.insert(slot + j, stmt)
     return "\n".join(lines)
@@ -67,17 +75,18 @@ class IclLayout:
     num_hops: int
 
     def render(self, rng: random.Random, value_exclude: str = "") -> str:
-        """The example as text: question, answer prefix and its answer, then a newline."""
+        """The example as text: question, answer prefix, a space and its answer, then a newline."""
         names, chains, value = _chains(rng, self.num_chains, self.num_hops, ICL_NAME_LEN, value_exclude)
         context = _noise_with_chains(random.Random(self.layout_seed), self.noise_lines, chains)
         question, prefix = _question(context, value, self.num_hops + 1)
-        # The answer prefix ends in ': ', so the names follow it directly.
-        return question + prefix + " ".join(names[0]) + "\n"
+        # RULER appends " " + the names to the example's prompt, which already ends in the answer
+        # prefix's ': ', so its example reads 'they are:  ABC DEF' with two spaces; kept byte for byte.
+        return question + prefix + " " + " ".join(names[0]) + "\n"
 
 
 def fit_icl(spec: TaskSpec, seed_text: str, count_tokens: Callable[[str], int], search) -> IclLayout:
     """Size the example to ICL_TOKENS tokens (raw text, no chat template, as RULER counts it)
-    with `search` (fitting.search_units); RULER's step for it is 5 noise lines."""
+    with `search` (fitting.search_units); RULER's step for it is ICL_STEP (5) noise lines."""
     hops = min(ICL_MAX_HOPS, spec.num_hops)
     layout_seed = seed_text + ":icl-layout"
 
@@ -85,7 +94,7 @@ def fit_icl(spec: TaskSpec, seed_text: str, count_tokens: Callable[[str], int], 
         return count_tokens(IclLayout(n, layout_seed, spec.num_chains, hops).render(random.Random(seed_text + ":icl-fit")))
 
     # A chain of h+1 statements needs at least h noise lines to be spread over.
-    n = search(cost, ICL_TOKENS, lo=hops + 1, step=5, cap=None)
+    n = search(cost, ICL_TOKENS, lo=hops + 1, step=ICL_STEP, cap=None)
     return IclLayout(n, layout_seed, spec.num_chains, hops)
 
 
@@ -96,8 +105,10 @@ class VariableTrackingBuilder:
 
     def __init__(self, spec: TaskSpec, max_seq_length: int, icl: Optional[IclLayout]):
         self.spec, self.icl = spec, icl
-        self.step = 25 if max_seq_length >= 4096 else 5
-        self.min_units = spec.num_hops + 1  # room to spread a chain's statements
+        # RULER backs a vt sample off by 10 lines at every length (not niah's 25 / 5 rule).
+        self.step = STEP
+        self.min_units = spec.num_hops + 1  # one line to go before for each of a chain's statements
+        self.grid_origin = None
         self.max_units = None
 
     def build(self, rng: random.Random, n: int) -> TaskPrompt:
