@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Optional, Union
 
 import torch
@@ -27,7 +28,7 @@ from .attention import sparse_attention
 from .baselines import batched_decode_scores, decode_scores, prefill_scores
 from .batched_decode import BatchedSelection, DecodeBatch, batched_walk, dense_rows, feature_groups, select_rows
 from .decode_state import LayerDecodeState
-from .scores import compute_dtype, group_features, sketch_features, transition_rows
+from .scores import compute_dtype, group_features, sketch_features, softmax_rows, transition_rows
 from .selection import BlockSelection, BlockSelector
 from .sketch import block_means, sketch_matrix
 from .walk import walk_update
@@ -342,8 +343,15 @@ class SketchWalkRuntime:
         return w, LayerDecodeState.from_block_sums(cfg, layer, d, fe.q_sums, fe.k_sums, m, window_q, w)
 
     def _transition_of_sketches(self, q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int) -> torch.Tensor:
-        """W [nb, nb] of a prefill from its sketched block means q_sk, k_sk: [G, nb, r]."""
+        """W [nb, nb] of a prefill from its sketched block means q_sk: [G, nb, r] and key (sub-)block
+        means k_sk: [G, nb, r] ([G, nf, r] with sub-block scores)."""
         nb, device = q_sk.shape[-2], q_sk.device
+        if self.config.sub_blocks > 1 and self.uses_triton(device):
+            # Sub-block logits never materialise: the kernel reduces them to per-block log-sum-exps.
+            from ..kernels import block_logsumexp
+
+            scale = self.config.sparsity_exponent / math.sqrt(head_dim)
+            return softmax_rows(block_logsumexp(q_sk, k_sk, self.config.sub_blocks, scale))
         causal = self.selector.prefill_causal(nb, device)
         return transition_rows(q_sk, k_sk, self.selector.arange(nb, device), head_dim, self.config, causal=causal)
 

@@ -59,7 +59,7 @@ def transition_rows(q_sk: torch.Tensor, k_sk: torch.Tensor, row_blocks: torch.Te
             causal = causal & (cols[None, :] < key_blocks_valid)
     if f > 1:
         return coarse_softmax(_block_scores(q_sk, k_sk, head_dim, cfg), f, causal, sub_causal)
-    return _softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg).masked_fill(~causal, float("-inf")))
+    return softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg).masked_fill(~causal, float("-inf")))
 
 
 def current_transition_row(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
@@ -72,7 +72,7 @@ def current_transition_row(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int
         b = -(-k_sk.shape[-2] // cfg.sub_blocks)
         return coarse_softmax(_block_scores(q_sk, k_sk, head_dim, cfg), cfg.sub_blocks,
                               torch.ones(1, b, dtype=torch.bool, device=q_sk.device))
-    return _softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg))
+    return softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg))
 
 
 def coarse_softmax(logits: torch.Tensor, f: int, causal: torch.Tensor,
@@ -100,8 +100,9 @@ def _block_scores(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: Sk
     return cfg.sparsity_exponent * scores
 
 
-def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[G, rows, b] masked logits -> mean over G of the row softmaxes: [rows, b]."""
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[G, rows, b] masked logits (-inf outside the causal columns) -> mean over G of the row
+    softmaxes: [rows, b]. Also W from per-block log-sum-exps of sub-block logits (kernels.block_logsumexp)."""
     p = torch.softmax(logits, dim=-1)
     # The mean over a single group is the value itself (x / 1): skip the launch.
     return p[0] if p.shape[0] == 1 else p.mean(0)
