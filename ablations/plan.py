@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from search.spec import RunSettings, Tracking
 from sketchwalk.config import PHASES, ConfigError, SketchWalkConfig
+from sketchwalk.input_errors import first_error
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SketchWalkConfig))
 SELECTORS = ("sketchwalk", "oracle", "random", "streaming")
@@ -170,16 +171,6 @@ class Variant:
 
 # -- loading ----------------------------------------------------------------------------------
 
-def _pydantic_error(exc: ValidationError) -> PlanError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        model = VariantSources if loc[:1] == ["variants"] and len(loc) == 2 else AblationPlan
-        msg = f"unknown key; allowed: {list(model.model_fields)}"
-    return PlanError(".".join(loc) or "<root>", f"{msg} (got {err.get('input')!r})")
-
-
 def parse_plan(data: Any, *, source: str = "<dict>") -> AblationPlan:
     """Validate a mapping into an AblationPlan and expand its variants once (so every error,
     including a bad config value deep in `variants`, surfaces here); raises PlanError."""
@@ -190,7 +181,8 @@ def parse_plan(data: Any, *, source: str = "<dict>") -> AblationPlan:
     try:
         plan = AblationPlan.model_validate(data)
     except ValidationError as exc:
-        raise _pydantic_error(exc) from None
+        field, msg = first_error(exc, AblationPlan)
+        raise PlanError(field or "<root>", msg) from None
     if plan.base is not None and plan.base_from is not None:
         raise PlanError("base_from", "base and base_from exclude each other: give the config inline or as a file")
     if plan.variants.selectors != list(SELECTORS) and not plan.variants.densities:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sketchwalk.config import ConfigError, SketchWalkConfig
+from sketchwalk.input_errors import first_error
 
 from .records import OBJECTIVES
 
@@ -264,25 +265,6 @@ class SweepSpec(RunSettings):
 
 # -- loading ----------------------------------------------------------------------------------
 
-def _field_path(loc: tuple) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("categorical", "int", "float")
-                                         or p in ("CategoricalParam", "IntParam", "FloatParam"))]
-    return ".".join(parts) or "<root>"
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    """The keys the model at `loc` (a pydantic error location, without the bad key) accepts."""
-    model: Any = SweepSpec
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
-        if field is None:  # inside a dict (space.<name>) or a param union: the tag picks the class
-            model = {"categorical": CategoricalParam, "int": IntParam, "float": FloatParam}.get(part, model)
-            continue
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
-    return sorted(getattr(model, "model_fields", {}))
-
-
 def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
     """Validate a mapping into a SweepSpec; raises SweepSpecError naming the first bad field."""
     if not isinstance(data, dict):
@@ -292,13 +274,8 @@ def parse_spec(data: dict[str, Any], *, source: str = "<dict>") -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err.get("type") == "union_tag_invalid" or "discriminator" in err.get("type", ""):
-            msg += " (param type must be categorical, int or float)"
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed keys here: {_allowed_keys(err['loc'][:-1])}"
-        raise SweepSpecError(_field_path(err["loc"]), f"{msg} (got {err.get('input')!r})") from None
+        field, msg = first_error(exc, SweepSpec)
+        raise SweepSpecError(field or "<root>", msg) from None
     check_space_values(spec)
     return spec
 

@@ -260,7 +260,7 @@ BAD_SWEEPS = {
                            "in-memory"),
     "tracking-unreachable": ({}, ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri", "unreachable"),
     "unwritable-runs": ({}, lambda t, m: _unwritable_workdir(t), "--workdir", "cannot create"),
-    "unknown-top-level-key": ({"spaces": {}}, [], "sweep.spaces", "allowed keys here: ['analysis'"),
+    "unknown-top-level-key": ({"spaces": {}}, [], "sweep.spaces", "unknown key; allowed keys here: ['name', 'model'"),
     "unknown-nested-key": ({"budget": {"trails": 3}}, [], "sweep.budget.trails", "['trials', 'wall_time_s']"),
     "int-range-over-powers-of-two": ({"space": {"sketch_dim": {"type": "int", "low": 16, "high": 64}}}, [],
                                      "sweep.space.sketch_dim", "values [16, 32, 64]"),

@@ -518,7 +518,7 @@ def _write_suite(tmp_path, text):
     ("tasks: [niah_single_1, needle_x]\nlengths: [1024]\nsamples: 2",
      r"s\.yaml: tasks\.1: unknown task 'needle_x'; known tasks: niah_single_1, "),
     ("tasks: [qa_1]\nlengths: [1024]\nsamples: 2", r"tasks\.0: task qa_1 cannot be generated.*imports"),
-    ("tasks: vt\nlengths: [1024]\nsamples: 2", r"tasks: Input should be a list \(got 'vt'\)"),
+    ("tasks: vt\nlengths: [1024]\nsamples: 2", r"tasks: Input should be a valid list \(got 'vt'\)"),
     ("tasks: [vt]\nlengths: [1024, -5]\nsamples: 2", r"lengths\.1: length must be positive, got -5"),
     ("tasks: [vt]\nlengths: [1024, 0]\nsamples: 2", r"lengths\.1: length must be positive"),
     ("tasks: [vt]\nlengths: [1024, 4x]\nsamples: 2", r"lengths\.1: invalid length '4x': use tokens \(8192\) or k-units"),

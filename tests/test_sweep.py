@@ -55,7 +55,7 @@ def test_default_space_leaves_out_configs_that_cannot_work_on_the_bundled_model(
     ({"space": {"density": {"type": "float", "low": 0.0, "high": 0.5}}}, "space.density.low", "(0, 1]"),
     ({"space": {"skip_layers": {"type": "int", "low": -1, "high": 3}}}, "space.skip_layers.low", ">= 0"),
     ({"space": {"nope": {"type": "int", "low": 0, "high": 1}}}, "space", "not a SketchWalkConfig field"),
-    ({"space": {"density": {"type": "flot", "low": 0.1, "high": 0.2}}}, "space.density", "categorical, int or float"),
+    ({"space": {"density": {"type": "flot", "low": 0.1, "high": 0.2}}}, "space.density", "expected tags: 'categorical', 'int', 'float'"),
     ({"objectives": ["acc"]}, "objectives", "allowed"),
     ({"budget": {"trials": 0}}, "budget.trials", "greater than or equal to 1"),
     ({"backend": "dask"}, "backend", "optuna"),
@@ -63,6 +63,10 @@ def test_default_space_leaves_out_configs_that_cannot_work_on_the_bundled_model(
     ({"base": {"walk": "zigzag"}}, "base.walk", "product"),
     ({"resources": {"gpus": -1}}, "resources.gpus", "auto"),
     ({"extra_key": 1}, "extra_key", "unknown key"),
+    # The param's tag picks its model (and is no part of the path); so does a plain union's member.
+    ({"space": {"density": {"type": "float", "low": 0.1, "high": 0.2, "lo": 1}}}, "space.density.lo",
+     "unknown key; allowed keys here: ['type', 'low', 'high', 'log', 'step', 'when'] (got 1)"),
+    ({"resources": {"gpus": "x"}}, "resources.gpus", "Input should be 'auto' (got 'x')"),
 ])
 def test_spec_errors_name_the_field(patch, field, needle):
     data = {"name": "t", "space": SPACE}

@@ -1,6 +1,7 @@
 """What a suite file may hold: `Suite` and `SuiteImport` (pydantic, like the sweep file and the
 ablation plan), and `suite_error`, which turns their validation errors into one RulerError line
-naming the field (a dotted path, e.g. `imports.0.task`) and what is allowed there."""
+naming the field (a dotted path, e.g. `imports.0.task`) and what is allowed there
+(`sketchwalk.input_errors.first_error`, shared with the sweep file and the ablation plan)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
+from ..input_errors import first_error
 from .errors import RulerError
 from .tasks import IMPORT_ONLY, TASKS
 from .templates import TASK_FAMILY
@@ -152,24 +154,11 @@ class Suite(_Strict):
 
 
 FILE_KEYS = tuple(k for k in Suite.model_fields if k != "source")
-IMPORT_KEYS = tuple(SuiteImport.model_fields)
 
 
 def suite_error(exc: ValidationError, where: str) -> RulerError:
-    """The first error of a suite's validation as one line: `<where>: <field>: <what is wrong and
-    what is allowed> (got <value>)`. An unknown key is reported first and lists the allowed keys."""
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # stable: file order otherwise
-    err = errors[0]
-    loc = tuple(err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        inside_import = len(loc) == 3 and loc[0] == "imports"
-        msg = f"unknown key; allowed keys here: {list(IMPORT_KEYS if inside_import else FILE_KEYS)}"
-    elif err["type"] == "tuple_type":
-        msg = "Input should be a list"  # pydantic says tuple; in YAML it is a list
-    value = err.get("input")
-    # A whole-suite check (loc empty) would print the whole file; a name it already quotes, twice.
-    if loc and err["type"] != "missing" and not (isinstance(value, str) and repr(value) in msg):
-        msg += f" (got {value!r})"
-    field = ".".join(str(p) for p in loc)
+    """The first error of a suite's validation as one line, `<where>: <field>: <message>`, worded by
+    `sketchwalk.input_errors.first_error` as the sweep file's and the ablation plan's are."""
+    # `source` is set by the loader, so it is no key a file may hold (FILE_KEYS).
+    field, msg = first_error(exc, Suite, hidden=("source",))
     return RulerError(f"{where}: {field}: {msg}" if field else f"{where}: {msg}")
