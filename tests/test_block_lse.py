@@ -1,32 +1,23 @@
 """`block_logsumexp` (sub-block block scores reduced in Triton) against its PyTorch statement and
 against the transition rows the reference computes from the full logits.
 
-Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set before Triton is first
-imported, as in test_block_sketch.py); with CUDA the same cases run compiled. The runtime wiring
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets
+before Triton is first imported); with CUDA the same cases run compiled. The runtime wiring
 (backend = triton with score_block_size) is covered in test_backend.py and test_batched_decode.py.
 """
 from __future__ import annotations
 
 import math
-import os
-import sys
 
+import pytest
 import torch
 
-_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.kernels import block_logsumexp, block_logsumexp_reference
+from sketchwalk.method.scores import softmax_rows, transition_rows
 
-import pytest  # noqa: E402
-
+# tests/conftest.py sets TRITON_INTERPRET=1 without CUDA before anything imports triton.
 triton = pytest.importorskip("triton", reason="Triton is not installed: the kernels cannot run")
-if _PREIMPORTED and not torch.cuda.is_available():
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its interpreter cannot run here; "
-                "set TRITON_INTERPRET=1 in the environment", allow_module_level=True)
-
-from sketchwalk.config import SketchWalkConfig  # noqa: E402
-from sketchwalk.kernels import block_logsumexp, block_logsumexp_reference  # noqa: E402
-from sketchwalk.method.scores import softmax_rows, transition_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
