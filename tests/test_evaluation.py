@@ -597,3 +597,74 @@ def test_eval_result_carries_the_config_object_through_json(tmp_path):
     back = EvalResult.from_dict(data)
     assert isinstance(back.config, SketchWalkConfig) and back.config == cfg
     assert EvalResult.from_dict(_result().to_dict()).config is None
+
+
+def test_batches_shrink_to_fit_the_decode_state(monkeypatch, capsys):
+    """With little free device memory, batched answers run in smaller batches that fit the runtime's
+    decode state (memory_batch_size), with a note saying so; the answers are those of the full batch.
+    Without a limit (CPU: no free-memory figure) the batch stays as asked."""
+    from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.evaluation import harness
+    from sketchwalk.method.batched_decode import decode_state_bytes
+
+    model, tok = _tiny_llama(), _CharTokenizer()
+    samples = {("niah_single_1", 128): [{"input": "q" * (90 + 5 * i), "answer_prefix": "", "outputs": ["ab"],
+                                         "index": i} for i in range(4)]}
+    cfg = SketchWalkConfig(block_size=16, sketch_dim=16, skip_layers=1, density=0.3, score_block_size=1,
+                           head_aggregation="sum_probs", walk="none")
+    sizes = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, **kw: sizes.append(ids.shape[0]) or real_generate(ids, **kw))
+    full = harness.evaluate(model, tok, cfg, samples, progress=False, batch_size=4, timing_samples=1)
+    assert sizes[-1] == 4  # one batch of 4 (after the batch-1 timing pass)
+    per_seq = decode_state_bytes(cfg, 3, 4, 16, 115 + 128)  # longest prompt + the task's answer budget
+    assert per_seq > 0
+    monkeypatch.setattr(harness, "_free_device_bytes", lambda device: int(2.5 * per_seq / harness.DECODE_STATE_SHARE))
+    sizes.clear()
+    small = harness.evaluate(model, tok, cfg, samples, progress=True, batch_size=4, timing_samples=1)
+    assert sizes[1:] == [2, 2]  # 2.5 sequences fit: batches of 2
+    assert [s.prediction for s in small.samples] == [s.prediction for s in full.samples]
+    assert "answering in batches of 2, not 4" in capsys.readouterr().out
+    assert full.density == small.density
+
+
+def test_decode_state_estimate_matches_what_the_runtime_holds():
+    """decode_state_bytes against the bytes of the float tensors a runtime really keeps: the larger of
+    its per-sequence states after a prefill and its batched state after one decode step, within 30%;
+    and 0 for dense decode or a baseline selector."""
+    import torch
+
+    from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.method import SketchWalkRuntime
+    from sketchwalk.method.batched_decode import decode_state_bytes
+
+    layers, hq, hkv, d, n, bsz = 3, 4, 2, 16, 200, 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(bsz, h, n + 1, d, generator=g) for h in (hq, hkv, hkv))
+    for kw in (dict(score_block_size=1, head_aggregation="sum_probs", walk="none"), dict(score_block_size=4), {}):
+        cfg = SketchWalkConfig(block_size=16, sketch_dim=16, skip_layers=1, density=0.3, **kw)
+        rt = SketchWalkRuntime(cfg)
+        for layer in range(layers):
+            rt.attention(layer, q[:, :, :n], k[:, :, :n], v[:, :, :n], None, 0.25)
+        after_prefill = _float_bytes(st for per in rt._states.values() for st in per if st is not None)
+        for layer in range(layers):
+            rt.attention(layer, q[:, :, n:], k, v, None, 0.25)
+        after_step = _float_bytes(rt._batch.layers.values())
+        held = max(after_prefill, after_step)
+        est = bsz * decode_state_bytes(cfg, layers, hq, d, n)
+        assert 0.7 * held <= est <= 1.3 * held, (kw, held, est)
+    assert decode_state_bytes(SketchWalkConfig(phases="prefill"), 30, 9, 64, 8192) == 0
+    assert decode_state_bytes(SketchWalkConfig(selector="oracle"), 30, 9, 64, 8192) == 0
+
+
+def _float_bytes(objects) -> int:
+    """Bytes of the distinct floating-point tensors held as attributes of `objects`."""
+    import torch
+
+    seen, total = set(), 0
+    for obj in objects:
+        for t in vars(obj).values():
+            if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total

@@ -14,6 +14,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import SketchWalkConfig
 from ..integration import attach, detach
+from ..method.batched_decode import decode_state_bytes
+from ..model_shape import model_shape
 from ..ruler.scoring import metric_for_task, postprocess
 from ..ruler.templates import tokens_to_generate
 from .result import EvalResult, SampleResult
@@ -264,8 +266,12 @@ def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int
         job = bar.add_task(f"answering (batch {batch_size})", total=len(flat))
         for length in sorted(by_length):
             order = sorted(by_length[length], key=lambda i: (int(encoded[i].numel()), i))
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
+            tokens = max(int(encoded[i].numel()) + tokens_to_generate(flat[i][0]) for i in order)
+            size, why = memory_batch_size(model, runtime, batch_size, tokens, _free_device_bytes(device))
+            if why:
+                bar.console.print(f"note: {length} tokens: {why}", soft_wrap=True)
+            for start in range(0, len(order), size):
+                chunk = order[start:start + size]
                 ids, mask = _left_pad([encoded[i] for i in chunk], pad if pad is not None else 0)
                 budgets = [tokens_to_generate(flat[i][0]) for i in chunk]
                 tracker = _AnswerTracker(runtime, budgets, eos)
@@ -288,6 +294,34 @@ def _run_batched(model, tokenizer, flat, device, progress: bool, batch_size: int
                                               t.prefill_forward_s if t else None, position=position)
                 bar.advance(job, len(chunk))
     return results
+
+
+# Share of the device's free memory a batch's Sketch&Walk decode state may take: the rest is for
+# the KV cache, activations and the allocator's slack.
+DECODE_STATE_SHARE = 0.5
+
+
+def memory_batch_size(model, runtime, batch_size: int, tokens: int, free_bytes: Optional[int]) -> tuple[int, str]:
+    """(batch size that fits, '' or why it was lowered) for left-padded batches of prompts up to
+    `tokens` tokens (prompt + answer budget): the runtime's decode state (`decode_state_bytes`, per
+    sequence) may use DECODE_STATE_SHARE of `free_bytes` (None: no limit, e.g. on the CPU). Batching
+    changes no answer, so a smaller batch is safe; it only takes longer."""
+    if runtime is None or free_bytes is None or batch_size == 1:
+        return batch_size, ""
+    layers, head_dim = model_shape(model.config)
+    per_seq = decode_state_bytes(runtime.config, layers, int(model.config.num_attention_heads), head_dim, tokens)
+    if per_seq == 0:
+        return batch_size, ""
+    fits = max(1, int(DECODE_STATE_SHARE * free_bytes // per_seq))
+    if fits >= batch_size:
+        return batch_size, ""
+    return fits, (f"answering in batches of {fits}, not {batch_size}: the Sketch&Walk decode state needs about "
+                  f"{per_seq / 2 ** 30:.2f} GiB per sequence and {free_bytes / 2 ** 30:.1f} GiB are free")
+
+
+def _free_device_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of a CUDA device in bytes; None elsewhere (no limit is applied)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 class _AnswerTracker(StoppingCriteria):

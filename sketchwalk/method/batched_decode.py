@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import SketchWalkConfig
-from .decode_state import LayerDecodeState
+from .decode_state import LayerDecodeState, state_capacity
 from .scores import sketch_features, transition_rows
 from .selection import BlockSelection, BlockSelector
 
@@ -452,3 +452,27 @@ class DecodeBatch:
                 raise _out_of_sync(layer_idx, m - 1, None if st is None else st.n_tokens)
         state = self.layers[layer_idx] = BatchedDecodeState.from_states(states, plan)
         return state
+
+
+def decode_state_bytes(cfg: SketchWalkConfig, num_layers: int, q_heads: int, head_dim: int, tokens: int) -> int:
+    """Estimated bytes of one sequence's Sketch&Walk decode state after a prefill of `tokens` tokens
+    (all its sparse layers; fp32), for sizing a batch before it runs.
+
+    Per sparse layer it holds the key sums at the score granularity for G feature rows (G = q_heads
+    with sum_probs, else 1), the query-block sums and W: after the prefill in the per-sequence state
+    (`LayerDecodeState`, capacity 2 x blocks), from the first decode step in the batched state (the
+    sums and their sketches, `batch_capacity`; each layer's per-sequence copy is freed as it is
+    converted), so the peak is the larger of the two. Token-level scores (score_block_size 1) with
+    sum_probs make this the dominant memory of a batched evaluation (SmolLM2 at 8K: ~2.3 GiB per
+    sequence, so a batch of 110 does not fit in an H200's 139 GiB); the paper's scores need a few
+    MiB. 0 when decode is dense or a baseline selector (which keeps no state) is used.
+    """
+    if not cfg.sparse_decode or cfg.selector != "sketchwalk":
+        return 0
+    layers = max(0, num_layers - cfg.skip_layers)
+    g = q_heads if cfg.head_aggregation == "sum_probs" else 1
+    nb = -(-tokens // cfg.block_size)
+    cap, cap_b = state_capacity(nb), batch_capacity(nb)
+    per_sequence = cap * cfg.sub_blocks * g * head_dim + cap * g * head_dim + cap * cap
+    batched = 2 * cap_b * cfg.sub_blocks * g * head_dim + cap_b * g * head_dim + cap_b * cap_b
+    return layers * 4 * max(per_sequence, batched)

@@ -41,8 +41,8 @@ class LayerDecodeState:
         B = cfg.block_size
         g, m, d = qf.shape
         nb = -(-m // B)
-        qsum = qf.new_zeros(_capacity(nb), g, d)
-        ksum = kf.new_zeros(_capacity(nb) * cfg.sub_blocks, g, d)
+        qsum = qf.new_zeros(state_capacity(nb), g, d)
+        ksum = kf.new_zeros(state_capacity(nb) * cfg.sub_blocks, g, d)
         # index_add_ accumulates in token order, as the decode steps then continue (`+=`).
         pos = torch.arange(m, device=qf.device)
         qsum.index_add_(0, pos // B, qf.transpose(0, 1))
@@ -66,8 +66,8 @@ class LayerDecodeState:
         if q_sums.dim() == 2:
             q_sums, k_sums = q_sums[:, None], k_sums[:, None]
         nb, g, d = q_sums.shape
-        qsum = q_sums.new_zeros(_capacity(nb), g, d)
-        ksum = k_sums.new_zeros(_capacity(nb), g, d)
+        qsum = q_sums.new_zeros(state_capacity(nb), g, d)
+        ksum = k_sums.new_zeros(state_capacity(nb), g, d)
         qsum[:nb], ksum[:nb] = q_sums, k_sums
         if cfg.decode_query == "window" and (window_q is None or window_q.shape[1] != min(m, cfg.decode_window)):
             raise ValueError(f"decode_query = window needs the last min(m, decode_window) = "
@@ -209,6 +209,7 @@ class LayerDecodeState:
         return self.w
 
 
-def _capacity(nb: int) -> int:
+def state_capacity(nb: int) -> int:
     """Initial block capacity of the running sums for a prefill of nb blocks (room to decode as many)."""
     return max(16, 2 * nb)
+
