@@ -320,6 +320,12 @@ class SketchWalkRuntime:
         # Keys are pooled at the score granularity (sub-blocks when score_block_size is set).
         qm, km = block_means(qf, cfg.block_size), block_means(kf, cfg.score_block)  # [G, nb, d], [G, nf, d]
         nb = qm.shape[-2]
+        if cfg.sketch == "hadamard" and self.uses_triton(qf.device) and qm.dtype == torch.float32:
+            # The SRHT as one GEMM with its [d, r] matrix, as the fused front end applies it: with sub-block
+            # scores the butterfly's strided passes over every key sub-block (x G groups) dominated the front
+            # end on the GPU. Same linear map; values equal up to fp32 rounding.
+            m = sketch_matrix(head_dim, cfg.sketch_dim, cfg.seed, layer, qf.device)
+            return self._transition_of_sketches(qm @ m, km @ m, head_dim)
         # One SRHT call for both (rows are independent, so the values are those of two calls).
         sk = sketch_features(torch.cat([qm, km], dim=-2), cfg, layer)
         return self._transition_of_sketches(sk[:, :nb], sk[:, nb:], head_dim)
