@@ -133,17 +133,18 @@ def check_vt(content, prefix, outputs):
     assert m and content.index(VT_HEAD) == 0
     value = m.group(1)
     assert prefix == (" Answer: According to the chain(s) of variable assignment in the text above, "
-                      f"5 variables are assigned the value {value}, they are: ")
+                      f"5 variables are assgined the value {value}, they are: ")  # RULER's typo
     assert len(outputs) == 5 and all(re.fullmatch(r"[A-Z]{5}", o) for o in outputs) and len(set(outputs)) == 5
-    lines = question[len(VT_HEAD):m.start()].split("\n")
-    chain = [ln for ln in lines if ln.startswith("VAR ")]
-    # RULER's bytes: each hop statement ends in a space, the value statement does not.
+    # RULER's bytes: noise items ('...again.\\n') and statements joined by single spaces; each hop
+    # statement ends in a space, the value statement does not; the last item is a noise item.
+    context = question[len(VT_HEAD):m.start()]
+    items = re.findall(re.escape(NOISE_LINE + "\n") + r"|VAR [A-Z]+ = VAR [A-Z]+ |VAR [A-Z]+ = \d{5}", context)
+    assert " ".join(items) == context and items[-1] == NOISE_LINE + "\n"
+    chain = [it for it in items if it.startswith("VAR ")]
     assert chain == [f"VAR {outputs[0]} = {value}"] + [f"VAR {outputs[j + 1]} = VAR {outputs[j]} " for j in range(4)]
-    assert set(lines) == {NOISE_LINE} | set(chain)
-    assert lines[-1] == NOISE_LINE  # never a statement after the last noise line
     example = content[:content.rindex(VT_HEAD)]
-    # RULER's example answer: ' ' + names after the prefix's ': ', hence two spaces.
-    assert re.search(r"they are:  [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3}\n\n$", example)
+    # RULER's example answer: ' ' + names after the prefix's ': ' (two spaces), then four newlines.
+    assert re.search(r"they are:  [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3}\n\n\n\n$", example)
     assert value not in example
 
 
@@ -197,7 +198,7 @@ def test_template_strings_match_ruler_md():
     assert templates.ANSWER_PREFIXES["niah"] == " The special magic {type_needle_v} for {query} mentioned in the provided text are"
     assert templates.TEMPLATES["vt"] == VT_HEAD + "{context}\nQuestion: Find all variables that are assigned the value {query} in the text above."
     assert templates.ANSWER_PREFIXES["vt"] == (" Answer: According to the chain(s) of variable assignment in the text above, "
-                                                "{num_v} variables are assigned the value {query}, they are: ")
+                                                "{num_v} variables are assgined the value {query}, they are: ")  # RULER's typo
     assert templates.TEMPLATES["cwe"] == CWE_HEAD + "{context}" + CWE_TAIL
     assert templates.ANSWER_PREFIXES["cwe"] == CWE_PREFIX
     assert templates.TEMPLATES["fwe"] == FWE_HEAD + "{context}" + FWE_TAIL

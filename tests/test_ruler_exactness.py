@@ -73,13 +73,25 @@ def _vt_parts(content: str) -> tuple[str, str]:
     return content[:cut], content[cut:]
 
 
+VT_ITEM_RE = re.compile(re.escape(NOISE_LINE + "\n") + r"|VAR [A-Z]+ = VAR [A-Z]+ |VAR [A-Z]+ = \d{5}")
+
+
+def vt_items(part: str) -> list[str]:
+    """The items of a vt example's or question's haystack: RULER joins noise items ('...again.\\n')
+    and statements with single spaces, so joining them back must give the context exactly."""
+    context = part[len(VT_HEAD):part.index("\nQuestion: ")]
+    items = VT_ITEM_RE.findall(context)
+    assert " ".join(items) == context
+    return items
+
+
 # -- vt: statements byte for byte ----------------------------------------------------------------
 
 def test_vt_hop_statements_end_in_a_space_the_value_statement_does_not():
     (s,) = generate_task("vt", 1024, 1, SystemPromptTokenizer())
     example, question = _vt_parts(_user_turn(s["input"]))
     for part, hops in ((question, 4), (example, 4)):
-        statements = [ln for ln in part.split("\n") if ln.startswith("VAR ")]
+        statements = [it for it in vt_items(part) if it.startswith("VAR ")]
         assert len(statements) == hops + 1
         assert VALUE_RE.fullmatch(statements[0]), repr(statements[0])  # no trailing space
         for prev, line in zip(statements, statements[1:]):
@@ -87,17 +99,25 @@ def test_vt_hop_statements_end_in_a_space_the_value_statement_does_not():
             assert m, repr(line)
             assert line.endswith(" ") and not line.endswith("  ")
             assert m.group(2) == prev.split(" ")[1]  # each hop names the previous variable
-    names = [ln.split(" ")[1] for ln in question.split("\n") if ln.startswith("VAR ")]
+    names = [it.split(" ")[1] for it in vt_items(question) if it.startswith("VAR ")]
     assert s["outputs"] == names
+    # Inline, as RULER writes them: a hop and the next item are two spaces apart, and no line
+    # ends in a statement (every statement goes before a noise item).
+    assert f"VAR {names[1]} = VAR {names[0]}  " in question
+    assert all(ln.endswith("again.") or ln.startswith("Question: ") or ln in ("", VT_HEAD.strip())
+               for ln in question.split("\n")), question
 
 
 def test_vt_example_answer_has_rulers_double_space():
     (s,) = generate_task("vt", 1024, 1, SystemPromptTokenizer())
     example, _ = _vt_parts(_user_turn(s["input"]))
-    names = [ln.split(" ")[1] for ln in example.split("\n") if ln.startswith("VAR ")]
-    value = VALUE_RE.match([ln for ln in example.split("\n") if ln.startswith("VAR ")][0]).group(2)
-    # RULER: example prompt (ending in the prefix's ': ') + ' ' + ' '.join(names), then a blank line.
-    assert example.endswith(f"{value}, they are:  {' '.join(names)}\n\n")
+    statements = [it for it in vt_items(example) if it.startswith("VAR ")]
+    names = [st.split(" ")[1] for st in statements]
+    value = VALUE_RE.match(statements[0]).group(2)
+    # RULER: example prompt (ending in the prefix's ': ') + ' ' + ' '.join(names) + '\\n\\n', then
+    # '\\n\\n' before the question: two spaces before the names, four newlines after them.
+    assert example.endswith(f"{value}, they are:  {' '.join(names)}\n\n\n\n")
+    assert not example.endswith("\n\n\n\n\n")
     assert len(names) == 5 and all(len(n) == 3 for n in names)
 
 
@@ -163,17 +183,19 @@ def test_vt_and_noise_niah_never_end_on_an_insertion():
     chain = ["VAR A = 1", "VAR B = VAR A ", "VAR C = VAR B "]
     firsts = set()
     for seed in range(200):
-        lines = _noise_with_chains(random.Random(seed), 4, [chain]).split("\n")
-        assert lines[-1] == NOISE_LINE and [ln for ln in lines if ln.startswith("VAR")] == chain
-        firsts.add(lines[0])
+        context = _noise_with_chains(random.Random(seed), 4, [chain])
+        items = context.replace("VAR B = VAR A  ", "VAR B = VAR A \x00").replace("VAR C = VAR B  ", "VAR C = VAR B \x00")
+        items = [it for piece in items.split("\x00") for it in re.split(r"(?<=\n) |(?<=\d) ", piece) if it]
+        assert " ".join(items) == context and items[-1] == NOISE_LINE + "\n"
+        assert [it for it in items if it.startswith("VAR")] == chain and items.count(NOISE_LINE + "\n") == 4
+        firsts.add(items[0])
     assert chain[0] in firsts  # a statement may go before the first line
     tok = SystemPromptTokenizer()
     for seed in range(6):
         (s,) = generate_task("vt", 1024, 1, tok, seed=seed)
         example, question = _vt_parts(_user_turn(s["input"]))
         for part in (example, question):
-            body = part.split("\n\n", 1)[1].split("\nQuestion: ")[0].split("\n")
-            assert body[-1] == NOISE_LINE, body[-3:]
+            assert vt_items(part)[-1] == NOISE_LINE + "\n"
         for task in ("niah_single_1", "niah_multikey_2"):
             (s,) = generate_task(task, 1024, 1, tok, seed=seed)
             body = _user_turn(s["input"]).split("\n")[1:-1]

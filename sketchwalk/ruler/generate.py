@@ -19,7 +19,9 @@ from .variable_tracking import VariableTrackingBuilder, fit_icl
 #: by a suite's content (dense baselines: `evaluation.baseline.suite_fingerprint`) misses.
 #: 2: RULER's vt statements (hop trailing space, example's double space, 10-line step), line
 #: insertion before existing lines only, fwe's fixed shuffle seed and linear-search grid.
-GENERATOR_VERSION = 2
+#: 3: vt in RULER's bytes as lm_eval's port writes them: space-joined noise items that end in
+#: a newline (statements inline), four newlines after the example, 'assgined' (sic).
+GENERATOR_VERSION = 3
 
 
 def generate_task(task: str, max_seq_length: int, num_samples: int, tokenizer, *, seed: int = 42,

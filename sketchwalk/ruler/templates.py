@@ -2,7 +2,8 @@
 
 The strings are copied character for character from `../shared/docs/ruler.md` (they equal
 NVIDIA/RULER's `scripts/data/synthetic/constants.py`); scores are only comparable with
-published RULER numbers if they match exactly.
+published RULER numbers if they match exactly. One deliberate exception to the doc: the vt answer
+prefix says 'assgined' (sic), RULER's own typo in constants.py (the doc has 'assigned').
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ TEMPLATES: dict[str, str] = {
 ANSWER_PREFIXES: dict[str, str] = {
     "niah": " The special magic {type_needle_v} for {query} mentioned in the provided text are",
     "vt": (" Answer: According to the chain(s) of variable assignment in the text above, "
-           "{num_v} variables are assigned the value {query}, they are: "),
+           "{num_v} variables are assgined the value {query}, they are: "),
     "cwe": " Answer: The top 10 words that appear most often in the list are:",
     "fwe": " Answer: According to the coded text above, the three most frequently appeared words are:",
     "qa": " Answer:",

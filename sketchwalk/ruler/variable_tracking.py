@@ -19,6 +19,8 @@ STEP = 10             # ... and for the question, at every length (RULER's `incr
 NAME_LEN = 5
 
 # RULER's statements, byte for byte: a hop ends in a space, the value statement does not.
+NOISE_ITEM = NOISE_LINE + "\n"  # RULER's vt noise item carries its own newline
+ICL_SEPARATOR = "\n\n\n\n"  # RULER: the example ends in '\n\n' and '\n\n' follows it
 VALUE_STATEMENT = "VAR {name} = {value}"
 HOP_STATEMENT = "VAR {name} = VAR {prev} "
 
@@ -48,15 +50,20 @@ def _chains(rng: random.Random, num_chains: int, num_hops: int, name_len: int,
 
 
 def _noise_with_chains(layout_rng: random.Random, n: int, chains: list[list[str]]) -> str:
-    lines = [NOISE_LINE] * n
+    """The vt haystack in RULER's bytes: each noise item is the noise line plus a newline, items
+    and statements are joined by single spaces, so a line after the first starts with a space,
+    statements sit inline ('again.\\n VAR X = 12345 The grass'), a hop is followed by two spaces,
+    and the context ends in a newline (a blank line before 'Question:')."""
+    items = [NOISE_ITEM] * n
     for chain in chains:
         # Sorted slots plus the running offset j keep each chain in order (as in RULER). Slots
-        # are among the current lines, so a statement always goes before an existing line, never
+        # are among the current items, so a statement always goes before an existing item, never
         # after the last one (RULER samples from range(len(sentences))).
-        slots = sorted(layout_rng.sample(range(len(lines)), len(chain)))
+        slots = sorted(layout_rng.sample(range(len(items)), len(chain)))
         for j, (slot, stmt) in enumerate(zip(slots, chain)):
-            lines.insert(slot + j, stmt)
-    return "\n".join(lines)
+            items.insert(slot + j, stmt)
+    # RULER's clean-up after the join; a no-op for these statements, kept for fidelity.
+    return " ".join(items).replace(". \n", ".\n")
 
 
 def _question(context: str, value: str, num_v: int) -> tuple[str, str]:
@@ -75,13 +82,13 @@ class IclLayout:
     num_hops: int
 
     def render(self, rng: random.Random, value_exclude: str = "") -> str:
-        """The example as text: question, answer prefix, a space and its answer, then a newline."""
+        """The example as text: question, answer prefix, a space and its answer (no separator)."""
         names, chains, value = _chains(rng, self.num_chains, self.num_hops, ICL_NAME_LEN, value_exclude)
         context = _noise_with_chains(random.Random(self.layout_seed), self.noise_lines, chains)
         question, prefix = _question(context, value, self.num_hops + 1)
         # RULER appends " " + the names to the example's prompt, which already ends in the answer
         # prefix's ': ', so its example reads 'they are:  ABC DEF' with two spaces; kept byte for byte.
-        return question + prefix + " " + " ".join(names[0]) + "\n"
+        return question + prefix + " " + " ".join(names[0])
 
 
 def fit_icl(spec: TaskSpec, seed_text: str, count_tokens: Callable[[str], int], search) -> IclLayout:
@@ -118,6 +125,6 @@ class VariableTrackingBuilder:
         context = _noise_with_chains(rng, n, chains)
         question, prefix = _question(context, value, s.num_hops + 1)
         if self.icl is not None:
-            # RULER puts the example inside the user turn, a blank line before the question.
-            question = self.icl.render(rng, value_exclude=value) + "\n" + question
+            # RULER puts the example inside the user turn, three blank lines before the question.
+            question = self.icl.render(rng, value_exclude=value) + ICL_SEPARATOR + question
         return TaskPrompt(question, prefix, names[0])
