@@ -8,8 +8,10 @@ default). Then golden samples: a few samples regenerated with fixed seeds must e
 for character, the committed files in tests/data/ruler_golden/.
 
 The golden files were produced by our own generator after the fix and checked by hand against
-the rules above; they are NOT RULER's output. Comparing with RULER's generator output directly
-is blocked here: RULER's repository cannot be fetched in this environment. Regenerate them (after
+the rules above; they are not RULER's output. The comparison with RULER's own generator output
+is tests/test_ruler_reference.py: samples written by lm_eval's port of RULER's generators
+(tests/data/ruler_reference/, RULER's repository cannot be fetched here), taken apart into their
+random draws and rebuilt by our formatter, byte for byte. Regenerate the golden files (after
 a deliberate generator change, with GENERATOR_VERSION bumped) with
     python -m tests.test_ruler_exactness --regenerate     (from the repository root)
 All tests use stand-in tokenizers (no model) and run in seconds.
