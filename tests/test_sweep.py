@@ -50,6 +50,17 @@ def test_default_space_leaves_out_configs_that_cannot_work_on_the_bundled_model(
     assert spec.base["phases"] == "prefill"  # no objective of the default sweep measures decode
 
 
+def test_gpu_sweeps_search_the_selection_study_axes():
+    """The GPU sweep files search what the selector study found to matter (issue 16 / 20): token-level
+    key scores, summed per-head probabilities, no walk, a dense last prefill row, besides the paper."""
+    for name in ("gpu", "gpu-ray"):
+        space = load_spec(REPO / "sweeps" / f"{name}.yaml").space
+        assert {None, 1} <= set(space["score_block_size"].values), name
+        assert set(space["head_aggregation"].values) == {"mean_qk", "sum_probs"}, name
+        assert {"product", "none"} <= set(space["walk"].values), name
+        assert set(space["dense_last_blocks"].values) == {0, 1}, name
+
+
 @pytest.mark.parametrize("patch, field, needle", [
     ({"space": {"block_size": {"type": "categorical", "values": [48]}}}, "space.block_size.values", "[16, 32, 64, 128]"),
     ({"space": {"density": {"type": "float", "low": 0.0, "high": 0.5}}}, "space.density.low", "(0, 1]"),
