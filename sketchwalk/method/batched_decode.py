@@ -463,7 +463,7 @@ def decode_state_bytes(cfg: SketchWalkConfig, num_layers: int, q_heads: int, hea
     (`LayerDecodeState`, capacity 2 x blocks), from the first decode step in the batched state (the
     sums and their sketches, `batch_capacity`; each layer's per-sequence copy is freed as it is
     converted), so the peak is the larger of the two. Token-level scores (score_block_size 1) with
-    sum_probs make this the dominant memory of a batched evaluation (SmolLM2 at 8K: ~2.3 GiB per
+    sum_probs make this the dominant memory of a batched evaluation (SmolLM2 at 8K: ~1.1 GiB per
     sequence, so a batch of 110 does not fit in an H200's 139 GiB); the paper's scores need a few
     MiB. 0 when decode is dense or a baseline selector (which keeps no state) is used.
     """

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Optional, Union
 
 import torch
@@ -28,7 +27,7 @@ from .attention import sparse_attention
 from .baselines import batched_decode_scores, decode_scores, prefill_scores
 from .batched_decode import BatchedSelection, DecodeBatch, batched_walk, dense_rows, feature_groups, select_rows
 from .decode_state import LayerDecodeState
-from .scores import compute_dtype, group_features, sketch_features, softmax_rows, transition_rows
+from .scores import compute_dtype, group_features, score_scale, sketch_features, softmax_rows, transition_rows
 from .selection import BlockSelection, BlockSelector
 from .sketch import block_means, sketch_matrix
 from .walk import walk_update
@@ -356,8 +355,7 @@ class SketchWalkRuntime:
             # Sub-block logits never materialise: the kernel reduces them to per-block log-sum-exps.
             from ..kernels import block_logsumexp
 
-            scale = self.config.sparsity_exponent / math.sqrt(head_dim)
-            return softmax_rows(block_logsumexp(q_sk, k_sk, self.config.sub_blocks, scale))
+            return softmax_rows(block_logsumexp(q_sk, k_sk, self.config.sub_blocks, score_scale(head_dim, self.config)))
         causal = self.selector.prefill_causal(nb, device)
         return transition_rows(q_sk, k_sk, self.selector.arange(nb, device), head_dim, self.config, causal=causal)
 

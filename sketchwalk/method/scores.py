@@ -94,6 +94,12 @@ def coarse_softmax(logits: torch.Tensor, f: int, causal: torch.Tensor,
     return p[0] if p.shape[0] == 1 else p.mean(0)
 
 
+def score_scale(head_dim: int, cfg: SketchWalkConfig) -> float:
+    """The factor s / sqrt(head_dim) of the block scores s·Â (what `_block_scores` applies, in the
+    reference's order: the division first), for kernels that take it as one scalar."""
+    return cfg.sparsity_exponent / math.sqrt(head_dim)
+
+
 def _block_scores(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
     """s * Â = s * q̃·k̃ / sqrt(head_dim): [G, rows, b] (this association order is the reference's)."""
     scores = torch.matmul(q_sk, k_sk.transpose(-1, -2)) / math.sqrt(head_dim)
