@@ -85,7 +85,8 @@ def choose(records: list[TrialRecord], objectives: list[Objective], rule: "str |
     The speed objective is the first non-accuracy objective; accuracy is in x100 points.
     - fastest-within-drop:P: accuracy >= baseline accuracy - P; best on speed (ties: more accurate).
       Needs `baseline` (the dense run).
-    - most-accurate-under:V: speed value <= V; highest accuracy (ties: faster).
+    - most-accurate-under:V: speed value <= V (>= V for a maximised speed objective, e.g. a speedup);
+      highest accuracy (ties: faster).
     - knee: `knee_point` of the plain Pareto front over `objectives`.
     Records without a config (the dense baseline) are never chosen. Raises RuleError for a bad
     rule, ValueError for a missing baseline / speed objective, NoTrialMatches when nothing fits.
@@ -114,12 +115,14 @@ def choose(records: list[TrialRecord], objectives: list[Objective], rule: "str |
                 f"the best available accuracy is {best.value(acc):.2f} (trial {best.number}, drop {baseline.value(acc) - best.value(acc):.2f} points)"
             )
         return min(fits, key=lambda r: (_better(speed, r.value(speed)), -r.value(acc), r.number))
-    fits = [r for r in pool if r.value(speed) <= rule.value]
+    # The bound is on the speed objective's good side: at most `value` of a time, at least `value` of a speedup.
+    fits = [r for r in pool if (r.value(speed) >= rule.value if speed.maximize else r.value(speed) <= rule.value)]
     if not fits:
-        best = min(pool, key=lambda r: r.value(speed))
+        best = min(pool, key=lambda r: _better(speed, r.value(speed)))
         raise NoTrialMatches(
-            f"{rule}: no trial has {speed.name} <= {rule.value:g} ({speed.unit}); "
-            f"the lowest available {speed.name} is {best.value(speed):.4g} (trial {best.number})"
+            f"{rule}: no trial has {speed.name} {'>=' if speed.maximize else '<='} {rule.value:g} ({speed.unit}); "
+            f"the {'highest' if speed.maximize else 'lowest'} available {speed.name} is {best.value(speed):.4g} "
+            f"(trial {best.number})"
         )
     return min(fits, key=lambda r: (-r.value(acc), _better(speed, r.value(speed)), r.number))
 

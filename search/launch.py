@@ -199,7 +199,7 @@ def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] =
     baseline unless the sweep already recorded one (`baseline`), then run the study."""
     from .optuna_driver import run_study
     from .session import default_storage
-    from .trial import dense_result, load_workload, result_metrics, worker_tags
+    from .trial import baseline_metrics, dense_result, load_workload, worker_tags
 
     spec = session.spec
     display.log("loading the model and building the RULER samples (once for the whole sweep)")
@@ -215,8 +215,7 @@ def _run_optuna(session: SweepSession, display, baseline: Optional[EvalResult] =
     if baseline is None:
         started = time.time()
         baseline = dense_result(work, progress=False)
-        log_baseline(session, baseline, {**result_metrics(baseline, model=work.model), "worker_load_s": work.load_s,
-                                         "eval_s": time.time() - started}, worker_tags(), started_at=started)
+        log_baseline(session, baseline, baseline_metrics(work, baseline, started), worker_tags(), started_at=started)
         display.log(f"dense baseline: {_accuracy(baseline)}")
     work.baseline = baseline
     storage = spec.storage or default_storage(session.workdir)

@@ -30,7 +30,7 @@ from .records import Objective
 from .session import SweepSession, log_baseline, recorded_trial
 from .space import CONSTRAINT_ATTR, constraint_excess, make_sampler, suggest_params
 from .spec import CONFIG_FIELDS, VARIANT_PARAM, SweepSpec, SweepSpecError
-from .trial import Workload, dense_result, load_workload, objective_values, result_metrics, worker_tags
+from .trial import Workload, baseline_metrics, dense_result, load_workload, objective_values, worker_tags
 from .trial_body import Outcome, execute
 
 _WORKLOADS: dict[str, Workload] = {}  # per worker process: spec json -> loaded workload
@@ -111,7 +111,7 @@ def _baseline_task(session_dict: dict) -> dict:
     work = load_workload(session.spec)
     started = time.time()
     result = dense_result(work, progress=False)
-    metrics = {**result_metrics(result, model=work.model), "worker_load_s": work.load_s, "eval_s": time.time() - started}
+    metrics = baseline_metrics(work, result, started)
     return {"result": result.to_dict(), "metrics": metrics, "tags": worker_tags(_gpu_share()), "started_at": started}
 
 

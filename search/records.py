@@ -21,7 +21,11 @@ OBJECTIVES: dict[str, tuple[str, str, str]] = {
     "density": ("density", "minimize", "fraction of causal block pairs computed (prefill)"),
     "attention_flops": ("attention_tflop", "minimize", "TFLOP of attention per sample (prefill, measured density)"),
     "memory": ("peak_memory_mb", "minimize", "MiB (CUDA max_memory_allocated)"),
+    # At the deployment lengths of `speed:` (sketchwalk.bench.deploy), against the dense baseline's times there.
+    "prefill_speedup": ("prefill_speedup", "maximize", "x dense (prefill forward at the speed lengths, geometric mean)"),
+    "decode_speedup": ("decode_speedup", "maximize", "x dense (one decode step at the speed lengths, geometric mean)"),
 }
+SPEEDUP_OBJECTIVES = ("prefill_speedup", "decode_speedup")  # need `speed:` (and the dense baseline)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,12 +18,13 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sketchwalk.bench.deploy import DeploymentSpeed
 from sketchwalk.config import ConfigError, SketchWalkConfig
 from sketchwalk.input_errors import first_error
 
-from .records import OBJECTIVES
+from .records import OBJECTIVES, SPEEDUP_OBJECTIVES
 
-SPEED_AUTO = "speed"  # resolves to prefill_forward on CUDA, density on CPU (see resolve_objectives)
+SPEED_AUTO = "speed"  # resolves to prefill_speedup with `speed:`, else prefill_forward on CUDA, density on CPU
 BACKENDS = ("optuna", "ray")
 VARIANT_PARAM = "variant"  # the one parameter of a fixed-variant sweep; its values are the variant names
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=@,+-]{0,127}$")  # safe in MLflow filters and file names
@@ -176,6 +177,9 @@ class RunSettings(_Strict):
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
     storage: Optional[str] = None  # Optuna RDB URL; None = sqlite:///<workdir>/runs/optuna.db
+    # Speed at deployment lengths (sketchwalk.bench.deploy): accuracy stays on the suite's lengths, the
+    # speed objectives are timed here, e.g. {lengths: [32768, 65536], shape: null}. None = not timed.
+    speed: Optional[DeploymentSpeed] = None
 
 
 RUN_SETTINGS = tuple(RunSettings.model_fields)
@@ -249,6 +253,16 @@ class SweepSpec(RunSettings):
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not a SketchWalkConfig field; allowed: {list(CONFIG_FIELDS)}")
         return base
+
+    @model_validator(mode="after")
+    def _speedups_need_speed(self):
+        for o in self.objectives:
+            if o in SPEEDUP_OBJECTIVES and self.speed is None:
+                raise ValueError(f"objective {o!r} is measured at deployment lengths: add `speed: {{lengths: "
+                                 f"[32768, 65536]}}` (or use prefill_forward)")
+            if o == "decode_speedup" and self.speed is not None and not self.speed.decode:
+                raise ValueError("objective 'decode_speedup' needs speed.decode: true")
+        return self
 
     @model_validator(mode="after")
     def _cross(self):

@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Any, Optional
 
+from sketchwalk.bench.deploy import speedups
 from sketchwalk.config import SketchWalkConfig
 from sketchwalk.evaluation import EvalResult, evaluate
 from sketchwalk.evaluation.plan import EvalPlan, baseline_key, build_samples, load_model, prepare_run
@@ -20,7 +21,7 @@ from sketchwalk.model_shape import model_shape
 from tracking.names import TAG_WORKER_GPU_SHARE, TAG_WORKER_GPUS, TAG_WORKER_HOST, TAG_WORKER_PID
 
 from .records import Objective
-from .spec import SweepSpec
+from .spec import SweepSpec, SweepSpecError
 
 
 def plan_for(spec: SweepSpec) -> EvalPlan:
@@ -51,8 +52,10 @@ class Workload:
 
 
 def load_workload(spec: SweepSpec, *, device: Optional[str] = None) -> Workload:
-    """Load the model and build the samples of `spec` (seconds spent in `load_s`)."""
+    """Load the model and build the samples of `spec` (seconds spent in `load_s`). A `speed:` plan the
+    device cannot hold is refused here, before any trial (SweepSpecError naming `speed.lengths`)."""
     from sketchwalk import models
+    from sketchwalk.bench.deploy import SpeedPlanError
 
     t0 = time.perf_counter()
     plan = plan_for(spec)
@@ -61,6 +64,11 @@ def load_workload(spec: SweepSpec, *, device: Optional[str] = None) -> Workload:
     else:
         model, tokenizer = models.load(plan.model_spec, dtype=plan.dtype, device=device)
     samples = build_samples(plan, tokenizer)
+    if spec.speed is not None:
+        try:
+            spec.speed.check(model)
+        except SpeedPlanError as exc:
+            raise SweepSpecError(exc.field, str(exc).split(": ", 1)[1]) from None
     return Workload(spec, plan, model, tokenizer, samples, time.perf_counter() - t0)
 
 
@@ -69,7 +77,7 @@ def dense_result(work: Workload, *, cache_dir=None, progress: bool = True) -> Ev
     from sketchwalk.evaluation import dense_baseline
 
     key = baseline_key(work.plan, work.samples, work.model, batch_size=work.spec.batch_size,
-                       timing_samples=work.spec.timing_samples)
+                       timing_samples=work.spec.timing_samples, speed=work.spec.speed)
     work.baseline = dense_baseline(work.model, work.tokenizer, work.samples, key, cache_dir=cache_dir,
                                    model_name=work.spec.model, progress=progress)
     return work.baseline
@@ -85,7 +93,7 @@ def run_trial(work: Workload, config: Optional[SketchWalkConfig], *, progress: b
         return work.baseline
     return evaluate(work.model, work.tokenizer, config, work.samples, model_name=work.spec.model,
                     progress=progress, backend=work.spec.attention_backend, batch_size=work.spec.batch_size,
-                    timing_samples=work.spec.timing_samples)
+                    timing_samples=work.spec.timing_samples, speed=work.spec.speed)
 
 
 def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalResult] = None) -> dict[str, float]:
@@ -98,7 +106,10 @@ def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalRes
     decode_ms_per_token (mean over lengths of 1000 / median tokens/s) and decode_tok_s.<len>;
     density (prefill, all layers), density_decode, density_sparse_layers; attention_tflop
     (prefill attention FLOPs per sample at the measured density, mean over samples; needs `model`);
-    peak_memory_mb (CUDA only); accuracy_drop (points below `baseline`, when given).
+    peak_memory_mb (CUDA only); accuracy_drop (points below `baseline`, when given);
+    with a deployment-speed plan: prefill_ms_at.<len> / decode_ms_at.<len> (ms at each speed length)
+    and, against `baseline`'s times there, prefill_speedup.<len> / decode_speedup.<len> and their
+    geometric means prefill_speedup / decode_speedup (x dense).
     """
     m: dict[str, float] = {}
     for key, acc in result.accuracy.items():
@@ -127,7 +138,32 @@ def result_metrics(result: EvalResult, *, model=None, baseline: Optional[EvalRes
     if baseline is not None:
         m["accuracy_drop"] = baseline.accuracy["overall"]["mean"] - m["accuracy"]
         m["dense_accuracy"] = baseline.accuracy["overall"]["mean"]
+    _deployment_metrics(m, result, baseline)
     return m
+
+
+def baseline_metrics(work: Workload, result: EvalResult, started: float) -> dict[str, float]:
+    """The dense baseline run's MLflow metrics (either driver): its `result_metrics` against itself
+    (accuracy_drop 0, speedups 1 at the deployment lengths: its point on the front), the worker's
+    load time and the seconds since `started` (time.time())."""
+    return {**result_metrics(result, model=work.model, baseline=result), "worker_load_s": work.load_s,
+            "eval_s": time.time() - started}
+
+
+def _deployment_metrics(m: dict[str, float], result: EvalResult, baseline: Optional[EvalResult]) -> None:
+    """The deployment-length times (ms) and, with the dense baseline's, the speedups (see result_metrics)."""
+    speed = result.deployment_speed or {}
+    for phase in ("prefill", "decode"):
+        for n, ms in (speed.get(f"{phase}_ms") or {}).items():
+            m[f"{phase}_ms_at.{n}"] = ms
+    if not speed or baseline is None or not baseline.deployment_speed:
+        return
+    ratios = speedups(speed, baseline.deployment_speed)
+    for phase in ("prefill", "decode"):
+        for n, x in (ratios.get(phase) or {}).items():
+            m[f"{phase}_speedup.{n}"] = x
+        if ratios.get(phase):
+            m[f"{phase}_speedup"] = ratios[f"{phase}_mean"]
 
 
 def _log_by_length(m: dict[str, float], name: str, by_length: dict[str, float]) -> None:

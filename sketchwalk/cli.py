@@ -213,6 +213,40 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                         "32 new tokens each (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="attention backend: auto = Triton kernels on CUDA, PyTorch reference on CPU (default: auto)")
+    p.add_argument("--speed-lengths", default=None, metavar="L[,L...]",
+                   help="also time the prefill forward and one decode step at these deployment lengths (e.g. "
+                        "32k,64k; accuracy stays on the suite's lengths), against dense there")
+    p.add_argument("--speed-shape", default=None, metavar="NAME|config.json",
+                   help="with --speed-lengths: time a random-weight model of this shape (llama8b, smollm2, tiny, "
+                        "or a config.json) instead of the evaluated model")
+    p.add_argument("--speed-batch", type=_positive_int, default=1, metavar="N",
+                   help="with --speed-lengths: batch of the timed decode step (default: %(default)s)")
+
+
+def _speed_plan(args: argparse.Namespace):
+    """The DeploymentSpeed of --speed-lengths / --speed-shape / --speed-batch (None without lengths);
+    EvalInputError naming the flag on bad input."""
+    from pydantic import ValidationError
+
+    from .bench.deploy import DeploymentSpeed
+    from .evaluation.plan import EvalInputError
+    from .ruler import parse_length
+
+    if args.speed_lengths is None:
+        if args.speed_shape is not None or args.speed_batch != 1:
+            raise EvalInputError("--speed-shape / --speed-batch need --speed-lengths")
+        return None
+    try:
+        lengths = [parse_length(x.strip()) for x in args.speed_lengths.split(",") if x.strip()]
+    except ValueError as exc:
+        raise EvalInputError(f"--speed-lengths: {exc}") from None
+    try:
+        return DeploymentSpeed(lengths=lengths, shape=args.speed_shape, batch=args.speed_batch)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = {"lengths": "--speed-lengths", "shape": "--speed-shape", "batch": "--speed-batch"}.get(
+            str(err["loc"][0]) if err["loc"] else "", "--speed-lengths")
+        raise EvalInputError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -267,17 +301,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.plan import baseline_key
     from .evaluation.report import accuracy_delta, result_table, summary_lines, write_result
 
+    from .bench.deploy import SpeedPlanError
+    from .evaluation.plan import EvalInputError
+
     console = make_console()
+    try:
+        speed = _speed_plan(args)
+    except EvalInputError as exc:
+        return _input_error(console, exc)
     prepared = _prepare(console, args, dense=args.dense)
     if isinstance(prepared, int):
         return prepared
     plan, model, tokenizer, samples = prepared
+    if speed is not None:
+        try:
+            speed.check(model, plan.config)  # memory and the shape's limits, before the samples run
+        except (SpeedPlanError, ValueError) as exc:
+            return _input_error(console, EvalInputError(f"--speed-lengths: {exc}"))
 
     config_tag = plan.config.short_hash() if plan.config is not None else "dense"
     title = f"{plan.resolved.name} on {plan.suite.name}, {'dense' if plan.config is None else 'SketchWalk ' + config_tag}"
     baseline, extra = None, {"suite": plan.suite.to_dict()}
     cache_dir = args.cache_dir or _default_cache()
-    batching = {"batch_size": args.batch_size, "timing_samples": args.timing_samples}
+    batching = {"batch_size": args.batch_size, "timing_samples": args.timing_samples, "speed": speed}
     if plan.config is None:
         # A dense run is its own baseline: served from the cache, and stored there for later sparse runs.
         key = baseline_key(plan, samples, model, **batching)
@@ -292,13 +338,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             console.print(f"dense baseline: {'cached' if cached else 'computing'} ({key.path(cache_dir)})", highlight=False)
             baseline = dense_baseline(model, tokenizer, samples, key, cache_dir=cache_dir, model_name=args.model)
             extra["dense_baseline"] = {"accuracy": baseline.accuracy, "prefill_s": baseline.prefill_s,
+                                       "deployment_speed": baseline.deployment_speed,
                                        "decode_tokens_per_s": baseline.decode_tokens_per_s, "cached": cached}
         result = evaluate(model, tokenizer, plan.config, samples, model_name=args.model,
                           attention_timing=args.attention_timing, backend=args.backend, **batching)
     if baseline is not None:
         extra["accuracy_delta_vs_dense"] = accuracy_delta(result, baseline)
     console.print(result_table(result, title=title, baseline=baseline))
-    for line in summary_lines(result):
+    for line in summary_lines(result, baseline):
         console.print(line, highlight=False)
     path = write_result(args.out, result, model=args.model, suite=plan.suite.name, config_tag=config_tag, extra=extra)
     console.print(f"wrote {path}", highlight=False)

@@ -52,6 +52,30 @@ def test_kernel_equals_reference(g, f, nf, r):
     assert torch.allclose(full, block_logsumexp_reference(q, k, f, scale, causal=False), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows_per_program", [16, 32, 64])
+@pytest.mark.parametrize("precision,tol", [("ieee", 1e-4), ("tf32x3", 1e-4), ("tf32", 0.1)])
+def test_speed_knobs_keep_the_values(rows_per_program, precision, tol):
+    """Every tile size and dot precision gives the reference's log-sum-exps: ieee and tf32x3 to fp32
+    rounding, one-pass tf32 to its ~1e-3 relative error (on CUDA; the interpreter computes in fp32)."""
+    g, f, nf, r = 3, 8, 8 * 70 - 3, 64
+    rows = -(-nf // f)
+    q, k = _inputs(g, rows, nf, r, seed=11)
+    scale = 8.0 / math.sqrt(64)
+    want = block_logsumexp_reference(q, k, f, scale)
+    got = block_logsumexp(q, k, f, scale, rows_per_program=rows_per_program, precision=precision)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite], want[finite], atol=tol, rtol=1e-5)
+
+
+def test_bad_knobs_are_refused():
+    q, k = _inputs(1, 4, 64, 8, seed=0)
+    with pytest.raises(ValueError, match="rows_per_program"):
+        block_logsumexp(q, k, 16, 1.0, rows_per_program=8)
+    with pytest.raises(ValueError, match="precision"):
+        block_logsumexp(q, k, 16, 1.0, precision="fp16")
+
+
 @pytest.mark.parametrize("f", [16, 4, 2])
 def test_softmax_of_block_lse_is_the_references_transition(f):
     """W from the kernel's log-sum-exps equals `transition_rows` on the full sub-block logits (the

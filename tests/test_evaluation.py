@@ -668,3 +668,29 @@ def _float_bytes(objects) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
+
+
+def test_deployment_speed_is_timed_after_the_samples_and_counts_nothing():
+    """evaluate(speed=plan): the prefill / decode times at the plan's lengths land in
+    `deployment_speed` (on the evaluated model when the plan names no shape), while the answers
+    and the measured density are those of the run without it; a plan the device cannot hold is
+    refused before any sample runs."""
+    from sketchwalk.bench.deploy import DeploymentSpeed, SpeedPlanError
+    from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.evaluation.harness import evaluate
+
+    model, tok = _tiny_llama(), _CharTokenizer()
+    samples = {("niah_single_1", 128): [{"input": "q" * 110, "answer_prefix": "", "outputs": ["ab"], "index": 0}]}
+    cfg = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, density=0.3)
+    plan = DeploymentSpeed(lengths=[384, 256], repeats=1, warmup=0)
+    plain = evaluate(model, tok, cfg, samples, progress=False)
+    timed = evaluate(model, tok, cfg, samples, progress=False, speed=plan)
+    assert plain.deployment_speed == {}
+    speed = timed.deployment_speed
+    assert set(speed["prefill_ms"]) == set(speed["decode_ms"]) == {"256", "384"}
+    assert all(v > 0 for v in speed["prefill_ms"].values()) and speed["clock"] == "cpu"
+    assert [s.prediction for s in timed.samples] == [s.prediction for s in plain.samples]
+    assert timed.density == plain.density
+    assert EvalResult.from_dict(json.loads(timed.to_json())).deployment_speed == speed
+    with pytest.raises(SpeedPlanError, match="speed.lengths"):
+        evaluate(model, tok, cfg, samples, progress=False, speed=DeploymentSpeed(lengths=[2 ** 20]))

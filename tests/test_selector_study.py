@@ -188,3 +188,61 @@ def test_summary_takes_recalls_from_a_named_tensor_variant(tmp_path, capsys):
     assert "| 0.810 | 0.920 |" in (tmp_path / "out" / "summary.md").read_text()
     assert summary_main(args + ["--tensor-variant", "g"]) == 2
     assert "--tensor-variant" in capsys.readouterr().err
+
+
+def _suite_eval(scores, seed, density=0.2, config=None):
+    res = _eval(scores, density)
+    res["suite"] = {"name": f"s{seed}", "seed": seed, "samples": 4}
+    if config is not None:
+        res["config"] = config
+    return res
+
+
+def test_summary_pools_replicate_seeds(tmp_path):
+    """Replicates (one eval per suite seed, dense and variant in the same order): scores and paired
+    intervals over all samples, paired replicate by replicate; mismatched suites or configs are refused."""
+    d1 = _suite_eval({("a", 4096): [1, 1, 1, 1]}, 44, 1.0)
+    d2 = _suite_eval({("a", 4096): [1, 1, 0, 0]}, 45, 1.0)
+    v1 = _suite_eval({("a", 4096): [1, 1, 1, 0]}, 44, 0.2)
+    v2 = _suite_eval({("a", 4096): [1, 1, 0, 0]}, 45, 0.3, {"density": 0.2})  # same config, other measured density
+    s = summarize([d1, d2], {"v": [v1, v2]})
+    assert s["dense"] == {"4096": 75.0}  # 6 of 8
+    row = s["variants"][0]
+    assert row["4096"] == 62.5 and abs(row["density"] - 0.25) < 1e-12  # 5 of 8; mean density
+    assert row["diff_lo"]["4096"] < 0 <= row["diff_hi"]["4096"]  # differences [0, 0, 0, -1, 0, 0, 0, 0]
+    assert [r["seed"] for r in s["replicates"]] == [44, 45]
+    with pytest.raises(ValueError, match="differ from dense"):
+        summarize([d1, d2], {"v": [v2, v1]})
+    with pytest.raises(ValueError, match="different configs"):
+        summarize([d1, d2], {"v": [v1, _suite_eval({("a", 4096): [1, 1, 0, 0]}, 45, 0.3, {"density": 0.3})]})
+    paths = {}
+    for name, res in (("d1", d1), ("d2", d2), ("v1", v1), ("v2", v2)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(res))
+    assert summary_main(["--dense", str(paths["d1"]), "--dense", str(paths["d2"]), "--variant", f"v={paths['v1']}",
+                         "--variant", f"v={paths['v2']}", "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "Pooled over s44 (seed 44), s45 (seed 45)" in md and "| v | 0.250 | 62.5 (-12.5" in md
+
+
+def test_head_limit_orders_granularities_and_matches_the_study(record_dir, tmp_path):
+    """ablations.head_limit: per-head selections can only keep more of each head's own mass (head >= kv
+    >= shared, for the oracle by construction), at one measured density; its shared oracle is the
+    study's oracle (same recall); density 1 keeps everything; the CLI writes its table."""
+    from ablations.head_limit import main as limit_main
+    from ablations.head_limit import measure
+
+    base = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, dense_last_blocks=1)
+    rows = {(r["selector"], r["granularity"], r["density"]): r for r in measure([record_dir], [0.3, 1.0], base=base)}
+    for metric in ("recall_prefill", "recall_decode"):
+        o = [rows[("oracle", g, 0.3)][metric] for g in ("shared", "kv", "head")]
+        assert o[0] <= o[1] + 1e-9 <= o[2] + 2e-9, (metric, o)
+        assert o[2] < 1
+    assert len({round(r["density_prefill"], 9) for k, r in rows.items() if k[2] == 0.3}) == 1
+    assert all(abs(r["recall_prefill"] - 1) < 1e-5 and abs(r["recall_decode"] - 1) < 1e-5
+               for k, r in rows.items() if k[2] == 1.0)
+    ref = study([record_dir], {"oracle": base.replace(selector="oracle")}, [0.3]).rows[0]
+    assert math.isclose(rows[("oracle", "shared", 0.3)]["recall_prefill"], ref["recall_prefill"], rel_tol=1e-5)
+    assert limit_main([str(record_dir), "--density", "0.3", "--out", str(tmp_path)]) == 0
+    assert "| oracle | kv | 0.30 |" in (tmp_path / "head_limit.md").read_text()
+    assert limit_main([str(tmp_path), "--out", str(tmp_path)]) == 2

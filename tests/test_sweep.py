@@ -61,6 +61,18 @@ def test_gpu_sweeps_search_the_selection_study_axes():
         assert set(space["dense_last_blocks"].values) == {0, 1}, name
 
 
+def test_gpu_sweeps_time_speed_at_deployment_lengths():
+    """Issue 17 part 4: the GPU sweeps keep accuracy on RULER at 4K/8K but take their speed objective
+    (x dense, maximised) from the model timed at 32K and 64K, decode step included."""
+    from search.space import resolve_objectives
+
+    for name in ("gpu", "gpu-ray"):
+        spec = load_spec(REPO / "sweeps" / f"{name}.yaml")
+        assert spec.speed.lengths == [32768, 65536] and spec.speed.shape is None and spec.speed.decode, name
+        objs = resolve_objectives(spec, cuda=True)
+        assert [(o.name, o.direction) for o in objs] == [("accuracy", "maximize"), ("prefill_speedup", "maximize")]
+
+
 @pytest.mark.parametrize("patch, field, needle", [
     ({"space": {"block_size": {"type": "categorical", "values": [48]}}}, "space.block_size.values", "[16, 32, 64, 128]"),
     ({"space": {"density": {"type": "float", "low": 0.0, "high": 0.5}}}, "space.density.low", "(0, 1]"),

@@ -158,12 +158,14 @@ def variants(settings: E2ESettings, head_dim: int) -> list[Variant]:
 
 
 class Bench:
-    """The model under test and how to time its prefill and decode calls."""
+    """The model under test and how to time its prefill and decode calls: the median of `repeats`
+    timed calls after `warmup` untimed ones, on random token ids drawn from `seed`."""
 
-    def __init__(self, model, name: str, device: torch.device, settings: E2ESettings):
-        self.model, self.name, self.device, self.s = model, name, device, settings
+    def __init__(self, model, name: str, device: torch.device, *, repeats: int, warmup: int, seed: int):
+        self.model, self.name, self.device = model, name, device
+        self.repeats, self.warmup = repeats, warmup
         self.vocab = model.config.vocab_size
-        self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def ids(self, batch: int, n: int) -> torch.Tensor:
         return torch.randint(0, self.vocab, (batch, n), generator=self.gen).to(self.device)
@@ -171,16 +173,19 @@ class Bench:
     def _prefill(self, ids):
         return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
 
-    def measure(self, phase: str, n: int, batch: int, runtime) -> tuple[float, float, float]:
-        """(ms, attention-function ms, kernel ms) of one call of `phase` at length n, batch."""
-        s = self.s
+    def measure(self, phase: str, n: int, batch: int, runtime, breakdown: bool = True) -> tuple[float, float, float]:
+        """(ms, attention-function ms, kernel ms) of one call of `phase` at length n, batch; without
+        `breakdown` the instrumented second set of calls is skipped and both parts are NaN."""
+        nan = (float("nan"), float("nan"))
         with torch.no_grad():
             if phase == "prefill":
                 ids = self.ids(batch, n)
                 call = lambda: self._prefill(ids)  # noqa: E731
-                ms = time_ms(call, s.repeats, s.warmup, self.device)
+                ms = time_ms(call, self.repeats, self.warmup, self.device)
+                if not breakdown:
+                    return (ms, *nan)
                 with PhaseTimer(self.model, runtime, self.device) as pt:
-                    for _ in range(s.repeats):
+                    for _ in range(self.repeats):
                         pt.forward(call)
                 return (ms, *pt.medians())
             # The cache lives in a dict so that the timed closure and the release below share it.
@@ -193,9 +198,12 @@ class Bench:
                 return self.model(input_ids=token, attention_mask=mask, past_key_values=state["cache"], use_cache=True,
                                   logits_to_keep=1)
 
-            ms = time_ms(step, s.repeats, s.warmup, self.device)
+            ms = time_ms(step, self.repeats, self.warmup, self.device)
+            if not breakdown:
+                state.clear()
+                return (ms, *nan)
             with PhaseTimer(self.model, runtime, self.device) as pt:
-                for _ in range(s.repeats):
+                for _ in range(self.repeats):
                     pt.forward(step)
             state.clear()
             return (ms, *pt.medians())
@@ -254,7 +262,7 @@ def bench_model(model, shape: ModelShape, settings: E2ESettings, device, rows_pl
     """Every (phase, n, batch) row of one model, dense first, then each variant (rows appended to result)."""
     from ..integration.hf import attach, detach
 
-    bench = Bench(model, shape.name, device, settings)
+    bench = Bench(model, shape.name, device, repeats=settings.repeats, warmup=settings.warmup, seed=settings.seed)
     vs = variants(settings, shape.head_dim)
     for v in vs[1:]:
         v.config.validate_for_model(shape.fields["num_hidden_layers"], shape.head_dim)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..bench.deploy import DeploymentSpeed
 from ..ruler.generate import GENERATOR_VERSION
 from .result import EvalResult
 from .timing import PREFILL_FORWARD_REPEATS
@@ -80,15 +81,18 @@ class BaselineKey:
     device: str
     batch_size: int = 1  # batched answers may differ from batch-1 answers by numerics: part of the key
     timing_samples: int = 2  # only meaningful with batch_size > 1
+    speed: Optional[DeploymentSpeed] = None  # the deployment-length timing plan, if any (bench.deploy)
 
-    def eval_options(self) -> dict[str, int]:
+    def eval_options(self) -> dict[str, Any]:
         """The `evaluate` keyword arguments this key was computed with."""
-        return {"batch_size": self.batch_size, "timing_samples": self.timing_samples}
+        return {"batch_size": self.batch_size, "timing_samples": self.timing_samples, "speed": self.speed}
 
     def as_dict(self) -> dict[str, Any]:
         d = {"format": CACHE_FORMAT, "model": self.model, "suite": self.suite, "dtype": self.dtype, "device": self.device}
         if self.batch_size > 1:  # batch-1 keys stay what they were, so existing cache entries still hit
-            d["run"] = self.eval_options()
+            d["run"] = {"batch_size": self.batch_size, "timing_samples": self.timing_samples}
+        if self.speed is not None:  # likewise: keys without a speed plan are unchanged
+            d["speed"] = self.speed.fingerprint()
         if self.device != "cpu":  # GPU results carry prefill_forward_s: older entries (without it) must miss
             d["prefill_forward_repeats"] = PREFILL_FORWARD_REPEATS
         return d

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..bench.deploy import DeploymentSpeed, measure_deployment_speed
 from ..config import SketchWalkConfig
 from ..integration import attach, detach
 from ..method.batched_decode import decode_state_bytes
@@ -55,7 +56,7 @@ def _encode(tokenizer, sample: dict[str, Any], device: torch.device) -> torch.Te
 def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samples, *, model_name: str = "",
              progress: bool = True, warmup: bool = True, attention_timing: bool = False,
              backend: str = "auto", batch_size: int = 1, timing_samples: int = 2,
-             prefill_repeats: Optional[int] = None) -> EvalResult:
+             prefill_repeats: Optional[int] = None, speed: Optional[DeploymentSpeed] = None) -> EvalResult:
     """Greedy-generate every sample with SketchWalk attached (dense when `config` is None) and score it.
 
     samples: {(task, length in tokens): [RULER sample dicts with input, outputs, answer_prefix]}.
@@ -72,6 +73,8 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     cover exactly the answered samples).
     prefill_repeats: bare prefill forwards timed per timed sample (`prefill_forward_s`; outside the
     density counters); None = PREFILL_FORWARD_REPEATS on CUDA, 0 (not measured) on CPU.
+    speed: also time the config at deployment lengths (`bench.deploy`: on this model or a named shape,
+    after the samples, outside the density counters) into `deployment_speed`; checked before any sample runs.
     """
     if batch_size < 1 or timing_samples < 1:
         raise ValueError(f"batch_size and timing_samples must be >= 1, got {batch_size} and {timing_samples}")
@@ -79,6 +82,8 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     dtype = next(model.parameters()).dtype
     if prefill_repeats is None:
         prefill_repeats = PREFILL_FORWARD_REPEATS if device.type == "cuda" else 0
+    if speed is not None:
+        speed.check(model, config)  # memory and the shape's limits: refused before any sample runs
     runtime = attach(model, config, backend=backend) if config is not None else None
     if config is None:
         detach(model)
@@ -110,6 +115,10 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
     finally:
         if config is not None:
             detach(model)
+    deployment = {}
+    if speed is not None:
+        with prefer_flash_sdpa(device):
+            deployment = measure_deployment_speed(model, config, speed, backend=backend)
     return EvalResult(
         model=model_name, config=config, device=device_name(device),
         dtype=str(dtype).replace("torch.", ""), accuracy=accuracy_table(results),
@@ -119,7 +128,8 @@ def evaluate(model, tokenizer, config: Optional[SketchWalkConfig], samples: Samp
         attention_s=attn.medians() if attn is not None else {},
         timing=TIMING_METHOD + (BATCHED_TIMING if batch_size > 1 else ""),
         prefill_forward_s=(_median_by_length(results, lambda r: _nan_if_none(r.prefill_forward_s))
-                           if prefill_repeats else {}))
+                           if prefill_repeats else {}),
+        deployment_speed=deployment)
 
 
 def prefer_flash_sdpa(device: torch.device):

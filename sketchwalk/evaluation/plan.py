@@ -158,12 +158,14 @@ def build_samples(plan: EvalPlan, tokenizer) -> dict[tuple[str, int], list[dict[
         raise EvalInputError(str(e)) from e
 
 
-def baseline_key(plan: EvalPlan, samples: dict, model, *, batch_size: int = 1, timing_samples: int = 2):
-    """The dense-baseline cache key of this (model, suite, dtype, device, batching) — see `evaluation.baseline`."""
+def baseline_key(plan: EvalPlan, samples: dict, model, *, batch_size: int = 1, timing_samples: int = 2, speed=None):
+    """The dense-baseline cache key of this (model, suite, dtype, device, batching, deployment-speed
+    plan `speed`) — see `evaluation.baseline`."""
     from .baseline import BaselineKey, suite_fingerprint
     from .harness import device_name
     from .model_facts import model_identity
 
     param = next(model.parameters())
     return BaselineKey(model_identity(plan.resolved), suite_fingerprint(plan.suite, samples, essays_path=plan.essays),
-                       str(param.dtype).replace("torch.", ""), device_name(param.device), batch_size, timing_samples)
+                       str(param.dtype).replace("torch.", ""), device_name(param.device), batch_size, timing_samples,
+                       speed)

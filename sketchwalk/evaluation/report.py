@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from ..bench.deploy import speedups
 from .result import EvalResult
 
 
@@ -51,8 +52,9 @@ def result_table(result: EvalResult, *, title: str, baseline: Optional[EvalResul
     return table
 
 
-def summary_lines(result: EvalResult) -> list[str]:
-    """Density, memory and attention-time lines (each with device and dtype)."""
+def summary_lines(result: EvalResult, baseline: Optional[EvalResult] = None) -> list[str]:
+    """Density, memory, attention-time and deployment-speed lines (each with device and dtype); with
+    the dense `baseline`, the deployment speedups beside the times."""
     d = result.density
     tag = f"({result.device}, {result.dtype})"
     lines = [f"density {tag}: prefill {_fmt(d.get('prefill'), '.3f')}, decode {_fmt(d.get('decode'), '.3f')} "
@@ -66,6 +68,16 @@ def summary_lines(result: EvalResult) -> list[str]:
             total = sum(layers.values())
             lines.append(f"attention {phase} {tag}: {total * 1e3:.2f} ms per forward over {len(layers)} layers "
                          f"(median per layer {sorted(layers.values())[len(layers) // 2] * 1e3:.3f} ms)")
+    speed = result.deployment_speed
+    if speed:
+        ratios = speedups(speed, baseline.deployment_speed) if baseline is not None and baseline.deployment_speed else {}
+        for phase, what in (("prefill", "prefill forward"), ("decode", f"decode step (batch {speed.get('batch', 1)})")):
+            cells = []
+            for n, ms in (speed.get(f"{phase}_ms") or {}).items():
+                x = (ratios.get(phase) or {}).get(n)
+                cells.append(f"{int(n) // 1024}K {ms:.1f} ms" + (f" ({x:.2f}x dense)" if x is not None else ""))
+            if cells:
+                lines.append(f"{what} at deployment lengths on {speed['shape']} {tag}: " + ", ".join(cells))
     return lines
 
 

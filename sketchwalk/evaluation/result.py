@@ -62,7 +62,8 @@ class EvalResult:
     when not measured: CPU, or results from before it existed);
     attention_s: {phase: {layer: median s per forward}} when attention timing was on, else {};
     density: measured fraction of causal block pairs (see `SketchWalkRuntime.density`);
-    peak_memory_bytes: CUDA max_memory_allocated, None on CPU.
+    peak_memory_bytes: CUDA max_memory_allocated, None on CPU;
+    deployment_speed: the prefill / decode times at deployment lengths (`bench.deploy`), {} when not asked.
     """
 
     model: str
@@ -78,6 +79,7 @@ class EvalResult:
     attention_s: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     timing: str = ""  # how the speed numbers were measured, for readers of the JSON
     prefill_forward_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    deployment_speed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the whole result (per-sample predictions included)."""

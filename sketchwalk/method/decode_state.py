@@ -46,7 +46,10 @@ class LayerDecodeState:
         # index_add_ accumulates in token order, as the decode steps then continue (`+=`).
         pos = torch.arange(m, device=qf.device)
         qsum.index_add_(0, pos // B, qf.transpose(0, 1))
-        ksum.index_add_(0, pos // cfg.score_block, kf.transpose(0, 1))
+        if cfg.score_block == 1:  # token-level keys: each sum is its one token (a copy, not a scatter-add)
+            ksum[:m] = kf.transpose(0, 1)
+        else:
+            ksum.index_add_(0, pos // cfg.score_block, kf.transpose(0, 1))
         window_q = qf[:, m - min(m, cfg.decode_window):] if cfg.decode_query == "window" else None
         self._seed(cfg, layer_idx, head_dim, qsum, ksum, m, window_q, w)
 
@@ -210,6 +213,8 @@ class LayerDecodeState:
 
 
 def state_capacity(nb: int) -> int:
-    """Initial block capacity of the running sums for a prefill of nb blocks (room to decode as many)."""
-    return max(16, 2 * nb)
+    """Initial block capacity of the running sums for a prefill of nb blocks: room for an eighth more
+    (at least 16 blocks) to decode into; `_grow` doubles it when a longer generation needs more. (It
+    was 2 * nb: with token-level keys that doubled the largest state an evaluation holds.)"""
+    return nb + max(16, nb // 8)
 

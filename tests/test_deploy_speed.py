@@ -1,0 +1,152 @@
+"""Speed at deployment lengths (`sketchwalk.bench.deploy`): the plan's validation and refusals, the
+timing on the tiny shape (CPU: a code-path check), speedups against dense, the trial metrics and
+objectives built on them, the sweep file's `speed:` entry, the export rule on a maximised speedup
+and `sketchwalk eval --speed-lengths` refusing bad input before the model loads."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from sketchwalk import cli, models
+from sketchwalk.bench.deploy import DeploymentSpeed, SpeedPlanError, measure_deployment_speed, speedups
+from sketchwalk.bench.e2e import build_model
+from sketchwalk.bench.e2e_plan import load_shape
+from sketchwalk.config import SketchWalkConfig
+from sketchwalk.evaluation.baseline import BaselineKey
+from sketchwalk.evaluation.result import EvalResult
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = dict(lengths=[256, 128], shape="tiny", batch=2, repeats=1, warmup=0)
+
+
+def test_plan_validates_every_field(tmp_path):
+    plan = DeploymentSpeed(**TINY)
+    assert plan.lengths == [128, 256]  # sorted, unique
+    for bad, field in (({"lengths": [64]}, "lengths"), ({"lengths": []}, "lengths"),
+                       ({"lengths": [2 ** 21]}, "lengths"), ({"lengths": [1024], "shape": "llama9b"}, "shape"),
+                       ({"lengths": [1024], "batch": 0}, "batch"), ({"lengths": [1024], "colour": 1}, "colour")):
+        with pytest.raises(ValidationError) as info:
+            DeploymentSpeed(**bad)
+        assert info.value.errors()[0]["loc"][0] == field
+    # A config.json shape: its content is part of the fingerprint (the dense baseline's cache key).
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(load_shape("tiny").fields))
+    fp = DeploymentSpeed(lengths=[1024], shape=str(path)).fingerprint()
+    assert fp["shape_fields"]["num_hidden_layers"] == 4 and fp["lengths"] == [1024]
+
+
+def test_plan_refuses_what_the_device_or_shape_cannot_run():
+    model = build_model(load_shape("tiny"), "cpu", __import__("torch").float32, seed=0)
+    plan = DeploymentSpeed(**TINY)
+    plan.check(model, SketchWalkConfig(block_size=16, sketch_dim=16), free_bytes=2 ** 34)  # fits
+    with pytest.raises(SpeedPlanError, match="speed.lengths") as info:
+        plan.check(model, None, free_bytes=1000)
+    assert "GiB" in str(info.value)
+    with pytest.raises(SpeedPlanError, match="speed.shape"):  # the tiny shape has 4 layers
+        plan.check(model, SketchWalkConfig(block_size=16, sketch_dim=16, skip_layers=4), free_bytes=2 ** 34)
+
+
+def test_timing_on_a_shape_and_speedups():
+    import torch
+
+    model = build_model(load_shape("tiny"), "cpu", torch.float32, seed=1)
+    plan = DeploymentSpeed(**TINY)
+    dense = measure_deployment_speed(model, None, plan)
+    sparse = measure_deployment_speed(model, SketchWalkConfig(block_size=16, sketch_dim=16, density=0.5), plan)
+    for out in (dense, sparse):
+        assert out["shape"] == "tiny" and out["clock"] == "cpu" and out["batch"] == 2
+        assert set(out["prefill_ms"]) == set(out["decode_ms"]) == {"128", "256"}
+        assert all(v > 0 for v in [*out["prefill_ms"].values(), *out["decode_ms"].values()])
+    ratios = speedups(sparse, dense)
+    for phase in ("prefill", "decode"):
+        for n in ("128", "256"):
+            assert math.isclose(ratios[phase][n], dense[f"{phase}_ms"][n] / sparse[f"{phase}_ms"][n])
+        assert math.isclose(ratios[f"{phase}_mean"], math.sqrt(ratios[phase]["128"] * ratios[phase]["256"]))
+    # Without decode, only prefill; on another shape, no speedup at all.
+    assert measure_deployment_speed(model, None, plan.model_copy(update={"decode": False}))["decode_ms"] == {}
+    assert speedups({**sparse, "shape": "other"}, dense) == {}
+
+
+def _result(speed) -> EvalResult:
+    return EvalResult(model="m", config=None, device="cpu", dtype="float32",
+                      accuracy={"overall": {"mean": 50.0, "lo": 40.0, "hi": 60.0, "n": 2}}, prefill_s={},
+                      decode_tokens_per_s={}, density={"prefill": 1.0}, peak_memory_bytes=None, samples=[],
+                      deployment_speed=speed)
+
+
+def test_trial_metrics_carry_times_and_speedups():
+    from search.trial import result_metrics
+
+    dense = _result({"shape": "s", "prefill_ms": {"32768": 100.0, "65536": 400.0}, "decode_ms": {"32768": 10.0}})
+    mine = _result({"shape": "s", "prefill_ms": {"32768": 50.0, "65536": 100.0}, "decode_ms": {"32768": 8.0}})
+    m = result_metrics(mine, baseline=dense)
+    assert m["prefill_ms_at.32768"] == 50.0 and m["decode_ms_at.32768"] == 8.0
+    assert m["prefill_speedup.32768"] == 2.0 and m["prefill_speedup.65536"] == 4.0
+    assert math.isclose(m["prefill_speedup"], math.sqrt(8.0)) and m["decode_speedup"] == 1.25
+    alone = result_metrics(mine)  # no baseline: the times, no speedups
+    assert "prefill_ms_at.65536" in alone and "prefill_speedup" not in alone
+    assert "prefill_ms_at.32768" not in result_metrics(_result({}))
+
+
+def test_baseline_key_includes_the_speed_plan():
+    base = dict(model={"name": "m", "files": []}, suite={"name": "s"}, dtype="float32", device="cpu")
+    plain = BaselineKey(**base)
+    timed = BaselineKey(**base, speed=DeploymentSpeed(lengths=[32768]))
+    assert "speed" not in plain.as_dict() and timed.digest() != plain.digest()
+    assert timed.eval_options()["speed"].lengths == [32768]
+    assert BaselineKey(**base, speed=DeploymentSpeed(lengths=[65536])).digest() != timed.digest()
+
+
+def test_sweep_file_speed_entry_and_objectives():
+    from search.space import resolve_objectives
+    from search.spec import SweepSpecError, parse_spec
+
+    base = {"name": "t", "space": {"density": {"type": "float", "low": 0.1, "high": 0.5}}}
+    spec = parse_spec({**base, "speed": {"lengths": [32768, 65536], "shape": "llama8b"}})
+    assert spec.speed.lengths == [32768, 65536] and spec.speed.shape == "llama8b"
+    assert [o.name for o in resolve_objectives(spec, cuda=True)] == ["accuracy", "prefill_speedup"]
+    assert resolve_objectives(spec, cuda=True)[1].maximize
+    assert [o.name for o in resolve_objectives(parse_spec(base), cuda=True)] == ["accuracy", "prefill_forward"]
+    with pytest.raises(SweepSpecError, match="deployment lengths"):
+        parse_spec({**base, "objectives": ["accuracy", "decode_speedup"]})
+    with pytest.raises(SweepSpecError, match="speed.decode"):
+        parse_spec({**base, "objectives": ["accuracy", "decode_speedup"], "speed": {"lengths": [32768], "decode": False}})
+    with pytest.raises(SweepSpecError, match="speed.lengths"):
+        parse_spec({**base, "speed": {"lengths": [16]}})
+
+
+def test_export_bounds_a_maximised_speedup_from_below():
+    from search.export import NoTrialMatches, choose
+    from search.records import Objective, TrialRecord
+
+    objs = [Objective("accuracy", "maximize"), Objective("prefill_speedup", "maximize")]
+    recs = [TrialRecord(i, "COMPLETE", SketchWalkConfig(density=d), {"accuracy": a, "prefill_speedup": x})
+            for i, (d, a, x) in enumerate([(0.1, 20.0, 2.5), (0.2, 30.0, 1.6), (0.4, 35.0, 1.2)])]
+    assert choose(recs, objs, "most-accurate-under:1.5").number == 1  # speedup >= 1.5, most accurate
+    dense = TrialRecord(9, "COMPLETE", None, {"accuracy": 36.0})
+    assert choose(recs, objs, "fastest-within-drop:10", baseline=dense).number == 1  # the higher speedup wins
+    with pytest.raises(NoTrialMatches, match="highest available prefill_speedup is 2.5"):
+        choose(recs, objs, "most-accurate-under:3")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+    monkeypatch.setattr(models, "load", boom)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--speed-lengths", "64"], "--speed-lengths"),
+    (["--speed-lengths", "32k,abc"], "--speed-lengths"),
+    (["--speed-lengths", "32k", "--speed-shape", "llama9b"], "--speed-shape"),
+    (["--speed-shape", "llama8b"], "need --speed-lengths"),
+])
+def test_eval_refuses_bad_speed_flags_before_loading(capsys, no_load, argv, needle):
+    assert cli.main(["eval", "--dense", *argv]) == 2
+    out = capsys.readouterr()
+    text = " ".join((out.out + out.err).split())
+    assert needle in text and "Traceback" not in text
