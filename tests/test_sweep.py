@@ -311,7 +311,10 @@ def test_optuna_sweep_records_failures_and_exports(tmp_path, monkeypatch):
 
     monkeypatch.setattr(drv, "run_trial", flaky_run)
     monkeypatch.setattr(drv, "result_metrics", nan_metrics)
-    f = _write_sweep(tmp_path, "e2e", budget={"trials": 4})
+    # Speed at a "deployment" length (here 256 tokens of the model itself): the speed objective is then
+    # the prefill speedup against the dense baseline timed the same way.
+    speed = {"lengths": [256], "repeats": 1, "warmup": 0}
+    f = _write_sweep(tmp_path, "e2e", budget={"trials": 4}, speed=speed)
     rc = cli.main(["sweep", str(f), "--sweep-id", "e2e", "--workdir", str(tmp_path), "--no-progress"])
     assert rc == 0
 
@@ -333,6 +336,10 @@ def test_optuna_sweep_records_failures_and_exports(tmp_path, monkeypatch):
         assert c.metrics["accuracy_lo"] <= c.metrics["accuracy"] <= c.metrics["accuracy_hi"]
         assert c.params["density"] and c.params["block_size"] == "64"
         assert c.metrics["worker_model_loads"] == 1.0 and c.metrics["eval_s"] > 0
+        assert c.metrics["prefill_ms_at.256"] > 0 and c.metrics["decode_ms_at.256"] > 0
+        base_ms = by_role["baseline"][0].metrics["prefill_ms_at.256"]
+        assert c.metrics["prefill_speedup"] == pytest.approx(base_ms / c.metrics["prefill_ms_at.256"])
+    assert by_role["baseline"][0].metrics["prefill_speedup"] == 1.0  # dense against itself: its point on the front
     # One process ran baseline and trials: one trial worker, the baseline's pid.
     assert {c.tags["sketchwalk.worker.pid"] for c in trials} == {by_role["baseline"][0].tags["sketchwalk.worker.pid"]}
     out = tmp_path / "runs" / "sweeps" / "e2e"
@@ -507,7 +514,8 @@ def test_ray_backend_on_cpu_reuses_the_worker(tmp_path):
     model once for all its trials (actor reuse)."""
     from search.launch import prepare_sweep, run_sweep
 
-    f = _write_sweep(tmp_path, "rayt", backend="ray", budget={"trials": 3}, resources={"gpus": 0, "cpus": 1})
+    f = _write_sweep(tmp_path, "rayt", backend="ray", budget={"trials": 3}, resources={"gpus": 0, "cpus": 1},
+                     speed={"lengths": [256], "repeats": 1, "warmup": 0, "decode": False})
     spec, sweep_id, _ = prepare_sweep(str(f), workdir=tmp_path)
     try:
         outcome = run_sweep(spec, "rayt", workdir=tmp_path, progress=False)
@@ -523,6 +531,11 @@ def test_ray_backend_on_cpu_reuses_the_worker(tmp_path):
     trials = [c for c in children if c.role == "trial"]
     assert sorted(c.key for c in trials) == [f"trial-{n:05d}" for n in sorted(r["trial_number"] for r in rows)]
     assert all(c.status == "FINISHED" and "accuracy" in c.metrics for c in trials)
+    # The speed objective at the deployment length reaches Ray's trials as it does Optuna's.
+    (base,) = [c for c in children if c.role == "baseline"]
+    assert base.metrics["prefill_speedup"] == 1.0 and "decode_ms_at.256" not in base.metrics
+    assert all(c.metrics["prefill_speedup"] == pytest.approx(base.metrics["prefill_ms_at.256"] / c.metrics["prefill_ms_at.256"])
+               for c in trials)
     assert sum(c.role == "baseline" for c in children) == 1
     assert (tmp_path / "runs" / "sweeps" / "rayt" / "front.png").is_file()
     _assert_workers_from_mlflow(tmp_path, "rayt", trials=3, trial_workers=1, gpu_share="0")
