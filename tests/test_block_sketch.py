@@ -32,6 +32,7 @@ from sketchwalk.kernels import block_sketch  # noqa: E402
 from sketchwalk.method.sketch import sketch_matrix  # noqa: E402
 from sketchwalk.method import LayerDecodeState, SketchWalkRuntime, block_means, group_features, srht  # noqa: E402
 from sketchwalk.method.scores import sketch_features  # noqa: E402
+from sketchwalk.method.decode_state import seed_block_sums  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -159,7 +160,8 @@ def test_block_sketch_rejects_what_it_does_not_compute():
 # -- decode-state seeding from block sums -------------------------------------------------
 @pytest.mark.parametrize("decode_query", ["token", "block_mean", "window"])
 def test_from_block_sums_equals_seeding_from_features(decode_query):
-    """Given the block sums the feature path builds, both seedings hold the same state and decode alike."""
+    """Given the block sums the feature path builds, both seedings hold the same state and decode alike;
+    those sums are the token-order fold's up to fp32 rounding."""
     cfg = SketchWalkConfig(block_size=16, sketch_dim=8, decode_query=decode_query, decode_window=5)
     gen = torch.Generator().manual_seed(1)
     m, d, T = 37, 16, 30
@@ -167,9 +169,11 @@ def test_from_block_sums_equals_seeding_from_features(decode_query):
     nb = -(-m // 16)
     w = torch.softmax(torch.randn(nb, nb, generator=gen), -1).tril()
     a = LayerDecodeState(cfg, 2, d, qf[:, :m], kf[:, :m], w)
-    sums = [torch.zeros(nb, d).index_add_(0, torch.arange(m) // 16, x[0, :m]) for x in (qf, kf)]
+    sums = [seed_block_sums(x[:, :m], 16, nb)[:, 0] for x in (qf, kf)]  # the feature path's own block sums
     b = LayerDecodeState.from_block_sums(cfg, 2, d, sums[0], sums[1], m, qf[:, max(0, m - 5):m], w)
     assert torch.equal(a.qsum, b.qsum) and torch.equal(a.ksum, b.ksum)
+    fold = torch.zeros(nb, d).index_add_(0, torch.arange(m) // 16, qf[0, :m])
+    assert torch.allclose(sums[0], fold, rtol=1e-6, atol=1e-6)
     for t in range(m, m + T):
         for s in (a, b):
             s.append(qf[:, t], kf[:, t])
