@@ -316,8 +316,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if speed is not None:
         try:
             speed.check(model, plan.config)  # memory and the shape's limits, before the samples run
-        except (SpeedPlanError, ValueError) as exc:
-            return _input_error(console, EvalInputError(f"--speed-lengths: {exc}"))
+        except SpeedPlanError as exc:
+            flag = {"speed.batch": "--speed-batch", "speed.shape": "--speed-shape"}.get(exc.field, "--speed-lengths")
+            return _input_error(console, EvalInputError(f"{flag}: {str(exc).split(': ', 1)[1]}"))
 
     config_tag = plan.config.short_hash() if plan.config is not None else "dense"
     title = f"{plan.resolved.name} on {plan.suite.name}, {'dense' if plan.config is None else 'SketchWalk ' + config_tag}"

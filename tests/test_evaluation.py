@@ -682,12 +682,12 @@ def test_deployment_speed_is_timed_after_the_samples_and_counts_nothing():
     model, tok = _tiny_llama(), _CharTokenizer()
     samples = {("niah_single_1", 128): [{"input": "q" * 110, "answer_prefix": "", "outputs": ["ab"], "index": 0}]}
     cfg = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, density=0.3)
-    plan = DeploymentSpeed(lengths=[384, 256], repeats=1, warmup=0)
+    plan = DeploymentSpeed(lengths=[640, 256], repeats=1, warmup=0)  # 640 > the model's 512 positions: timing only
     plain = evaluate(model, tok, cfg, samples, progress=False)
     timed = evaluate(model, tok, cfg, samples, progress=False, speed=plan)
     assert plain.deployment_speed == {}
     speed = timed.deployment_speed
-    assert set(speed["prefill_ms"]) == set(speed["decode_ms"]) == {"256", "384"}
+    assert set(speed["prefill_ms"]) == set(speed["decode_ms"]) == {"256", "640"}
     assert all(v > 0 for v in speed["prefill_ms"].values()) and speed["clock"] == "cpu"
     assert [s.prediction for s in timed.samples] == [s.prediction for s in plain.samples]
     assert timed.density == plain.density
