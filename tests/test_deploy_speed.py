@@ -150,3 +150,17 @@ def test_eval_refuses_bad_speed_flags_before_loading(capsys, no_load, argv, need
     out = capsys.readouterr()
     text = " ".join((out.out + out.err).split())
     assert needle in text and "Traceback" not in text
+
+
+def test_eval_summary_prints_times_and_speedups():
+    from sketchwalk.evaluation.report import summary_lines
+
+    dense = _result({"shape": "model", "batch": 1, "prefill_ms": {"512": 10.0, "32768": 100.0}, "decode_ms": {}})
+    mine = _result({"shape": "model", "batch": 1, "prefill_ms": {"512": 20.0, "32768": 50.0}, "decode_ms": {}})
+    text = "\n".join(summary_lines(mine, dense))
+    assert "prefill forward at deployment lengths on the model (cpu, float32): 512 20.0 ms (0.50x dense), " \
+           "32K 50.0 ms (2.00x dense)" in text
+    assert "decode step" not in text  # not timed
+    assert "x dense" not in "\n".join(summary_lines(mine))  # no baseline: times only
+    shaped = _result({"shape": "llama8b", "batch": 8, "prefill_ms": {}, "decode_ms": {"65536": 30.0}})
+    assert "decode step (batch 8) at deployment lengths on the llama8b shape" in "\n".join(summary_lines(shaped))

@@ -688,7 +688,7 @@ def test_deployment_speed_is_timed_after_the_samples_and_counts_nothing():
     assert plain.deployment_speed == {}
     speed = timed.deployment_speed
     assert set(speed["prefill_ms"]) == set(speed["decode_ms"]) == {"256", "640"}
-    assert all(v > 0 for v in speed["prefill_ms"].values()) and speed["clock"] == "cpu"
+    assert all(v > 0 for v in speed["prefill_ms"].values()) and speed["clock"] == "cpu" and speed["shape"] == "model"
     assert [s.prediction for s in timed.samples] == [s.prediction for s in plain.samples]
     assert timed.density == plain.density
     assert EvalResult.from_dict(json.loads(timed.to_json())).deployment_speed == speed

@@ -84,7 +84,7 @@ class DeploymentSpeed(BaseModel):
         if self.shape is not None:
             return load_shape(self.shape)
         fields = {k: v for k, v in model.config.to_dict().items() if isinstance(v, (int, float, bool, str))}
-        return ModelShape(getattr(model.config, "_name_or_path", "") or "model", "the evaluated model", fields)
+        return ModelShape("model", "the evaluated model", fields)
 
     def check(self, model, config: Optional[SketchWalkConfig] = None, free_bytes: Optional[int] = None) -> None:
         """Refuse, before any timing, a plan the device cannot hold or a config the timed shape refuses.

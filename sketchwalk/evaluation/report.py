@@ -75,9 +75,11 @@ def summary_lines(result: EvalResult, baseline: Optional[EvalResult] = None) -> 
             cells = []
             for n, ms in (speed.get(f"{phase}_ms") or {}).items():
                 x = (ratios.get(phase) or {}).get(n)
-                cells.append(f"{int(n) // 1024}K {ms:.1f} ms" + (f" ({x:.2f}x dense)" if x is not None else ""))
+                size = f"{int(n) // 1024}K" if int(n) % 1024 == 0 else str(n)
+                cells.append(f"{size} {ms:.1f} ms" + (f" ({x:.2f}x dense)" if x is not None else ""))
             if cells:
-                lines.append(f"{what} at deployment lengths on {speed['shape']} {tag}: " + ", ".join(cells))
+                where = "the model" if speed["shape"] == "model" else f"the {speed['shape']} shape"
+                lines.append(f"{what} at deployment lengths on {where} {tag}: " + ", ".join(cells))
     return lines
 
 

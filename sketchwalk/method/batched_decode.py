@@ -460,7 +460,7 @@ def decode_state_bytes(cfg: SketchWalkConfig, num_layers: int, q_heads: int, hea
 
     Per sparse layer it holds the key sums at the score granularity for G feature rows (G = q_heads
     with sum_probs, else 1), the query-block sums and W: after the prefill in the per-sequence state
-    (`LayerDecodeState`, capacity 2 x blocks), from the first decode step in the batched state (the
+    (`LayerDecodeState`, `state_capacity` blocks), from the first decode step in the batched state (the
     sums and their sketches, `batch_capacity`; each layer's per-sequence copy is freed as it is
     converted), so the peak is the larger of the two. Token-level scores (score_block_size 1) with
     sum_probs make this the dominant memory of a batched evaluation (SmolLM2 at 8K: ~1.1 GiB per
