@@ -121,3 +121,60 @@ def test_runtime_prefill_uses_the_kernel_and_selects_as_the_reference(monkeypatc
         sels[backend] = [(s.indices.tolist(), s.counts.tolist()) for s in rt.last_selection[0]]
     assert calls == [16, 16]  # one call per sequence, f = 16 token-level sub-blocks per block
     assert sels["triton"] == sels["torch"]
+
+
+def test_tf32_round_keeps_ten_mantissa_bits_to_nearest_even():
+    from sketchwalk.numerics import tf32_round
+
+    x = torch.randn(10000, generator=torch.Generator().manual_seed(3)) * 100
+    y = tf32_round(x)
+    assert (y.view(torch.int32) & 0x1FFF).eq(0).all()  # the 13 dropped mantissa bits are zero
+    assert ((y - x).abs() <= x.abs() * 2 ** -11).all()  # half a TF32 ulp at most
+    one_ulp = 2 ** -10
+    # Ties go to the even mantissa: 1 + ulp/2 -> 1, 1 + 3ulp/2 -> 1 + 2ulp.
+    ties = torch.tensor([1 + one_ulp / 2, 1 + 3 * one_ulp / 2, -(1 + one_ulp / 2)])
+    assert tf32_round(ties).tolist() == [1.0, 1 + 2 * one_ulp, -1.0]
+    special = tf32_round(torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0]))
+    assert special[0] == float("inf") and special[1] == -float("inf") and special[2].isnan() and special[3] == 0
+
+
+def test_tf32_operands_are_the_references_rounding():
+    """tf32_operands (score_precision: tf32): the kernel rounds q_sk and k_sk in-kernel exactly as the
+    reference does, so both give the log-sum-exps of the rounded operands (fp32 accumulation order
+    aside), which differ from the unrounded ones."""
+    g, f, nf, r = 3, 8, 8 * 40 - 5, 64
+    q, k = _inputs(g, -(-nf // f), nf, r, seed=21)
+    q, k = 3 * q, 3 * k
+    want = block_logsumexp_reference(q, k, f, 0.5, tf32_operands=True)
+    got = block_logsumexp(q, k, f, 0.5, tf32_operands=True)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.allclose(got[finite], want[finite], atol=2e-4, rtol=1e-5)
+    exact = block_logsumexp_reference(q, k, f, 0.5)
+    assert (exact[finite] - want[finite]).abs().max() > 1e-3  # the rounding is real
+
+
+def test_score_precision_tf32_rounds_the_reference_scores():
+    """cfg.score_precision = tf32: the reference's W equals the fp32 W of pre-rounded operands, and the
+    runtime's triton backend selects as its torch backend."""
+    from sketchwalk.method import SketchWalkRuntime
+    from sketchwalk.numerics import tf32_round
+
+    gen = torch.Generator().manual_seed(9)
+    q, k = torch.randn(2, 6, 16, generator=gen), torch.randn(2, 6 * 4, 16, generator=gen)
+    base = dict(block_size=16, sketch_dim=16, score_block_size=4, head_aggregation="sum_probs")
+    rows = torch.arange(6)
+    got = transition_rows(q, k, rows, 64, SketchWalkConfig(**base, score_precision="tf32"))
+    want = transition_rows(tf32_round(q), tf32_round(k), rows, 64, SketchWalkConfig(**base))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, transition_rows(q, k, rows, 64, SketchWalkConfig(**base)))
+    cfg = SketchWalkConfig(block_size=16, sketch_dim=16, skip_layers=0, density=0.3, score_block_size=1,
+                           head_aggregation="sum_probs", walk="none", score_precision="tf32", phases="prefill")
+    qq, kk, vv = (torch.randn(1, h, 150, 16, generator=gen).to(DEVICE) for h in (4, 2, 2))
+    sels = {}
+    for backend in ("torch", "triton"):
+        rt = SketchWalkRuntime(cfg, backend=backend)
+        rt.keep_selections = True
+        rt.attention(0, qq, kk, vv, None, 0.25)
+        sels[backend] = [(s.indices.tolist(), s.counts.tolist()) for s in rt.last_selection[0]]
+    assert sels["triton"] == sels["torch"]
