@@ -25,9 +25,7 @@ SELECTORS = ("sketchwalk", "oracle", "random", "streaming")
 DEFAULT_DENSITY = 0.2  # the paper's "80% sparsity"
 # Fields added after config hashes were first recorded (sweeps, baselines, exports): left out of
 # short_hash() while at these defaults, so every earlier config keeps its hash.
-_HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None, "dense_last_blocks": 0,
-                          "score_precision": "fp32"}
-SCORE_PRECISIONS = ("fp32", "tf32")
+_HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None, "dense_last_blocks": 0}
 SCORE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -76,13 +74,6 @@ class SketchWalkConfig:
     never selects the needle (results/selector-study); at 32K one dense row of 512 costs 0.2%
     density. The release keeps its last 4 query blocks (256 tokens) dense. Decode rows are unaffected.
 
-    `score_precision` (fp32 = the paper): "tf32" rounds the two operands of every block score q̃·k̃ to
-    TF32 (10 explicit mantissa bits, round to nearest even) before the fp32 product, in the reference
-    and in the kernels alike, so the Triton path can take its token-level scores on the tensor cores
-    in one pass (H200, 32K tokens: 0.18 ms per layer against ~0.5 ms for the split-TF32 fp32 product).
-    On SmolLM2's recorded tensors (RULER seed 7, 4K, token-level scores, density 0.2) 99.5% of the
-    rows select exactly the same blocks, and attention-mass recall moves by 1e-4.
-
     `selector` swaps the block scores for a baseline at the same density (same forced blocks and
     τ rule, so the same counts per row): `oracle` (exact dense block attention mass), `random`,
     `streaming` (sink + most recent blocks); `sketchwalk` is the method itself.
@@ -108,7 +99,6 @@ class SketchWalkConfig:
     selector: Literal["sketchwalk", "oracle", "random", "streaming"] = "sketchwalk"
     score_block_size: Optional[int] = None
     dense_last_blocks: int = 0
-    score_precision: Literal["fp32", "tf32"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.top_k is None and self.density is None:
@@ -166,8 +156,6 @@ class SketchWalkConfig:
             raise ConfigError("score_block_size", self.score_block_size,
                               f"null or one of {list(SCORE_BLOCK_SIZES)} and <= block_size = {self.block_size}")
 
-        if self.score_precision not in SCORE_PRECISIONS:
-            raise ConfigError("score_precision", self.score_precision, f"one of {list(SCORE_PRECISIONS)}")
         if not _is_int(self.dense_last_blocks) or self.dense_last_blocks < 0:
             raise ConfigError("dense_last_blocks", self.dense_last_blocks,
                               "an integer >= 0 (query-block rows at the end of a prefill attended densely)")

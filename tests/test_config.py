@@ -92,7 +92,6 @@ INVALID = [
     ("dense_last_blocks", -1, {}, [">= 0"]),
     ("dense_last_blocks", 1.5, {}, [">= 0"]),
     ("dense_last_blocks", True, {}, [">= 0"]),
-    ("score_precision", "bf16", {}, ["fp32", "tf32"]),
 ]
 
 
@@ -324,7 +323,7 @@ CHANGES = [
     {"skip_layers": 1}, {"sink_blocks": 2}, {"local_blocks": 2}, {"walk": "damped"}, {"damping": 0.5},
     {"degree": 2}, {"sketch": "exact"}, {"head_aggregation": "sum_probs"}, {"phases": "prefill"},
     {"decode_query": "window"}, {"decode_window": 16}, {"seed": 1}, {"selector": "oracle"},
-    {"score_block_size": 8}, {"dense_last_blocks": 1}, {"score_precision": "tf32"},
+    {"score_block_size": 8}, {"dense_last_blocks": 1},
 ]
 
 
@@ -410,13 +409,3 @@ def test_dense_last_blocks_default_keeps_old_hashes():
     assert old.short_hash() == "36f35232cd9e"
     assert old.replace(dense_last_blocks=1).short_hash() != old.short_hash()
     assert SketchWalkConfig.from_dict(old.replace(dense_last_blocks=2).to_dict()).dense_last_blocks == 2
-
-
-def test_score_precision_default_keeps_old_hashes():
-    """score_precision = fp32 (the reference) is left out of the hash, so earlier configs keep theirs."""
-    from sketchwalk.config import SketchWalkConfig
-
-    assert SketchWalkConfig().score_precision == "fp32"
-    assert SketchWalkConfig(score_precision="fp32").short_hash() == SketchWalkConfig().short_hash()
-    assert SketchWalkConfig(score_precision="tf32").short_hash() != SketchWalkConfig().short_hash()
-    assert SketchWalkConfig.from_dict(SketchWalkConfig(score_precision="tf32").to_dict()).score_precision == "tf32"

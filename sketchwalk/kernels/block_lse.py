@@ -24,7 +24,6 @@ import math
 
 import torch
 
-from ..numerics import tf32_round
 from ._triton import check_device, next_pow2, require_triton
 
 _KERNEL = None
@@ -43,7 +42,7 @@ def _build():
     def _block_lse(Q, K, OUT, rows, nf, nb, scale,
                    sq_g, sq_r, sq_d, sk_g, sk_u, sk_d, so_g, so_r, so_b,
                    R: tl.constexpr, R_PAD: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr,
-                   ROWS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, TF32_OPERANDS: tl.constexpr):
+                   ROWS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
         g = tl.program_id(0)
         i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         j = tl.program_id(2)
@@ -59,15 +58,6 @@ def _build():
             u_ok = (tl.arange(0, F_PAD) < F) & (u < nf)
             k = tl.load(K + g * sk_g + u[None, :] * sk_u + c[:, None] * sk_d,
                         mask=u_ok[None, :] & (c[:, None] < R), other=0.0)
-            if TF32_OPERANDS:
-                # score_precision tf32: sketchwalk.numerics.tf32_round's integer rounding, bit for bit
-                # (inline here, since a jit helper defined beside a lazily built kernel is not visible to it).
-                qb = q.to(tl.int32, bitcast=True)
-                q = tl.where(((qb >> 23) & 0xFF) == 0xFF, q,
-                             ((qb + 0xFFF + ((qb >> 13) & 1)) & -8192).to(tl.float32, bitcast=True))
-                kb = k.to(tl.int32, bitcast=True)
-                k = tl.where(((kb >> 23) & 0xFF) == 0xFF, k,
-                             ((kb + 0xFFF + ((kb >> 13) & 1)) & -8192).to(tl.float32, bitcast=True))
             logits = tl.dot(q, k, input_precision=PRECISION) * scale  # [ROWS, F_PAD], fp32 accumulation
             logits = tl.where(u_ok[None, :], logits, float("-inf"))
             mx = tl.max(logits, axis=1)
@@ -82,16 +72,13 @@ def _build():
 
 
 def block_logsumexp(q_sk: torch.Tensor, k_sk: torch.Tensor, f: int, scale: float, causal: bool = True,
-                    rows_per_program: int = ROWS, precision: str = "tf32x3", tf32_operands: bool = False) -> torch.Tensor:
+                    rows_per_program: int = ROWS, precision: str = "tf32x3") -> torch.Tensor:
     """Per-block log-sum-exp of sub-block logits: q_sk [G, rows, r], k_sk [G, nf, r] (fp32; nf <= b * f
     real sub-blocks, b = ceil(nf / f)), f sub-blocks per block, scale multiplying q·k (s / sqrt(head_dim))
     -> L [G, rows, b] fp32; causal: row i holds -inf for blocks j > i (rows are blocks 0..rows-1).
     rows_per_program (16, 32 or 64) and precision (tl.dot's input precision) are speed knobs: "ieee" is
     fp32 on the CUDA cores; "tf32x3" splits each fp32 operand into two TF32 parts on the tensor cores
     (error ~1e-6 relative, as ieee); "tf32" is one TF32 product (~1e-3 relative: not the reference).
-    tf32_operands (the config's `score_precision: tf32`): q_sk and k_sk are rounded to TF32 as
-    `sketchwalk.numerics.tf32_round` rounds them, then multiplied in one TF32 pass (exact on such operands),
-    so the result is the reference's on the rounded operands.
     H200, 9 groups, r = 64, token-level keys, 32K tokens: ieee 1.25 ms, tf32 0.18 ms at 64 rows (16 rows:
     1.69 / 0.34 ms). On CUDA, or on CPU tensors under TRITON_INTERPRET=1 (which computes in fp32 whatever
     the precision)."""
@@ -114,20 +101,17 @@ def block_logsumexp(q_sk: torch.Tensor, k_sk: torch.Tensor, f: int, scale: float
     kernel[grid](q_sk, k_sk, out, rows, nf, nb, float(scale),
                  *q_sk.stride(), *k_sk.stride(), *out.stride(),
                  R=r, R_PAD=max(16, next_pow2(r)), F=f, F_PAD=max(16, next_pow2(f)), ROWS=rows_per_program,
-                 CAUSAL=causal, PRECISION="tf32" if tf32_operands else precision, TF32_OPERANDS=tf32_operands)
+                 CAUSAL=causal, PRECISION=precision)
     return out
 
 
 def block_logsumexp_reference(q_sk: torch.Tensor, k_sk: torch.Tensor, f: int, scale: float,
-                              causal: bool = True, tf32_operands: bool = False) -> torch.Tensor:
+                              causal: bool = True) -> torch.Tensor:
     """PyTorch statement of `block_logsumexp` (same arguments and result), materialising the logits."""
     g, rows, _ = q_sk.shape
     nf = k_sk.shape[-2]
     nb = -(-nf // f)
-    q_sk, k_sk = q_sk.float(), k_sk.float()
-    if tf32_operands:
-        q_sk, k_sk = tf32_round(q_sk), tf32_round(k_sk)
-    logits = torch.matmul(q_sk, k_sk.transpose(-1, -2)) * scale
+    logits = torch.matmul(q_sk.float(), k_sk.float().transpose(-1, -2)) * scale
     logits = torch.nn.functional.pad(logits, (0, nb * f - nf), value=-math.inf)
     out = torch.logsumexp(logits.unflatten(-1, (nb, f)), dim=-1)
     if causal:

@@ -355,8 +355,7 @@ class SketchWalkRuntime:
             # Sub-block logits never materialise: the kernel reduces them to per-block log-sum-exps.
             from ..kernels import block_logsumexp
 
-            return softmax_rows(block_logsumexp(q_sk, k_sk, self.config.sub_blocks, score_scale(head_dim, self.config),
-                                                tf32_operands=self.config.score_precision == "tf32"))
+            return softmax_rows(block_logsumexp(q_sk, k_sk, self.config.sub_blocks, score_scale(head_dim, self.config)))
         causal = self.selector.prefill_causal(nb, device)
         return transition_rows(q_sk, k_sk, self.selector.arange(nb, device), head_dim, self.config, causal=causal)
 

@@ -6,7 +6,6 @@ import math
 import torch
 
 from ..config import SketchWalkConfig
-from ..numerics import tf32_round
 from .sketch import srht
 
 
@@ -101,16 +100,8 @@ def score_scale(head_dim: int, cfg: SketchWalkConfig) -> float:
     return cfg.sparsity_exponent / math.sqrt(head_dim)
 
 
-def score_operands(q_sk: torch.Tensor, k_sk: torch.Tensor, cfg: SketchWalkConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The operands of the block scores per `cfg.score_precision`: as they are (fp32) or TF32-rounded."""
-    if cfg.score_precision == "tf32":
-        return tf32_round(q_sk), tf32_round(k_sk)
-    return q_sk, k_sk
-
-
 def _block_scores(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
     """s * Â = s * q̃·k̃ / sqrt(head_dim): [G, rows, b] (this association order is the reference's)."""
-    q_sk, k_sk = score_operands(q_sk, k_sk, cfg)
     scores = torch.matmul(q_sk, k_sk.transpose(-1, -2)) / math.sqrt(head_dim)
     return cfg.sparsity_exponent * scores
 
