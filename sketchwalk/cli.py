@@ -230,6 +230,7 @@ def _speed_plan(args: argparse.Namespace):
 
     from .bench.deploy import DeploymentSpeed
     from .evaluation.plan import EvalInputError
+    from .input_errors import first_error
     from .ruler import parse_length
 
     if args.speed_lengths is None:
@@ -243,10 +244,9 @@ def _speed_plan(args: argparse.Namespace):
     try:
         return DeploymentSpeed(lengths=lengths, shape=args.speed_shape, batch=args.speed_batch)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        flag = {"lengths": "--speed-lengths", "shape": "--speed-shape", "batch": "--speed-batch"}.get(
-            str(err["loc"][0]) if err["loc"] else "", "--speed-lengths")
-        raise EvalInputError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+        field, message = first_error(exc, DeploymentSpeed)
+        flag = {"shape": "--speed-shape", "batch": "--speed-batch"}.get(field.split(".")[0], "--speed-lengths")
+        raise EvalInputError(f"{flag}: {message}") from None
 
 
 def _positive_int(text: str) -> int:
