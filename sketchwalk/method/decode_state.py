@@ -19,6 +19,7 @@ import torch
 
 from ..config import SketchWalkConfig
 from .scores import current_transition_row, sketch_features, transition_rows
+from .sketch import block_sums
 
 
 class LayerDecodeState:
@@ -211,14 +212,10 @@ def seed_block_sums(x: torch.Tensor, size: int, capacity: int) -> torch.Tensor:
     in no fixed order (8 ms of a 32K token-level SmolLM2 prefill, more with 32 heads); a sum is
     deterministic. Its rounding differs from a token-by-token fold by ~1e-7 relative (the decode
     steps then continue the current block with `+=`)."""
-    g, m, d = x.shape
+    g, _, d = x.shape
+    sums = block_sums(x, size)  # [G, blocks, d]; x itself at size 1 (token-level keys)
     out = x.new_zeros(capacity, g, d)
-    if size == 1:  # token-level keys: each sum is its one token
-        out[:m] = x.transpose(0, 1)
-        return out
-    n = -(-m // size)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, n * size - m))
-    out[:n] = padded.unflatten(1, (n, size)).sum(2).transpose(0, 1)
+    out[:sums.shape[1]] = sums.transpose(0, 1)
     return out
 
 

@@ -7,20 +7,31 @@ import math
 import torch
 
 
-def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of each `block_size`-token block along dim -2; a partial last block averages its real tokens.
+def block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Sum of each `block_size`-token block along dim -2 (a partial last block sums its real tokens).
 
-    x: [..., n, d] -> [..., ceil(n / block_size), d]
+    x: [..., n, d] -> [..., ceil(n / block_size), d]; block_size 1 returns x itself (no pass over it).
     """
-    if block_size == 1:  # token-level keys: each mean is its one token (x / 1 == x), no pass over x
+    if block_size == 1:
         return x
     n = x.shape[-2]
     nb = -(-n // block_size)
     pad = nb * block_size - n
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    sums = x.unflatten(-2, (nb, block_size)).sum(-2)
-    return sums / _block_counts(nb, block_size, block_size - pad, sums.device, sums.dtype)[:, None]
+    return x.unflatten(-2, (nb, block_size)).sum(-2)
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each `block_size`-token block along dim -2; a partial last block averages its real tokens.
+
+    x: [..., n, d] -> [..., ceil(n / block_size), d]
+    """
+    if block_size == 1:  # token-level keys: each mean is its one token (x / 1 == x)
+        return x
+    sums = block_sums(x, block_size)
+    nb, last = sums.shape[-2], x.shape[-2] - (sums.shape[-2] - 1) * block_size
+    return sums / _block_counts(nb, block_size, last, sums.device, sums.dtype)[:, None]
 
 
 @functools.lru_cache(maxsize=64)
