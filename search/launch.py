@@ -77,6 +77,16 @@ def prepare_sweep(path: Optional[str], *, resume: Optional[str] = None, workdir:
     plan = plan_for(spec)  # model, suite, essays, lengths vs context: all before any weight is loaded
     if plan.shape is not None:
         check_space_for_model(spec, *plan.shape, model=spec.model)
+    if spec.speed is not None and spec.backend == "optuna":
+        # The optuna backend evaluates in this process, so this machine's memory is the trials'; Ray
+        # workers (maybe on other machines) check theirs when they load (`trial.load_workload`).
+        from sketchwalk.bench.deploy import SpeedPlanError
+        from sketchwalk.evaluation.plan import check_speed_before_load
+
+        try:
+            check_speed_before_load(plan, spec.speed)
+        except SpeedPlanError as exc:
+            raise SweepSpecError(exc.field, exc.message) from None
     return spec, sweep_id or new_sweep_id(spec), earlier
 
 

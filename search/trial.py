@@ -68,7 +68,7 @@ def load_workload(spec: SweepSpec, *, device: Optional[str] = None) -> Workload:
         try:
             spec.speed.check(model)
         except SpeedPlanError as exc:
-            raise SweepSpecError(exc.field, str(exc).split(": ", 1)[1]) from None
+            raise SweepSpecError(exc.field, exc.message) from None
     return Workload(spec, plan, model, tokenizer, samples, time.perf_counter() - t0)
 
 

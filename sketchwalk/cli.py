@@ -223,6 +223,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --speed-lengths: batch of the timed decode step (default: %(default)s)")
 
 
+def _speed_flag(field: str) -> str:
+    """The eval flag of a deployment-speed plan's field (`speed.batch` -> --speed-batch, ...)."""
+    return {"speed.batch": "--speed-batch", "speed.shape": "--speed-shape"}.get(field, "--speed-lengths")
+
+
 def _speed_plan(args: argparse.Namespace):
     """The DeploymentSpeed of --speed-lengths / --speed-shape / --speed-batch (None without lengths);
     EvalInputError naming the flag on bad input."""
@@ -245,8 +250,7 @@ def _speed_plan(args: argparse.Namespace):
         return DeploymentSpeed(lengths=lengths, shape=args.speed_shape, batch=args.speed_batch)
     except ValidationError as exc:
         field, message = first_error(exc, DeploymentSpeed)
-        flag = {"shape": "--speed-shape", "batch": "--speed-batch"}.get(field.split(".")[0], "--speed-lengths")
-        raise EvalInputError(f"{flag}: {message}") from None
+        raise EvalInputError(f"{_speed_flag('speed.' + field.split('.')[0])}: {message}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -265,13 +269,20 @@ def _input_error(console, exc: Exception) -> int:
     return print_error(console, exc)
 
 
-def _prepare(console, args: argparse.Namespace, **plan_kwargs):
-    """Validate the run, then load the model and build the samples: (plan, model, tokenizer, samples) or an exit code."""
-    from .evaluation.plan import EvalInputError, build_samples, load_model, prepare_run
+def _prepare(console, args: argparse.Namespace, speed=None, **plan_kwargs):
+    """Validate the run (and a deployment-speed plan `speed`), then load the model and build the samples:
+    (plan, model, tokenizer, samples) or an exit code."""
+    from .bench.deploy import SpeedPlanError
+    from .evaluation.plan import EvalInputError, build_samples, check_speed_before_load, load_model, prepare_run
 
     try:
         plan = prepare_run(args.model, args.suite, config=args.config, essays=args.essays, samples=args.samples,
                            dtype=args.dtype, **plan_kwargs)
+        if speed is not None:
+            try:
+                check_speed_before_load(plan, speed)
+            except SpeedPlanError as exc:
+                raise EvalInputError(f"{_speed_flag(exc.field)}: {exc.message}") from None
         model, tokenizer = load_model(plan)
         samples = build_samples(plan, tokenizer)
     except EvalInputError as exc:
@@ -309,16 +320,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         speed = _speed_plan(args)
     except EvalInputError as exc:
         return _input_error(console, exc)
-    prepared = _prepare(console, args, dense=args.dense)
+    prepared = _prepare(console, args, speed=speed, dense=args.dense)
     if isinstance(prepared, int):
         return prepared
     plan, model, tokenizer, samples = prepared
     if speed is not None:
         try:
-            speed.check(model, plan.config)  # memory and the shape's limits, before the samples run
+            speed.check(model, plan.config)  # again on the loaded model (a header may lack the fields)
         except SpeedPlanError as exc:
-            flag = {"speed.batch": "--speed-batch", "speed.shape": "--speed-shape"}.get(exc.field, "--speed-lengths")
-            return _input_error(console, EvalInputError(f"{flag}: {str(exc).split(': ', 1)[1]}"))
+            return _input_error(console, EvalInputError(f"{_speed_flag(exc.field)}: {exc.message}"))
 
     config_tag = plan.config.short_hash() if plan.config is not None else "dense"
     title = f"{plan.resolved.name} on {plan.suite.name}, {'dense' if plan.config is None else 'SketchWalk ' + config_tag}"

@@ -164,3 +164,37 @@ def test_eval_summary_prints_times_and_speedups():
     assert "x dense" not in "\n".join(summary_lines(mine))  # no baseline: times only
     shaped = _result({"shape": "llama8b", "batch": 8, "prefill_ms": {}, "decode_ms": {"65536": 30.0}})
     assert "decode step (batch 8) at deployment lengths on the llama8b shape" in "\n".join(summary_lines(shaped))
+
+
+def test_plan_is_checked_before_the_model_loads(tmp_path):
+    """check_before_load: from the architecture alone (config.json / GGUF header fields), the same
+    refusals as after the load; a named shape must also leave room for the evaluated model's weights;
+    unknown fields check only a named shape."""
+    from sketchwalk import models as models_mod
+    from sketchwalk.evaluation.model_facts import config_fields_without_loading
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**load_shape("smollm2").fields, "architectures": ["LlamaForCausalLM"]}))
+    fields = config_fields_without_loading(models_mod.resolve(str(d)))
+    assert fields["num_hidden_layers"] == 30 and fields["num_key_value_heads"] == 3
+    plan = DeploymentSpeed(lengths=[32768], repeats=1, warmup=0)
+    plan.check_before_load(fields, "cuda", 2, 2 ** 35)  # fits in 32 GiB on a GPU
+    with pytest.raises(SpeedPlanError, match="speed.lengths"):
+        plan.check_before_load(fields, "cpu", 4, 2 ** 35)  # a layer's 9 x 32K x 32K scores: 36 GiB
+    eight = DeploymentSpeed(lengths=[4096], shape="llama8b", repeats=1, warmup=0)
+    eight.check_before_load(None, "cuda", 2, 2 ** 35)
+    with pytest.raises(SpeedPlanError, match="speed.lengths"):  # 16 GiB of 8B weights + a 70B-sized evaluated model
+        eight.check_before_load({**fields, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                                 "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128},
+                                "cuda", 2, 2 ** 35)
+    DeploymentSpeed(lengths=[2 ** 20]).check_before_load(None, "cpu", 4, 1)  # nothing known: left to the loaded check
+    with pytest.raises(SpeedPlanError, match="speed.shape"):
+        eight.check_before_load(None, "cuda", 2, 2 ** 35, SketchWalkConfig(skip_layers=32))
+
+
+def test_eval_refuses_a_plan_too_big_before_loading(capsys, no_load):
+    assert cli.main(["eval", "--dense", "--suite", "ruler-smoke-noise", "--speed-lengths", "1024k"]) == 2
+    out = capsys.readouterr()
+    text = " ".join((out.out + out.err).split())
+    assert "--speed-lengths" in text and "GiB" in text and "Traceback" not in text

@@ -225,6 +225,17 @@ def test_bad_model_or_suite_fails_before_loading(tmp_path):
     f.write_text(yaml.safe_dump({"name": "t", "space": SPACE, "suite": "ruler-nope"}))
     with pytest.raises(EvalInputError, match="ruler-nope"):
         prepare_sweep(str(f), workdir=tmp_path)
+    # A deployment-speed plan this machine cannot hold (here on the CPU: a layer's n^2 scores at 1M
+    # tokens) is refused from the model's header, before its weights load; a Ray sweep leaves it to
+    # its workers, whose machines may differ.
+    f.write_text(yaml.safe_dump({"name": "t", "space": SPACE, "suite": "ruler-smoke-noise",
+                                 "speed": {"lengths": [2 ** 20]}}))
+    with pytest.raises(SweepSpecError, match="speed.lengths") as info:
+        prepare_sweep(str(f), workdir=tmp_path)
+    assert "GiB" in str(info.value)
+    f.write_text(yaml.safe_dump({"name": "t", "space": SPACE, "suite": "ruler-smoke-noise", "backend": "ray",
+                                 "speed": {"lengths": [2 ** 20]}}))
+    prepare_sweep(str(f), workdir=tmp_path)
 
 
 @pytest.mark.parametrize("patch, field, needle", [

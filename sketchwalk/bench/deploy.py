@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import SketchWalkConfig
-from .e2e_plan import MAX_SEQ, ModelShape, PlanError, check_memory, load_shape
+from .e2e_plan import MAX_SEQ, ModelShape, PlanError, check_memory, load_shape, weight_count
 
 MIN_SEQ = 128  # shorter is not a deployment length (and below a few blocks nothing is sparse)
 
@@ -32,7 +32,7 @@ class SpeedPlanError(ValueError):
     """A speed plan that cannot run here (memory, a config the shape refuses): `field` names the entry."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
 
 
@@ -68,7 +68,7 @@ class DeploymentSpeed(BaseModel):
             try:
                 load_shape(value)
             except PlanError as exc:
-                raise ValueError(str(exc).split(": ", 1)[1]) from None
+                raise ValueError(exc.message) from None
         return value
 
     def fingerprint(self) -> dict[str, Any]:
@@ -89,35 +89,53 @@ class DeploymentSpeed(BaseModel):
     def check(self, model, config: Optional[SketchWalkConfig] = None, free_bytes: Optional[int] = None) -> None:
         """Refuse, before any timing, a plan the device cannot hold or a config the timed shape refuses.
 
-        model: the evaluated model (its device and dtype are the timing's); free_bytes: device memory
-        free now (None = ask the device). Raises SpeedPlanError naming `speed.lengths` / `speed.batch`
-        / `speed.shape`, or the config's own ConfigError."""
+        model: the evaluated model, loaded (its device and dtype are the timing's); free_bytes: device
+        memory free now (None = ask the device). Raises SpeedPlanError naming `speed.lengths` /
+        `speed.batch` / `speed.shape`."""
         from .e2e import free_memory_bytes
 
-        shape = self.target_shape(model)
         param = next(model.parameters())
+        free = free_memory_bytes(param.device) if free_bytes is None else free_bytes
+        if self.shape is None:
+            free += _weight_bytes(model)  # its weights are loaded already: check_memory counts them
+        self._check(self.target_shape(model), param.device.type, param.element_size(), free, config)
+
+    def check_before_load(self, model_fields: Optional[dict[str, Any]], device: str, elem_bytes: int,
+                          free_bytes: int, config: Optional[SketchWalkConfig] = None) -> None:
+        """The same refusals before the evaluated model is loaded, from its architecture
+        (`model_facts.config_fields_without_loading`; None = unknown, then only a named shape is checked):
+        device 'cuda' | 'cpu', elem_bytes of the dtype it will load in, free_bytes on that device now.
+        A named shape must fit beside the evaluated model's weights."""
+        model = ModelShape("model", "the evaluated model", model_fields) if model_fields else None
+        if self.shape is None:
+            if model is not None:
+                self._check(model, device, elem_bytes, free_bytes, config)
+            return
+        if model is not None:
+            free_bytes -= weight_count(model) * elem_bytes
+        self._check(load_shape(self.shape), device, elem_bytes, free_bytes, config)
+
+    def _check(self, shape: ModelShape, device: str, elem_bytes: int, free: int,
+               config: Optional[SketchWalkConfig]) -> None:
         if config is not None:
             try:
                 config.validate_for_model(shape.fields["num_hidden_layers"], shape.head_dim)
             except ValueError as exc:
                 raise SpeedPlanError("speed.shape", f"{shape.name} cannot run this config: {exc}") from None
-        free = free_memory_bytes(param.device) if free_bytes is None else free_bytes
-        if self.shape is None:
-            free += _weight_bytes(model)  # its weights are loaded already: check_memory counts them
         for n in self.lengths:
-            if param.device.type != "cuda":
+            if device != "cuda":
                 # Off CUDA, attention (the reference path, SDPA's math kernel) materialises a layer's
                 # [heads, n, n] scores, which check_memory (for the O(n) kernels) does not count.
-                scores = shape.fields["num_attention_heads"] * n * n * param.element_size()
+                scores = shape.fields["num_attention_heads"] * n * n * elem_bytes
                 if scores > free:
-                    raise SpeedPlanError("speed.lengths", f"{n} tokens on {param.device.type}: one layer's attention "
+                    raise SpeedPlanError("speed.lengths", f"{n} tokens on {device}: one layer's attention "
                                                           f"scores need {scores / 2 ** 30:.1f} GiB, more than the "
                                                           f"{free / 2 ** 30:.1f} GiB free")
             for batch in ([1, self.batch] if self.decode else [1]):
-                err = check_memory(shape, n, batch, param.element_size(), free, self.repeats + self.warmup)
+                err = check_memory(shape, n, batch, elem_bytes, free, self.repeats + self.warmup)
                 if err is not None:
                     field = "speed.batch" if err.flag == "--batch" else "speed.lengths"
-                    raise SpeedPlanError(field, str(err).split(": ", 1)[1])
+                    raise SpeedPlanError(field, err.message)
 
 
 def _weight_bytes(model) -> int:

@@ -46,7 +46,7 @@ class PlanError(ValueError):
     """A bad command line: `flag` names the option to change."""
 
     def __init__(self, flag: str, message: str):
-        self.flag = flag
+        self.flag, self.message = flag, message
         super().__init__(f"{flag}: {message}")
 
 

@@ -199,6 +199,26 @@ def shape_without_loading(resolved: ResolvedModel) -> Optional[tuple[int, int]]:
         return None
 
 
+_GGUF_FIELDS = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+                "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+                "head_dim": "attention.key_length", "intermediate_size": "feed_forward_length",
+                "vocab_size": "vocab_size"}
+
+
+def config_fields_without_loading(resolved: ResolvedModel) -> Optional[dict[str, Any]]:
+    """The model's architecture as LlamaConfig fields (num_hidden_layers, hidden_size, heads, head_dim,
+    intermediate_size, vocab_size: those the header or config.json gives) without loading weights, for
+    memory estimates before a load; None when any of layers, width, heads, MLP width or vocab is unknown."""
+    if resolved.gguf_file:
+        meta = gguf_metadata(resolved.file)
+        arch = meta.get("general.architecture")
+        fields = {k: int(meta[f"{arch}.{g}"]) for k, g in _GGUF_FIELDS.items() if meta.get(f"{arch}.{g}")}
+    else:
+        fields = {k: v for k, v in _hf_text_config(resolved).items() if isinstance(v, (int, float, bool, str))}
+    needed = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+    return fields if all(isinstance(fields.get(k), int) and fields[k] > 0 for k in needed) else None
+
+
 def model_identity(resolved: ResolvedModel) -> dict[str, Any]:
     """{name, files: [[path, size bytes, mtime ns], ...]}: changes when any weight/config file does.
 

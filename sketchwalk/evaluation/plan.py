@@ -138,6 +138,24 @@ def _yaml_content(path: str):
     return data.get("sketchwalk", data) if isinstance(data, dict) and "sketchwalk" in data else data
 
 
+def check_speed_before_load(plan: EvalPlan, speed) -> None:
+    """Refuse a deployment-speed plan (`bench.deploy.DeploymentSpeed`) this machine cannot hold, before
+    the model loads: the model's architecture from its header / config.json, the device and dtype it
+    will load on (CUDA if visible, as `models.load`), that device's free memory now. Raises
+    `bench.deploy.SpeedPlanError` naming the field; a model whose header lacks the fields is checked
+    after it loads instead (`DeploymentSpeed.check`)."""
+    import torch
+
+    from ..bench.e2e import free_memory_bytes
+    from .model_facts import config_fields_without_loading
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = plan.dtype or ("bfloat16" if device == "cuda" else "float32")
+    elem = 4 if dtype == "float32" else 2
+    speed.check_before_load(config_fields_without_loading(plan.resolved), device, elem,
+                            free_memory_bytes(torch.device(device)), plan.config)
+
+
 def load_model(plan: EvalPlan):
     """(model, tokenizer) of a validated plan, via `sketchwalk.models.load`."""
     from .. import models
