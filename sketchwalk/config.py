@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import numpy as np
 import yaml
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -22,10 +23,12 @@ HEAD_AGGREGATIONS = ("mean_qk", "sum_probs")
 PHASES = ("prefill", "decode", "both")
 DECODE_QUERIES = ("token", "block_mean", "window")
 SELECTORS = ("sketchwalk", "oracle", "random", "streaming")
+BUDGET_RULES = ("causal", "free_quantile")
 DEFAULT_DENSITY = 0.2  # the paper's "80% sparsity"
 # Fields added after config hashes were first recorded (sweeps, baselines, exports): left out of
 # short_hash() while at these defaults, so every earlier config keeps its hash.
-_HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None, "dense_last_blocks": 0}
+_HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None, "dense_last_blocks": 0,
+                          "sink_fraction": None, "local_fraction": None, "budget_rule": "causal"}
 SCORE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -74,6 +77,18 @@ class SketchWalkConfig:
     never selects the needle (results/selector-study); at 32K one dense row of 512 costs 0.2%
     density. The release keeps its last 4 query blocks (256 tokens) dense. Decode rows are unaffected.
 
+    `sink_fraction` / `local_fraction` (None = the block counts `sink_blocks` / `local_blocks`, the
+    paper): the sink and the recent window sized as a fraction of the sequence's current length in
+    tokens, as the authors' release sizes them: max(1, int(f * n)) tokens, rounded up to whole
+    blocks (n = the prompt in prefill, the cache in decode, so they grow as decode goes on). Set
+    one and leave its block count at its default 1.
+
+    `budget_rule` (`causal`, the paper): a row keeps max(τ, forced) blocks, τ = ceil(density x its
+    causal blocks). `free_quantile` (the release): the forced blocks plus, of the f remaining
+    causal blocks, those scoring strictly above the row's (1 - density) quantile (linear
+    interpolation, as torch.nanquantile on float32): f - 1 - floor((1 - density)(f - 1)) of them
+    for distinct scores; with `top_k`, top_k of them.
+
     `selector` swaps the block scores for a baseline at the same density (same forced blocks and
     τ rule, so the same counts per row): `oracle` (exact dense block attention mass), `random`,
     `streaming` (sink + most recent blocks); `sketchwalk` is the method itself.
@@ -99,6 +114,9 @@ class SketchWalkConfig:
     selector: Literal["sketchwalk", "oracle", "random", "streaming"] = "sketchwalk"
     score_block_size: Optional[int] = None
     dense_last_blocks: int = 0
+    sink_fraction: Optional[float] = None
+    local_fraction: Optional[float] = None
+    budget_rule: Literal["causal", "free_quantile"] = "causal"
 
     def __post_init__(self) -> None:
         if self.top_k is None and self.density is None:
@@ -107,7 +125,8 @@ class SketchWalkConfig:
         if self.score_block_size == self.block_size:  # the paper's scores: one spelling, one hash
             object.__setattr__(self, "score_block_size", None)
         # Normalise numeric types so that 8 and 8.0 hash and serialise identically.
-        for name in ("sparsity_exponent", "damping") + (("density",) if self.density is not None else ()):
+        optional = ("density", "sink_fraction", "local_fraction")
+        for name in ("sparsity_exponent", "damping") + tuple(n for n in optional if getattr(self, n) is not None):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     # -- validation -------------------------------------------------------------------
@@ -159,6 +178,16 @@ class SketchWalkConfig:
         if not _is_int(self.dense_last_blocks) or self.dense_last_blocks < 0:
             raise ConfigError("dense_last_blocks", self.dense_last_blocks,
                               "an integer >= 0 (query-block rows at the end of a prefill attended densely)")
+        for name, blocks in (("sink_fraction", "sink_blocks"), ("local_fraction", "local_blocks")):
+            f = getattr(self, name)
+            if f is None:
+                continue
+            if not _is_number(f) or not 0.0 < f < 1.0:
+                raise ConfigError(name, f, "null or a number in (0, 1) (a fraction of the sequence's tokens)")
+            if getattr(self, blocks) != 1:
+                raise ConfigError(blocks, getattr(self, blocks), f"1 (its default) when {name} is set: {name} sizes it")
+        if self.budget_rule not in BUDGET_RULES:
+            raise ConfigError("budget_rule", self.budget_rule, f"one of {list(BUDGET_RULES)}")
 
     def validate_for_model(self, num_layers: int, head_dim: int) -> None:
         """Check the fields that depend on the model: skip_layers < num_layers, sketch_dim <= head_dim."""
@@ -179,6 +208,25 @@ class SketchWalkConfig:
         return self.block_size // self.sub_blocks
 
     @property
+    def length_dependent(self) -> bool:
+        """Whether the forced blocks depend on the sequence length (sink_fraction / local_fraction set)."""
+        return self.sink_fraction is not None or self.local_fraction is not None
+
+    def forced_sizes(self, n_tokens: Optional[int] = None) -> tuple[int, int]:
+        """(sink blocks, local blocks) of a sequence of n_tokens real tokens: the block counts, or
+        the fractions' max(1, int(f * n_tokens)) tokens in whole blocks. n_tokens is needed only
+        when `length_dependent`."""
+        if not self.length_dependent:
+            return self.sink_blocks, self.local_blocks
+        if n_tokens is None:
+            raise ValueError("sink_fraction / local_fraction size the forced blocks from the sequence length: pass n_tokens")
+
+        def blocks(f: Optional[float], default: int) -> int:
+            return default if f is None else -(-max(1, int(f * n_tokens)) // self.block_size)
+
+        return blocks(self.sink_fraction, self.sink_blocks), blocks(self.local_fraction, self.local_blocks)
+
+    @property
     def sparse_prefill(self) -> bool:
         return self.phases in ("prefill", "both")
 
@@ -191,6 +239,19 @@ class SketchWalkConfig:
         if self.top_k is not None:
             return self.top_k
         return max(1, math.ceil(self.density * causal_blocks - 1e-9))
+
+    def row_count(self, causal_blocks: int, forced_blocks: int) -> int:
+        """Blocks a row keeps, of its `causal_blocks`, `forced_blocks` of them forced: the one
+        statement of `budget_rule` (see the class docstring)."""
+        n, forced = causal_blocks, min(forced_blocks, causal_blocks)
+        if self.budget_rule == "causal":
+            return min(n, max(self.budget(n), forced))
+        free = n - forced
+        if self.top_k is not None:
+            return forced + min(free, self.top_k)
+        # Scores strictly above the interpolated (1 - density) quantile of f distinct values, the
+        # rank computed in float32 as torch.nanquantile does on the release's float32 scores.
+        return forced + (free - 1 - math.floor(np.float32(1.0 - self.density) * np.float32(free - 1)) if free else 0)
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -134,12 +134,17 @@ CASES = [
     (dict(selector="oracle", density=0.3), [50, 39, 21]),
     (dict(selector="random", top_k=3, sink_blocks=0), [48, 35, 5]),
     (dict(selector="streaming", top_k=2, local_blocks=2), [64, 17, 30]),
+    # The release's structure: sink and window grow with each sequence's length during decode.
+    (dict(sink_fraction=0.1, local_fraction=0.2, budget_rule="free_quantile", density=0.3, walk="damped",
+          head_aggregation="sum_probs", decode_query="window", decode_window=8), [50, 39, 21]),
+    (dict(selector="oracle", local_fraction=0.25, budget_rule="free_quantile", density=0.2), [64, 17, 30]),
 ]
 
 
 def case_id(overrides: dict) -> str:
     parts = [overrides.get("selector", "sketchwalk") + (f"-sub{overrides['score_block_size']}"
-                                                          if "score_block_size" in overrides else ""),
+                                                          if "score_block_size" in overrides else "")
+             + ("-fractions" if "local_fraction" in overrides else ""),
              overrides.get("head_aggregation", "mean_qk"),
              overrides.get("decode_query", "token"), overrides.get("walk", "product"), overrides.get("phases", "both")]
     return "-".join(parts)
@@ -185,16 +190,19 @@ def test_decode_without_prefill_raises():
 # Triton backend (interpreter on CPU)
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [dict(decode_query="block_mean"), dict(head_aggregation="sum_probs"),
-                                       dict(selector="oracle"),
-                                       dict(score_block_size=1, head_aggregation="sum_probs", walk="none")],
-                         ids=["mean_qk", "sum_probs", "oracle", "token-keys"])
-def test_triton_backend_batched_equals_per_sequence(overrides):
+@pytest.mark.parametrize("overrides,lens", [
+    (dict(decode_query="block_mean"), [40, 23, 9]), (dict(head_aggregation="sum_probs"), [40, 23, 9]),
+    (dict(selector="oracle"), [40, 23, 9]),
+    (dict(score_block_size=1, head_aggregation="sum_probs", walk="none"), [40, 23, 9]),
+    # The release's structure needs longer prompts for a free choice: sink 1 + window 1-2 + top_k 2.
+    (dict(sink_fraction=0.1, local_fraction=0.2, budget_rule="free_quantile"), [100, 71, 40])],
+    ids=["mean_qk", "sum_probs", "oracle", "token-keys", "release-structure"])
+def test_triton_backend_batched_equals_per_sequence(overrides, lens):
     pytest.importorskip("triton", reason="triton is not installed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = SketchWalkConfig(block_size=16, sketch_dim=8, skip_layers=1, top_k=2, **overrides)
-    # 20 steps: new blocks at steps 9 / 10 / 8; layer 0 is dense (batched dense rows).
-    assert check_against_solo(cfg, [40, 23, 9], steps=20, seed=5, backend="triton", layers=2, device=device) > 0
+    # 20 steps: new blocks at steps 9 / 10 / 8 (first case); layer 0 is dense (batched dense rows).
+    assert check_against_solo(cfg, lens, steps=20, seed=5, backend="triton", layers=2, device=device) > 0
 
 
 # --------------------------------------------------------------------------------------

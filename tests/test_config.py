@@ -92,6 +92,14 @@ INVALID = [
     ("dense_last_blocks", -1, {}, [">= 0"]),
     ("dense_last_blocks", 1.5, {}, [">= 0"]),
     ("dense_last_blocks", True, {}, [">= 0"]),
+    ("sink_fraction", 0.0, {}, ["(0, 1)"]),
+    ("sink_fraction", 1.0, {}, ["(0, 1)"]),
+    ("sink_fraction", "5%", {}, ["(0, 1)"]),
+    ("local_fraction", -0.1, {}, ["(0, 1)"]),
+    ("local_fraction", True, {}, ["(0, 1)"]),
+    ("sink_blocks", 2, {"sink_fraction": 0.05}, ["1 (its default) when sink_fraction is set"]),
+    ("local_blocks", 3, {"local_fraction": 0.05}, ["1 (its default) when local_fraction is set"]),
+    ("budget_rule", "quantile", {}, ["causal", "free_quantile"]),
 ]
 
 
@@ -324,6 +332,7 @@ CHANGES = [
     {"degree": 2}, {"sketch": "exact"}, {"head_aggregation": "sum_probs"}, {"phases": "prefill"},
     {"decode_query": "window"}, {"decode_window": 16}, {"seed": 1}, {"selector": "oracle"},
     {"score_block_size": 8}, {"dense_last_blocks": 1},
+    {"sink_fraction": 0.025}, {"local_fraction": 0.05}, {"budget_rule": "free_quantile"},
 ]
 
 
@@ -409,3 +418,40 @@ def test_dense_last_blocks_default_keeps_old_hashes():
     assert old.short_hash() == "36f35232cd9e"
     assert old.replace(dense_last_blocks=1).short_hash() != old.short_hash()
     assert SketchWalkConfig.from_dict(old.replace(dense_last_blocks=2).to_dict()).dense_last_blocks == 2
+
+
+def test_forced_sizes_follow_the_release_rule():
+    """max(1, int(f * n)) tokens in whole blocks; block counts unless a fraction is set."""
+    cfg = SketchWalkConfig(sink_fraction=0.025, local_fraction=0.05)
+    assert cfg.length_dependent
+    assert cfg.forced_sizes(4096) == (2, 4)      # 102 tokens -> 2 blocks; 204 -> 4 blocks
+    assert cfg.forced_sizes(8192) == (4, 7)      # 204 -> 4; 409 -> 7
+    assert cfg.forced_sizes(10) == (1, 1)        # at least one token, so one block
+    assert SketchWalkConfig(local_fraction=0.05).forced_sizes(4096) == (1, 4)
+    assert SketchWalkConfig(sink_blocks=3).forced_sizes() == (3, 1)
+    with pytest.raises(ValueError, match="n_tokens"):
+        cfg.forced_sizes()
+
+
+@pytest.mark.parametrize("density,forced", [(0.125, 2), (0.2, 0), (0.5, 3), (0.9, 1)])
+def test_free_quantile_counts_match_torch_nanquantile(density, forced):
+    """The count is what torch.nanquantile's threshold keeps (strictly above) for distinct scores."""
+    import torch
+    cfg = SketchWalkConfig(density=density, budget_rule="free_quantile")
+    for free in range(0, 400):
+        scores = torch.randperm(max(free, 1), generator=torch.Generator().manual_seed(free)).float()[:free]
+        kept = 0 if free == 0 else int((scores > torch.nanquantile(scores, 1 - density)).sum())
+        assert cfg.row_count(free + forced, forced) == forced + kept, free
+    assert SketchWalkConfig(top_k=3, budget_rule="free_quantile").row_count(10, 2) == 5
+    assert SketchWalkConfig(top_k=30, budget_rule="free_quantile").row_count(10, 2) == 10
+    # the paper's rule: max(τ, forced), capped at the causal blocks
+    assert SketchWalkConfig(density=0.2).row_count(10, 2) == 2
+    assert SketchWalkConfig(density=0.5).row_count(10, 2) == 5
+
+
+def test_new_fields_at_defaults_keep_earlier_hashes():
+    base = SketchWalkConfig()
+    assert base.short_hash() == SketchWalkConfig(sink_fraction=None, budget_rule="causal").short_hash()
+    assert base.short_hash() != SketchWalkConfig(budget_rule="free_quantile").short_hash()
+    assert SketchWalkConfig(sink_fraction=0.05).sink_fraction == 0.05
+    assert SketchWalkConfig.from_yaml(SketchWalkConfig(local_fraction=0.05).to_yaml()).local_fraction == 0.05

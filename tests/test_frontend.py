@@ -50,23 +50,37 @@ def _configs():
         yield SketchWalkConfig(block_size=16, sketch_dim=8, sink_blocks=sink, local_blocks=local, **budget)
     for budget, tail in itertools.product([{"top_k": 2}, {"density": 0.2}, {"density": 1.0}], [1, 3]):
         yield SketchWalkConfig(block_size=16, sketch_dim=8, dense_last_blocks=tail, **budget)
+    # The release's structure: forced blocks sized by the sequence length, a budget over the free blocks.
+    for budget, fractions, rule in itertools.product(
+            [{"top_k": 2}, {"density": 0.125}, {"density": 0.3}],
+            [{}, {"sink_fraction": 0.025, "local_fraction": 0.05}, {"local_fraction": 0.2}],
+            ["causal", "free_quantile"]):
+        yield SketchWalkConfig(block_size=16, sketch_dim=8, budget_rule=rule, **budget, **fractions)
+    yield SketchWalkConfig(block_size=16, sketch_dim=8, density=0.125, sink_fraction=0.05, local_fraction=0.05,
+                           budget_rule="free_quantile", dense_last_blocks=4)
+
+
+def _tokens(nb: int, block_size: int = 16) -> int:
+    """A sequence length that fills nb blocks, the last one partly (when nb > 1)."""
+    return max(1, nb * block_size - (nb % 7))
 
 
 def test_row_budget_equals_measured_counts():
     """count_i = min(i+1, max(τ_i, |forced_i|)) on the host equals select_blocks' measured counts."""
     for cfg in _configs():
         for nb in (1, 2, 3, 7, 16, 33, 100):
-            sel = select_blocks(torch.zeros(nb, nb), torch.arange(nb), cfg, num_blocks=nb)
+            n = _tokens(nb)
+            sel = select_blocks(torch.zeros(nb, nb), torch.arange(nb), cfg, num_blocks=nb, n_tokens=n)
             measured = sel.counts.tolist()
-            assert [row_budget(cfg, i, nb) for i in range(nb)] == measured, (cfg, nb)
+            assert [row_budget(cfg, i, nb, n) for i in range(nb)] == measured, (cfg, nb)
             tail = range(max(0, nb - cfg.dense_last_blocks), nb)
             assert [measured[i] for i in tail] == [i + 1 for i in tail]  # the last rows are dense
             selector = BlockSelector(cfg)
-            assert selector.pairs(nb) == sum(measured) == int(sel.selected_pairs())
-            assert selector.max_count(nb) == sel.indices.shape[1]
-            assert selector.prefill_counts(nb, "cpu").tolist() == measured
+            assert selector.pairs(nb, n) == sum(measured) == int(sel.selected_pairs())
+            assert selector.max_count(nb, n) == sel.indices.shape[1]
+            assert selector.prefill_counts(nb, "cpu", n_tokens=n).tolist() == measured
             if not cfg.dense_last_blocks:
-                assert selector.counts(0, nb, "cpu").tolist() == measured
+                assert selector.counts(0, nb, "cpu", n_tokens=n).tolist() == measured
 
 
 def _score_rows(rng, rows: int, b: int, kind: int) -> torch.Tensor:
@@ -85,15 +99,41 @@ def test_selector_equals_select_blocks(index_dtype):
         for nb in (1, 2, 5, 17, 40):
             for dtype in (torch.float32, torch.float64):
                 scores = _score_rows(rng, nb, nb, n % 3).to(dtype)
-                ref = select_blocks(scores, torch.arange(nb), cfg, num_blocks=nb)
-                got = selector.prefill(scores, index_dtype)
+                ref = select_blocks(scores, torch.arange(nb), cfg, num_blocks=nb, n_tokens=_tokens(nb))
+                got = selector.prefill(scores, index_dtype, _tokens(nb))
                 assert got.indices.dtype == index_dtype and got.counts.dtype == index_dtype
                 assert same_selection(got, ref), (cfg, nb)
                 for i in range(nb):  # a decode row sees the row's causal columns (and maybe more)
                     width = i + 1 + int(rng.integers(0, 3))
                     row = _score_rows(rng, 1, width, n % 3).to(dtype)
-                    assert same_selection(selector.decode(row, i, index_dtype),
-                                          select_blocks(row, torch.tensor([i]), cfg)), (cfg, i)
+                    m = i * 16 + 1 + int(rng.integers(0, 16))  # a cache whose last token is in block i
+                    assert same_selection(selector.decode(row, i, index_dtype, m),
+                                          select_blocks(row, torch.tensor([i]), cfg, n_tokens=m)), (cfg, i)
+
+
+def test_release_structure_selects_what_the_release_rule_selects():
+    """sink/local fractions + free_quantile + 4 dense last rows = the authors' release rule, written
+    out independently: sink and window blocks from max(1, int(f * n)) tokens, the other causal
+    blocks kept where their float32 score is strictly above the row's nanquantile(1 - density),
+    the last 4 rows dense (distinct scores, so no ties)."""
+    cfg = SketchWalkConfig(block_size=16, sketch_dim=8, density=0.125, sink_fraction=0.025, local_fraction=0.05,
+                           budget_rule="free_quantile", dense_last_blocks=4)
+    rng = np.random.default_rng(1)
+    for n in (17, 300, 1000, 2047, 4100):
+        nb = -(-n // 16)
+        rw = torch.tensor(rng.permutation(nb * nb).reshape(nb, nb) / (nb * nb), dtype=torch.float32)
+        win = max(1, -(-max(1, int(0.05 * n)) // 16))
+        sink = max(1, -(-max(1, int(0.025 * n)) // 16))
+        q, k = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+        causal = k <= q
+        exclude = causal & ((k < sink) | (k >= q - win + 1))
+        masked = rw.masked_fill(~causal | exclude, float("nan"))
+        th = torch.nanquantile(masked, 1 - 0.125, dim=-1, keepdim=True)
+        th = torch.where(torch.isnan(th), torch.inf, th)  # a row with no free block keeps only its forced ones
+        th[-4:] = -torch.inf
+        release = causal & ((rw > th) | exclude)
+        got = select_blocks(rw, torch.arange(nb), cfg, num_blocks=nb, n_tokens=n).dense_block_mask(nb)
+        assert torch.equal(got, release), n
 
 
 def test_fwht_matches_stacked_butterflies_bitwise():

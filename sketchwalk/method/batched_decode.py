@@ -99,12 +99,13 @@ class StepPlan:
         self.blocks = [(m - 1) // bs for m in n]
         self.in_block = [m - i * bs for m, i in zip(n, self.blocks)]
         self.started = [c == 1 for c in self.in_block]
-        self.counts = [selector.row_count(i) for i in self.blocks]
+        self.counts = [selector.row_count(i, m) for i, m in zip(self.blocks, n)]
         self.max_count = max(self.counts)
         self.selected_pairs = sum(self.counts)
         self.causal_pairs = sum(i + 1 for i in self.blocks)
 
-        dev = _device_ints([self.blocks, self.in_block, self.counts], device)
+        sizes = [selector.sizes(m) for m in n]  # (sink, local) per sequence: fixed unless length-dependent
+        dev = _device_ints([self.blocks, self.in_block, self.counts, [s for s, _ in sizes], [l for _, l in sizes]], device)
         self.batch = selector.arange(len(n), device)
         self.block = dev[0]
         self.count_values = selector.arange(bs + 1, device, dtype)
@@ -113,7 +114,7 @@ class StepPlan:
         cols = selector.arange(cap, device)
         self.causal = cols[None, :] <= self.block[:, None]
         # Forced = sinks [0, sink) and locals (i - local, i]: the free blocks are [sink, i - local].
-        self.free = (cols >= cfg.sink_blocks)[None, :] & (cols[None, :] <= (self.block - cfg.local_blocks)[:, None])
+        self.free = (cols[None, :] >= dev[3][:, None]) & (cols[None, :] <= (self.block - dev[4])[:, None])
         self.fill = torch.full((len(n), cap), float("inf"), dtype=dtype, device=device).masked_fill_(
             ~self.causal, float("-inf"))
         self.drop = selector.arange(self.max_count, device)[None, :] >= self.row_counts[:, None]

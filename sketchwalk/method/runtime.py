@@ -290,7 +290,7 @@ class SketchWalkRuntime:
             return None
         if cfg.selector != "sketchwalk":  # a baseline's scores (method/baselines.py): no sketch, no walk
             scores = prefill_scores(q.detach(), k.detach(), cfg, layer, scale)
-            return self._select_prefill(layer, b, scores, causal_pairs)
+            return self._select_prefill(layer, b, scores, causal_pairs, m)
         if self.uses_triton(q.device) and _fused_front_end_applies(q, cfg):
             w, state = self._prefill_transition_fused(layer, q.detach(), k.detach(), needs_state)
         else:
@@ -304,13 +304,13 @@ class SketchWalkRuntime:
             return None
         r = walk_update(self._walk[b], w, None, cfg)
         self._walk[b] = r
-        return self._select_prefill(layer, b, r, causal_pairs)
+        return self._select_prefill(layer, b, r, causal_pairs, m)
 
-    def _select_prefill(self, layer: int, b: int, scores: torch.Tensor, causal_pairs: int) -> BlockSelection:
-        """Selection of every row of a prefill from its scores [nb, nb] (walk rows or a baseline's), counted."""
-        sel = self.selector.prefill(scores, self._index_dtype(scores.device))
+    def _select_prefill(self, layer: int, b: int, scores: torch.Tensor, causal_pairs: int, m: int) -> BlockSelection:
+        """Selection of every row of a prefill of m real tokens from its scores [nb, nb] (walk rows or a baseline's), counted."""
+        sel = self.selector.prefill(scores, self._index_dtype(scores.device), m)
         self._record(layer, b, sel)
-        self._count("prefill", layer, self.selector.pairs(scores.shape[0]), causal_pairs, dense=False)
+        self._count("prefill", layer, self.selector.pairs(scores.shape[0], m), causal_pairs, dense=False)
         return sel
 
     def _prefill_transition(self, layer: int, qf: torch.Tensor, kf: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -369,7 +369,7 @@ class SketchWalkRuntime:
                 self._count("decode", layer, i + 1, i + 1, dense=True)
             return None
         if cfg.selector != "sketchwalk":
-            return self._select_decode(layer, b, decode_scores(q.detach(), k.detach(), cfg, layer, scale), i)
+            return self._select_decode(layer, b, decode_scores(q.detach(), k.detach(), cfg, layer, scale), i, m)
         states = self._states.get(layer)
         state = states[b] if states is not None and b < len(states) else None
         if state is None or state.n_tokens != m - 1:
@@ -381,14 +381,14 @@ class SketchWalkRuntime:
         w = state.transition_with_current_row(qf[:, 0])
         r = walk_update(self._walk[b], w, slice(i, i + 1), cfg)
         self._walk[b] = r
-        return self._select_decode(layer, b, r, i)
+        return self._select_decode(layer, b, r, i, m)
 
-    def _select_decode(self, layer: int, b: int, scores: torch.Tensor, i: int) -> BlockSelection:
-        """Selection of query-block row i of a decode step from its scores [1, >= i+1], counted."""
-        sel = self.selector.decode(scores, i, self._index_dtype(scores.device))
+    def _select_decode(self, layer: int, b: int, scores: torch.Tensor, i: int, m: int) -> BlockSelection:
+        """Selection of query-block row i of a decode step (cache of m real tokens) from its scores [1, >= i+1], counted."""
+        sel = self.selector.decode(scores, i, self._index_dtype(scores.device), m)
         self._record(layer, b, sel)
         if self._counted(b):
-            self._count("decode", layer, self.selector.row_count(i), i + 1, dense=False)
+            self._count("decode", layer, self.selector.row_count(i, m), i + 1, dense=False)
         return sel
 
     def _record(self, layer: int, b: int, sel: BlockSelection) -> None:

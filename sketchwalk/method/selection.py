@@ -52,32 +52,45 @@ def dense_tail_start(cfg: SketchWalkConfig, num_blocks: int) -> int:
     return max(0, num_blocks - cfg.dense_last_blocks)
 
 
-def row_budget(cfg: SketchWalkConfig, i: int, num_blocks: Optional[int] = None) -> int:
-    """Blocks kept by query-block row i: min(i+1, max(τ_i, |forced_i|)) — config and row index alone,
-    except that in a prefill of `num_blocks` rows the last `cfg.dense_last_blocks` rows keep all i+1.
+def row_budget(cfg: SketchWalkConfig, i: int, num_blocks: Optional[int] = None,
+               n_tokens: Optional[int] = None) -> int:
+    """Blocks kept by query-block row i: `cfg.row_count(i+1, |forced_i|)` — config, row index and
+    (for `sink_fraction` / `local_fraction`) the sequence length n_tokens alone, except that in a
+    prefill of `num_blocks` rows the last `cfg.dense_last_blocks` rows keep all i+1.
 
-    forced_i = the sinks [0, min(sink_blocks, i+1)) and the locals (i-local_blocks, i], a prefix and a
-    suffix of the row's i+1 causal blocks, so |forced_i| = min(i+1, |sinks| + |locals|). Equals
-    select_blocks' counts (τ_i uses the same float64 rounding as there: cfg.budget).
+    forced_i = the sinks [0, min(sink, i+1)) and the locals (i-local, i] (`cfg.forced_sizes`), a
+    prefix and a suffix of the row's i+1 causal blocks, so |forced_i| = min(i+1, |sinks| + |locals|).
+    Equals select_blocks' counts (τ_i uses the same float64 rounding as there: cfg.budget).
     """
     n = i + 1
     if num_blocks is not None and i >= dense_tail_start(cfg, num_blocks):
         return n
-    forced = min(n, min(cfg.sink_blocks, n) + min(cfg.local_blocks, n))
-    return min(n, max(cfg.budget(n), forced))
+    sink, local = cfg.forced_sizes(n_tokens)
+    return cfg.row_count(n, min(n, min(sink, n) + min(local, n)))
+
+
+def forced_mask(cfg: SketchWalkConfig, rows: torch.Tensor, num_cols: int, n_tokens: Optional[int] = None) -> torch.Tensor:
+    """[len(rows), num_cols] bool: the sink and local blocks of each query-block row (causal only),
+    which every selector keeps. rows: [R] query-block indices; n_tokens: the sequence length (needed
+    only when the config sizes them as fractions of it)."""
+    sink, local = cfg.forced_sizes(n_tokens)
+    cols = torch.arange(num_cols, device=rows.device)
+    causal = cols[None, :] <= rows[:, None]
+    return causal & ((cols[None, :] < sink) | (cols[None, :] > rows[:, None] - local))
 
 
 def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWalkConfig,
-                  num_blocks: Optional[int] = None) -> BlockSelection:
+                  num_blocks: Optional[int] = None, n_tokens: Optional[int] = None) -> BlockSelection:
     """Pick key blocks per row from walk scores.
 
     scores: [rows, b] walk scores R^k (any real values; only causal columns are considered);
     row_blocks: [rows] query-block index of each row; num_blocks: the prefill's number of query
     blocks when the rows belong to one (rows >= num_blocks - cfg.dense_last_blocks are dense), None
-    for a decode row.
-    Always keeps the sink blocks (0 .. sink_blocks-1) and the local blocks (the diagonal and the
-    local_blocks-1 before it), then fills up to τ with the highest-scoring remaining causal blocks
-    (ties go to the lower block index). A row with at most τ causal blocks is dense.
+    for a decode row; n_tokens: the sequence's real tokens (prompt or cache), needed only when the
+    forced blocks are fractions of it (`cfg.length_dependent`).
+    Always keeps the sink blocks and the local blocks (the diagonal and the ones before it), then
+    fills up to the row's count (`cfg.budget_rule`) with the highest-scoring remaining causal
+    blocks (ties go to the lower block index). A row with at most τ causal blocks is dense.
     This is the reference for any rows; the runtime uses `BlockSelector` (the same result, with the
     masks and counts cached and no device->host sync).
     """
@@ -86,15 +99,27 @@ def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWal
     cols = torch.arange(b, device=device)
     rb = row_blocks.to(device=device, dtype=torch.long)
     causal = cols[None, :] <= rb[:, None]
-    forced = causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > rb[:, None] - cfg.local_blocks))
-    if num_blocks is not None and cfg.dense_last_blocks:
-        forced = forced | (causal & (rb[:, None] >= dense_tail_start(cfg, num_blocks)))
+    forced = forced_mask(cfg, rb, b, n_tokens)
     n_causal = rb + 1
-    if cfg.top_k is not None:
-        tau = torch.full_like(rb, cfg.top_k)
-    else:
-        tau = torch.ceil(n_causal.to(torch.float64) * cfg.density - 1e-9).long().clamp_min(1)
-    counts = torch.minimum(n_causal, torch.maximum(tau, forced.sum(-1)))
+    n_forced = forced.sum(-1)
+    if cfg.budget_rule == "causal":
+        if cfg.top_k is not None:
+            tau = torch.full_like(rb, cfg.top_k)
+        else:
+            tau = torch.ceil(n_causal.to(torch.float64) * cfg.density - 1e-9).long().clamp_min(1)
+        counts = torch.minimum(n_causal, torch.maximum(tau, n_forced))
+    else:  # free_quantile: a count of the free blocks on top of the forced ones
+        free = n_causal - n_forced
+        if cfg.top_k is not None:
+            extra = free.clamp_max(cfg.top_k)
+        else:
+            q = torch.tensor(1.0 - cfg.density, dtype=torch.float32, device=device)  # float32 rank, as torch.nanquantile
+            extra = free - 1 - torch.floor(q * (free - 1).to(torch.float32)).long()
+        counts = n_forced + torch.where(free > 0, extra, 0)
+    if num_blocks is not None and cfg.dense_last_blocks:
+        dense = rb >= dense_tail_start(cfg, num_blocks)
+        forced = forced | (causal & dense[:, None])
+        counts = torch.where(dense, n_causal, counts)
     key = torch.where(forced, float("inf"), torch.where(causal, scores, float("-inf")))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     max_count = int(counts.max().item()) if rows else 0
@@ -127,12 +152,14 @@ class _PrefillMasks:
 class BlockSelector:
     """`select_blocks` for the runtime's two row patterns, without device->host syncs.
 
-    Row counts depend only on the config and the row index (`row_budget`), so the host knows
-    them, their sum (the density counters) and the selection width; the device tensors that
-    depend only on (number of rows, device) — aranges, count tables, the causal/forced masks —
-    are built once and reused as views. Results equal select_blocks' bit for bit:
-      prefill(scores [nb, nb], nb)  == select_blocks(scores, arange(nb), cfg, num_blocks=nb)
-      decode(scores [1, i+1], i)    == select_blocks(scores, tensor([i]), cfg)
+    Row counts depend only on the config, the row index and the forced sizes (`row_budget`; the
+    sizes depend on the sequence length only with `sink_fraction` / `local_fraction`), so the host
+    knows them, their sum (the density counters) and the selection width; the device tensors that
+    depend only on (number of rows, forced sizes, device) — aranges, count tables, the
+    causal/forced masks — are built once and reused as views. Results equal select_blocks' bit for bit:
+      prefill(scores [nb, nb], n)  == select_blocks(scores, arange(nb), cfg, num_blocks=nb, n_tokens=n)
+      decode(scores [1, i+1], i, n) == select_blocks(scores, tensor([i]), cfg, n_tokens=n)
+    (n, the sequence's real tokens, matters only for a length-dependent config.)
     `index_dtype` int32 gives indices and counts in the Triton kernels' dtype (no conversion
     there); the reference attention takes int64.
     """
@@ -141,57 +168,66 @@ class BlockSelector:
 
     def __init__(self, cfg: SketchWalkConfig):
         self.cfg = cfg
-        self._counts: list[int] = []  # row_budget(cfg, i) for i < len
-        self._prefix: list[int] = [0]  # _prefix[nb] = sum of the first nb row counts
+        self._counts: dict[tuple, list[int]] = {}  # forced sizes -> row counts of rows 0..len-1
+        self._prefix: dict[tuple, list[int]] = {}  # forced sizes -> prefix sums (prefix[nb] = sum of nb counts)
         self._tables: dict[tuple, torch.Tensor] = {}
         self._masks: dict[tuple, _PrefillMasks] = {}
 
     # -- host side ------------------------------------------------------------------------
-    def _extend(self, nb: int) -> None:
-        while len(self._counts) < nb:
-            c = row_budget(self.cfg, len(self._counts))
-            self._counts.append(c)
-            self._prefix.append(self._prefix[-1] + c)
+    def sizes(self, n_tokens: Optional[int] = None) -> tuple[int, int]:
+        """(sink, local) blocks for a sequence of n_tokens real tokens (`cfg.forced_sizes`)."""
+        return self.cfg.forced_sizes(n_tokens)
 
-    def row_count(self, i: int) -> int:
-        """Blocks selected by query-block row i (host int)."""
-        self._extend(i + 1)
-        return self._counts[i]
+    def _extend(self, nb: int, sizes: tuple[int, int]) -> list[int]:
+        counts = self._counts.setdefault(sizes, [])
+        prefix = self._prefix.setdefault(sizes, [0])
+        sink, local = sizes
+        while len(counts) < nb:
+            n = len(counts) + 1
+            c = self.cfg.row_count(n, min(n, min(sink, n) + min(local, n)))  # row_budget with these sizes
+            counts.append(c)
+            prefix.append(prefix[-1] + c)
+        return counts
+
+    def row_count(self, i: int, n_tokens: Optional[int] = None) -> int:
+        """Blocks selected by query-block row i (host int) of a sequence of n_tokens real tokens."""
+        return self._extend(i + 1, self.sizes(n_tokens))[i]
 
     def _tail(self, nb: int) -> int:
         return dense_tail_start(self.cfg, nb)
 
-    def pairs(self, nb: int) -> int:
+    def pairs(self, nb: int, n_tokens: Optional[int] = None) -> int:
         """Selected (query-block, key-block) pairs of a prefill of nb blocks: sum of its row counts."""
-        self._extend(nb)
+        sizes = self.sizes(n_tokens)
+        self._extend(nb, sizes)
         t = self._tail(nb)
-        return self._prefix[t] + (nb * (nb + 1) - t * (t + 1)) // 2
+        return self._prefix[sizes][t] + (nb * (nb + 1) - t * (t + 1)) // 2
 
-    def max_count(self, nb: int) -> int:
+    def max_count(self, nb: int, n_tokens: Optional[int] = None) -> int:
         """Width of a prefill selection of nb rows: its largest row count."""
-        self._extend(nb)
-        return nb if self._tail(nb) < nb else max(self._counts[:nb], default=0)
+        counts = self._extend(nb, self.sizes(n_tokens))
+        return nb if self._tail(nb) < nb else max(counts[:nb], default=0)
 
-    def prefill_counts(self, nb: int, device, dtype=torch.long) -> torch.Tensor:
+    def prefill_counts(self, nb: int, device, dtype=torch.long, n_tokens: Optional[int] = None) -> torch.Tensor:
         """Row counts of a prefill of nb rows, [nb] (a cached view unless dense_last_blocks applies)."""
         t = self._tail(nb)
         if t == nb:
-            return self.counts(0, nb, device, dtype)
-        return torch.cat([self.counts(0, t, device, dtype), self.arange(nb + 1, device, dtype)[t + 1:]])
+            return self.counts(0, nb, device, dtype, n_tokens)
+        return torch.cat([self.counts(0, t, device, dtype, n_tokens), self.arange(nb + 1, device, dtype)[t + 1:]])
 
     # -- cached device tables -----------------------------------------------------------
-    def _table(self, kind: str, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _table(self, kind: str, n: int, device: torch.device, dtype: torch.dtype,
+               sizes: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """A device table of at least n entries, grown by doubling: `arange` (0, 1, ...) or `counts`
-        (row counts). Callers slice it: views, no kernel launch."""
-        key = (kind, device, dtype)
+        (row counts with these forced sizes). Callers slice it: views, no kernel launch."""
+        key = (kind, device, dtype, sizes)
         t = self._tables.get(key)
         if t is None or t.shape[0] < n:
             size = max(n, 64, 2 * (0 if t is None else t.shape[0]))
             if kind == "arange":
                 t = torch.arange(size, device=device, dtype=dtype)
             else:  # built on the host once per growth: one small copy, not one per layer
-                self._extend(size)
-                t = torch.tensor(self._counts[:size], dtype=dtype).to(device)
+                t = torch.tensor(self._extend(size, sizes)[:size], dtype=dtype).to(device)
             self._tables[key] = t
         return t
 
@@ -199,21 +235,21 @@ class BlockSelector:
         """arange(n) as a view of a cached table."""
         return self._table("arange", n, _as_device(device), dtype)[:n]
 
-    def counts(self, start: int, stop: int, device, dtype=torch.long) -> torch.Tensor:
-        """Row counts of rows start..stop-1 as a view of a cached device table."""
-        return self._table("counts", stop, _as_device(device), dtype)[start:stop]
+    def counts(self, start: int, stop: int, device, dtype=torch.long, n_tokens: Optional[int] = None) -> torch.Tensor:
+        """Row counts of rows start..stop-1 (a sequence of n_tokens real tokens) as a view of a cached device table."""
+        return self._table("counts", stop, _as_device(device), dtype, self.sizes(n_tokens))[start:stop]
 
-    def _prefill_masks(self, nb: int, device: torch.device) -> _PrefillMasks:
-        key = (nb, device)
+    def _prefill_masks(self, nb: int, device: torch.device, n_tokens: Optional[int]) -> _PrefillMasks:
+        sizes = self.sizes(n_tokens)
+        key = (nb, sizes, device)
         m = self._masks.get(key)
         if m is None:
-            cfg = self.cfg
             cols = torch.arange(nb, device=device)
             causal = cols[None, :] <= cols[:, None]
-            forced = causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > cols[:, None] - cfg.local_blocks))
+            forced = forced_mask(self.cfg, cols, nb, n_tokens)
             forced = forced | (causal & (cols[:, None] >= self._tail(nb)))  # dense last rows
-            counts = self.prefill_counts(nb, device)
-            keep = torch.arange(self.max_count(nb), device=device)[None, :] < counts[:, None]
+            counts = self.prefill_counts(nb, device, n_tokens=n_tokens)
+            keep = torch.arange(self.max_count(nb, n_tokens), device=device)[None, :] < counts[:, None]
             m = _PrefillMasks(causal=causal, forced=forced, free=causal & ~forced, keep=keep,
                               counts={torch.long: counts})
             if len(self._masks) >= self.MAX_CACHED:
@@ -222,15 +258,21 @@ class BlockSelector:
         return m
 
     def prefill_causal(self, nb: int, device) -> torch.Tensor:
-        """The causal mask of a prefill's W rows, [nb, nb] bool (cached)."""
-        return self._prefill_masks(nb, _as_device(device)).causal
+        """The causal mask of a prefill's W rows, [nb, nb] bool (cached unless the forced sizes
+        depend on the length, which the mask itself does not)."""
+        if self.cfg.length_dependent:
+            cols = self.arange(nb, device)
+            return cols[None, :] <= cols[:, None]
+        return self._prefill_masks(nb, _as_device(device), None).causal
 
     # -- the two selections ---------------------------------------------------------------
-    def prefill(self, scores: torch.Tensor, index_dtype: torch.dtype = torch.long) -> BlockSelection:
-        """Selection of every query-block row of a prefill: scores [nb, nb] (walk rows 0..nb-1)."""
+    def prefill(self, scores: torch.Tensor, index_dtype: torch.dtype = torch.long,
+                n_tokens: Optional[int] = None) -> BlockSelection:
+        """Selection of every query-block row of a prefill: scores [nb, nb] (walk rows 0..nb-1) of a
+        prompt of n_tokens real tokens (needed only by a length-dependent config)."""
         nb = scores.shape[0]
         device = scores.device
-        m = self._prefill_masks(nb, device)
+        m = self._prefill_masks(nb, device, n_tokens)
         key = torch.where(m.free, scores, m.fill(scores.dtype))
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices
         top = order[:, :m.keep.shape[1]]
@@ -239,21 +281,24 @@ class BlockSelector:
         top = torch.where(top == nb, -1, top)
         counts = m.counts.get(index_dtype)
         if counts is None:
-            counts = m.counts[index_dtype] = self.prefill_counts(nb, device, index_dtype)
+            counts = m.counts[index_dtype] = self.prefill_counts(nb, device, index_dtype, n_tokens)
         return BlockSelection(indices=top.to(index_dtype), counts=counts,
                               row_blocks=self.arange(nb, device), block_size=self.cfg.block_size)
 
-    def decode(self, scores: torch.Tensor, i: int, index_dtype: torch.dtype = torch.long) -> BlockSelection:
-        """Selection of query-block row i from its walk row: scores [1, >= i+1] (columns > i ignored).
+    def decode(self, scores: torch.Tensor, i: int, index_dtype: torch.dtype = torch.long,
+               n_tokens: Optional[int] = None) -> BlockSelection:
+        """Selection of query-block row i from its walk row: scores [1, >= i+1] (columns > i ignored);
+        n_tokens: the cache's real tokens (needed only by a length-dependent config).
 
         The forced blocks are a prefix [0, lo) and a suffix [hi, i] of the row, so the free
         candidates are the contiguous range [lo, hi): a stable descending sort of that slice ranks
         them exactly as select_blocks' full-row sort (forced = +inf first, ties to the lower index).
         """
         cfg, device = self.cfg, scores.device
-        lo = min(cfg.sink_blocks, i + 1)
-        hi = max(i - cfg.local_blocks + 1, lo)
-        count = self.row_count(i)
+        sink, local = self.sizes(n_tokens)
+        lo = min(sink, i + 1)
+        hi = max(i - local + 1, lo)
+        count = self.row_count(i, n_tokens)
         free = count - lo - (i + 1 - hi)
         ar = self._table("arange", i + 1, device, index_dtype)
         if free == hi - lo:  # every causal block: a dense row
@@ -266,7 +311,7 @@ class BlockSelector:
                 parts.append(ar[lo:hi].index_select(0, picks)[None])
             parts.append(ar[None, hi:i + 1])
             indices = torch.cat(parts, dim=-1)
-        return BlockSelection(indices=indices, counts=self.counts(i, i + 1, device, index_dtype),
+        return BlockSelection(indices=indices, counts=self.counts(i, i + 1, device, index_dtype, n_tokens),
                               row_blocks=self.arange(i + 1, device)[i:], block_size=cfg.block_size)
 
 

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..config import SELECTORS, SketchWalkConfig
+from ..method.selection import forced_mask
 from .record import Recording
 from .replay import as_recording, config_label, mass_recall, replay, replay_decode, summarize
 
@@ -74,12 +75,11 @@ def resolve_configs(config: SketchWalkConfig, others: Sequence[Union[str, Sketch
     return out
 
 
-def _forced(cfg: SketchWalkConfig, nb: int, device, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _forced(cfg: SketchWalkConfig, nb: int, device, rows: Optional[torch.Tensor] = None,
+            n_tokens: Optional[int] = None) -> torch.Tensor:
     """[len(rows), nb] bool (rows default: every row 0..nb-1): the sink and local pairs every selector keeps."""
-    cols = torch.arange(nb, device=device)
-    rows = cols if rows is None else rows
-    causal = cols[None, :] <= rows[:, None]
-    return causal & ((cols[None, :] < cfg.sink_blocks) | (cols[None, :] > rows[:, None] - cfg.local_blocks))
+    rows = torch.arange(nb, device=device) if rows is None else rows
+    return forced_mask(cfg, rows, nb, n_tokens)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
@@ -104,7 +104,7 @@ def compare(record: Union[str, Path, Recording], config: SketchWalkConfig,
         ref = step.steps[REFERENCE].mask
         nb = ref.shape[-1]
         rows_of = None if not decode_steps else torch.tensor([nb - 1], device=ref.device)
-        free = ~_forced(config, nb, ref.device, rows_of)
+        free = ~_forced(config, nb, ref.device, rows_of, step.length)
         for label, s in step.steps.items():
             both = s.mask & ref
             rows.append({"prompt": step.prompt, "layer": step.layer, "length": step.length, "selector": label,
