@@ -24,11 +24,17 @@ PHASES = ("prefill", "decode", "both")
 DECODE_QUERIES = ("token", "block_mean", "window")
 SELECTORS = ("sketchwalk", "oracle", "random", "streaming")
 BUDGET_RULES = ("causal", "free_quantile")
+SELECTION_HEADS = ("shared", "kv")
+# Selectors that can select per KV head (`selection_heads: kv`). Sketch&Walk's own scores are shared:
+# per-KV-head selection of even the oracle keeps <= 1 point more attention mass and no more needle
+# mass on SmolLM2 (results/selector-study/head-limit), so the walk per head is not built.
+PER_HEAD_SELECTORS = ("oracle",)
 DEFAULT_DENSITY = 0.2  # the paper's "80% sparsity"
 # Fields added after config hashes were first recorded (sweeps, baselines, exports): left out of
 # short_hash() while at these defaults, so every earlier config keeps its hash.
 _HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None, "dense_last_blocks": 0,
-                          "sink_fraction": None, "local_fraction": None, "budget_rule": "causal"}
+                          "sink_fraction": None, "local_fraction": None, "budget_rule": "causal",
+                          "selection_heads": "shared"}
 SCORE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -89,6 +95,10 @@ class SketchWalkConfig:
     interpolation, as torch.nanquantile on float32): f - 1 - floor((1 - density)(f - 1)) of them
     for distinct scores; with `top_k`, top_k of them.
 
+    `selection_heads` (`shared`, the paper: one selection per layer for all heads): `kv` gives each
+    KV head its own selection (the query heads of a GQA group share it): the per-KV-head oracle,
+    the limit of per-head selection. Only `selector: oracle` has per-head scores (PER_HEAD_SELECTORS).
+
     `selector` swaps the block scores for a baseline at the same density (same forced blocks and
     τ rule, so the same counts per row): `oracle` (exact dense block attention mass), `random`,
     `streaming` (sink + most recent blocks); `sketchwalk` is the method itself.
@@ -117,6 +127,7 @@ class SketchWalkConfig:
     sink_fraction: Optional[float] = None
     local_fraction: Optional[float] = None
     budget_rule: Literal["causal", "free_quantile"] = "causal"
+    selection_heads: Literal["shared", "kv"] = "shared"
 
     def __post_init__(self) -> None:
         if self.top_k is None and self.density is None:
@@ -188,6 +199,11 @@ class SketchWalkConfig:
                 raise ConfigError(blocks, getattr(self, blocks), f"1 (its default) when {name} is set: {name} sizes it")
         if self.budget_rule not in BUDGET_RULES:
             raise ConfigError("budget_rule", self.budget_rule, f"one of {list(BUDGET_RULES)}")
+        if self.selection_heads not in SELECTION_HEADS:
+            raise ConfigError("selection_heads", self.selection_heads, f"one of {list(SELECTION_HEADS)}")
+        if self.selection_heads == "kv" and self.selector not in PER_HEAD_SELECTORS:
+            raise ConfigError("selection_heads", self.selection_heads,
+                              f"'shared' with selector {self.selector!r} ('kv' needs selector one of {list(PER_HEAD_SELECTORS)})")
 
     def validate_for_model(self, num_layers: int, head_dim: int) -> None:
         """Check the fields that depend on the model: skip_layers < num_layers, sketch_dim <= head_dim."""
@@ -206,6 +222,11 @@ class SketchWalkConfig:
     def score_block(self) -> int:
         """Tokens per key sub-block of the block scores (block_size unless score_block_size is set)."""
         return self.block_size // self.sub_blocks
+
+    @property
+    def per_kv_head(self) -> bool:
+        """Whether each KV head has its own selection (`selection_heads: kv`)."""
+        return self.selection_heads == "kv"
 
     @property
     def length_dependent(self) -> bool:

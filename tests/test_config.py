@@ -100,6 +100,9 @@ INVALID = [
     ("sink_blocks", 2, {"sink_fraction": 0.05}, ["1 (its default) when sink_fraction is set"]),
     ("local_blocks", 3, {"local_fraction": 0.05}, ["1 (its default) when local_fraction is set"]),
     ("budget_rule", "quantile", {}, ["causal", "free_quantile"]),
+    ("selection_heads", "query", {}, ["shared", "kv"]),
+    ("selection_heads", "kv", {}, ["'shared' with selector 'sketchwalk'", "oracle"]),
+    ("selection_heads", "kv", {"selector": "streaming"}, ["'shared' with selector 'streaming'"]),
 ]
 
 
@@ -333,6 +336,7 @@ CHANGES = [
     {"decode_query": "window"}, {"decode_window": 16}, {"seed": 1}, {"selector": "oracle"},
     {"score_block_size": 8}, {"dense_last_blocks": 1},
     {"sink_fraction": 0.025}, {"local_fraction": 0.05}, {"budget_rule": "free_quantile"},
+    {"selector": "oracle", "selection_heads": "kv"},
 ]
 
 

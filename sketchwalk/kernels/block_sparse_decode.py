@@ -43,7 +43,7 @@ def _build():
                              stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
                              stride_kb, stride_kh, stride_kn, stride_kd,
                              stride_vb, stride_vh, stride_vn, stride_vd,
-                             stride_ib, stride_ic,
+                             stride_ib, stride_ih, stride_ic,
                              L, HKV, HQ, NUM_SPLITS, qk_scale,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -72,7 +72,7 @@ def _build():
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
         kn = tl.arange(0, BLOCK_N)
         for i in range(start, end):
-            kb = tl.load(IDX + b * stride_ib + i * stride_ic)
+            kb = tl.load(IDX + b * stride_ib + hkv * stride_ih + i * stride_ic)
             for j in range(0, BLOCK_SIZE, BLOCK_N):
                 kp = kb * BLOCK_SIZE + j + kn
                 k_ok = kp < n_real  # the query is the last real token: causal == inside the sequence
@@ -160,7 +160,8 @@ def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indic
     q: [B, Hq, 1, d]; k, v: [B, Hkv, L, d] (the cache including the new token; no K/V copy for GQA);
     d a power of two in [16, 256]; dtype fp16, bf16 or fp32 (fp32 accumulation, IEEE fp32 dots).
     indices: [B, max_count] int, selected key-block indices in real-token coordinates (ascending,
-      -1 padded; order does not matter here); counts: [B] valid entries per row (0 → zeros);
+      -1 padded; order does not matter here), or [B, Hkv, max_count] for one selection per KV head
+      (`selection_heads: kv`); counts: [B] valid entries per row, the same for every head (0 → zeros);
     offsets: [B] left-pad lengths; the query is real position L-1-offsets[b] at tensor position L-1.
     block_size: 16/32/64/128 tokens; scale: softmax scale.
     num_splits: KV splits per (sequence, KV head); default: see `default_num_splits` (tuned for eager
@@ -178,10 +179,14 @@ def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indic
     idx = as_int32(indices, q.device, "indices")
     cnt = as_int32(counts, q.device, "counts")
     off = as_int32(offsets, q.device, "offsets")
-    if idx.dim() != 2 or idx.shape[0] != bsz or cnt.shape != (bsz,) or off.shape != (bsz,):
+    per_head = idx.dim() == 3
+    if (idx.dim() not in (2, 3) or idx.shape[0] != bsz or (per_head and idx.shape[1] != hkv)
+            or cnt.shape != (bsz,) or off.shape != (bsz,)):
         raise ValueError(f"indices {tuple(idx.shape)}, counts {tuple(cnt.shape)}, offsets {tuple(off.shape)} "
-                         f"do not match batch {bsz}")
-    max_count = idx.shape[1]
+                         f"do not match batch {bsz} (indices [B, max_count] or [B, Hkv={hkv}, max_count])")
+    max_count = idx.shape[-1]
+    # A shared selection reads the same row for every KV head: head stride 0.
+    idx_strides = (idx.stride(0), idx.stride(1), idx.stride(2)) if per_head else (idx.stride(0), 0, idx.stride(1))
     splits = num_splits or default_num_splits(bsz, hkv, max_count, q.device, block_size)
     splits = max(1, int(splits))
     group = hq // hkv
@@ -203,7 +208,7 @@ def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indic
     split_kernel[(splits, bsz * hkv)](
         q, k, v, idx, cnt, off, m_part, l_part, a_part, out,
         q.stride(0), q.stride(1), q.stride(3), out.stride(0), out.stride(1), out.stride(3),
-        *k.stride(), *v.stride(), *idx.stride(),
+        *k.stride(), *v.stride(), *idx_strides,
         seq_len, hkv, hq, splits, float(scale) * LOG2E,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), BLOCK_SIZE=block_size, BLOCK_N=bn, HEAD_DIM=d,
         INPUT_PRECISION=dot_precision(q.dtype), DIRECT=direct, num_warps=num_warps or 4)

@@ -73,13 +73,13 @@ def _build():
     # Sizes that change with the prompt length are not specialised: Triton compiles a variant per
     # (value == 1, value % 16 == 0) pattern of its int arguments, so a timed prompt whose length
     # happened to be a multiple of 16 paid a fresh ~1 s compile (seen on the H200).
-    @triton.jit(do_not_specialize=["N", "NQB", "stride_ib", "stride_ir", "stride_cb"])
+    @triton.jit(do_not_specialize=["N", "NQB", "stride_ib", "stride_ih", "stride_ir", "stride_cb"])
     def _prefill_kernel(Q, K, V, O, IDX, CNT, OFF,
                         stride_qb, stride_qh, stride_qn, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         stride_ob, stride_oh, stride_on, stride_od,
-                        stride_ib, stride_ir, stride_ic, stride_cb, stride_cr,
+                        stride_ib, stride_ih, stride_ir, stride_ic, stride_cb, stride_cr,
                         N, NQB, HKV, qk_scale,
                         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TILES: tl.constexpr,
@@ -114,7 +114,7 @@ def _build():
             q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + q_t[:, None] * stride_qn
                         + dcol[None, :] * stride_qd, mask=q_ok[:, None], other=0.0)
             cnt = tl.load(CNT + b * stride_cb + qrow * stride_cr)
-            idx_base = IDX + b * stride_ib + qrow * stride_ir
+            idx_base = IDX + b * stride_ib + hkv * stride_ih + qrow * stride_ir
             k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
             v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
             m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -165,7 +165,8 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     indices: [B, nqb, max_count] int (cast to int32), per sequence and query block the selected
       key-block indices in real-token coordinates, ascending, unique, causal (<= the row), -1 padded
       (the BlockSelection contract; all entries but the last are read unmasked, so a violation reads
-      out of range instead of raising);
+      out of range instead of raising); or [B, Hkv, nqb, max_count], one selection per KV head
+      (`selection_heads: kv`: a group's query heads share their KV head's), with the same counts;
     counts: [B, nqb] number of valid entries per row (0 allowed: that row's outputs are zeros);
     offsets: [B] left-pad lengths: a list (as the runtime has them) or a tensor, which costs one
       device-to-host sync (the launcher sizes the grid from them); real position p of sequence b is tensor
@@ -188,10 +189,16 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     idx = as_int32(indices, q.device, "indices")
     cnt = as_int32(counts, q.device, "counts")
     off = as_int32(offsets, q.device, "offsets")
-    if idx.dim() != 3 or idx.shape[0] != bsz or cnt.shape != idx.shape[:2] or off.shape != (bsz,):
+    per_head = idx.dim() == 4
+    rows_shape = (idx.shape[0], idx.shape[-2]) if idx.dim() in (3, 4) else None
+    if (idx.dim() not in (3, 4) or idx.shape[0] != bsz or (per_head and idx.shape[1] != hkv)
+            or cnt.shape != rows_shape or off.shape != (bsz,)):
         raise ValueError(f"indices {tuple(idx.shape)}, counts {tuple(cnt.shape)}, offsets {tuple(off.shape)} "
-                         f"do not match batch {bsz}")
-    nqb = idx.shape[1]
+                         f"do not match batch {bsz} (indices [B, nqb, max_count] or [B, Hkv={hkv}, nqb, max_count], "
+                         f"counts [B, nqb])")
+    nqb = idx.shape[-2]
+    # A shared selection reads the same rows for every KV head: head stride 0.
+    idx_strides = idx.stride() if per_head else (idx.stride(0), 0, idx.stride(1), idx.stride(2))
     off_host = offsets.tolist() if isinstance(offsets, torch.Tensor) else list(offsets)  # one sync at most
     need = max((-(-(n - o) // block_size) for o in off_host), default=0)
     if nqb < need:
@@ -222,7 +229,7 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     kernel[grid](
         q, k, v, out, idx, cnt, off,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *idx.stride(), *cnt.stride(),
+        *idx_strides, *cnt.stride(),
         n, nqb, hkv, float(scale) * LOG2E,
         GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, TILES=tiles,
         INPUT_PRECISION=dot_precision(q.dtype), num_warps=nw, num_stages=ns)

@@ -10,13 +10,19 @@ from .selection import BlockSelection
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """mask: [n_q, n_k] for all heads, or [Hkv, n_q, n_k] per KV head (repeated over its query heads)."""
+    if mask.dim() == 3:
+        mask = mask.repeat_interleave(q.shape[0] // k.shape[0], dim=0)[None]
+    else:
+        mask = mask[None, None]
     # GQA without repeat_kv copies where SDPA supports it.
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], scale=scale,
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[0] != k.shape[0])[0]
 
 
 def token_mask(q_pos: torch.Tensor, n_keys: int, selection: Optional[BlockSelection], row_of_query: Optional[torch.Tensor]) -> torch.Tensor:
-    """Token-level mask [n_q, n_keys]: causal (key pos <= query pos) and, if given, inside the selected blocks.
+    """Token-level mask [n_q, n_keys] ([Hkv, n_q, n_keys] for a per-KV-head selection): causal (key
+    pos <= query pos) and, if given, inside the selected blocks.
 
     q_pos: [n_q] real positions of the queries; row_of_query: [n_q] selection row of each query.
     """
@@ -24,8 +30,8 @@ def token_mask(q_pos: torch.Tensor, n_keys: int, selection: Optional[BlockSelect
     mask = k_pos[None, :] <= q_pos[:, None]
     if selection is not None:
         nb = -(-n_keys // selection.block_size)
-        blocks = selection.dense_block_mask(nb)[row_of_query]  # [n_q, nb]
-        mask = mask & blocks[:, k_pos // selection.block_size]
+        blocks = selection.dense_block_mask(nb)[..., row_of_query, :]  # [(Hkv,) n_q, nb]
+        mask = mask & blocks[..., k_pos // selection.block_size]
     return mask
 
 

@@ -26,21 +26,24 @@ _GOLDEN = 0x9E3779B9
 
 
 def prefill_scores(q: torch.Tensor, k: torch.Tensor, cfg: SketchWalkConfig, layer: int, scale: float) -> torch.Tensor:
-    """Scores of every query-block row of a prefill: q: [Hq, m, d], k: [Hkv, m, d] -> [nb, nb] (nb = ceil(m / B))."""
+    """Scores of every query-block row of a prefill: q: [Hq, m, d], k: [Hkv, m, d] -> [nb, nb] (nb = ceil(m / B)),
+    [Hkv, nb, nb] for the per-KV-head oracle."""
     nb = -(-k.shape[-2] // cfg.block_size)
     return _scores(q, k, cfg, layer, scale, torch.arange(nb, device=k.device), nb)
 
 
 def decode_scores(q: torch.Tensor, k: torch.Tensor, cfg: SketchWalkConfig, layer: int, scale: float) -> torch.Tensor:
     """Scores of the current query-block row of a decode step: q: [Hq, 1, d] (the token at position
-    m-1), k: [Hkv, m, d] (the cache, real tokens) -> [1, i+1], i = (m-1) // B."""
+    m-1), k: [Hkv, m, d] (the cache, real tokens) -> [1, i+1], i = (m-1) // B ([Hkv, 1, i+1] for the
+    per-KV-head oracle)."""
     nb = -(-k.shape[-2] // cfg.block_size)
     return _scores(q, k, cfg, layer, scale, torch.arange(nb - 1, nb, device=k.device), nb)
 
 
 def batched_decode_scores(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, blocks: torch.Tensor, cap: int,
                           cfg: SketchWalkConfig, layer: int, scale: float) -> torch.Tensor:
-    """Scores of every sequence's current row in a left-padded decode step: [B, cap] (fp32, fp64 for fp64).
+    """Scores of every sequence's current row in a left-padded decode step: [B, cap] (fp32, fp64 for fp64);
+    [B, Hkv, cap] for the per-KV-head oracle.
 
     q: [B, Hq, 1, d]; k: [B, Hkv, kv_len, d] the cache, sequence b's real keys from offsets[b]
     (offsets: [B] int device tensor); blocks: [B] i_b, the current query block of each sequence;
@@ -50,6 +53,7 @@ def batched_decode_scores(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tenso
     """
     bsz, hq, _, d = q.shape
     cols = torch.arange(cap, device=k.device)
+    # Per-KV-head oracle scores are [B, Hkv, cap]; the other selectors share theirs (validated in the config).
     if cfg.selector == "random":
         return random_scores(cfg.seed, layer, blocks, cols)
     if cfg.selector == "streaming":
@@ -63,6 +67,10 @@ def batched_decode_scores(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tenso
     pos = torch.arange(kv_len, device=k.device)
     rel = pos[None, :] - offsets.long()[:, None]  # position in the sequence's real tokens (< 0: padding)
     logits = logits.masked_fill((rel < 0)[:, None, None], float("-inf"))
+    if cfg.per_kv_head:  # [B, Hkv, kv_len], summed over each group's query heads
+        probs = torch.softmax(logits, dim=-1).sum(2)
+        cols_of = (rel.clamp_min(0) // cfg.block_size)[:, None].expand(bsz, hkv, kv_len)
+        return probs.new_zeros(bsz, hkv, cap).scatter_add_(2, cols_of, probs) / (hq // hkv)
     probs = torch.softmax(logits, dim=-1).sum((1, 2))  # [B, kv_len], summed over heads
     out = probs.new_zeros(bsz, cap).scatter_add_(1, rel.clamp_min(0) // cfg.block_size, probs)
     return out / hq
@@ -70,7 +78,9 @@ def batched_decode_scores(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tenso
 
 def _scores(q, k, cfg: SketchWalkConfig, layer: int, scale: float, rows: torch.Tensor, nb: int) -> torch.Tensor:
     if cfg.selector == "oracle":
-        return block_attention_mass(q, k, scale, cfg.block_size, q_start=k.shape[-2] - q.shape[-2])
+        mass = block_attention_mass(q, k, scale, cfg.block_size, q_start=k.shape[-2] - q.shape[-2],
+                                    per_kv_head=cfg.per_kv_head)
+        return mass  # [rows, nb], or [Hkv, rows, nb] per KV head
     cols = torch.arange(nb, device=k.device)
     if cfg.selector == "random":
         return random_scores(cfg.seed, layer, rows, cols)
@@ -80,8 +90,9 @@ def _scores(q, k, cfg: SketchWalkConfig, layer: int, scale: float, rows: torch.T
 
 
 def block_attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, q_start: int = 0,
-                         chunk_bytes: int = ORACLE_CHUNK_BYTES) -> torch.Tensor:
+                         chunk_bytes: int = ORACLE_CHUNK_BYTES, per_kv_head: bool = False) -> torch.Tensor:
     """Exact dense block attention mass, averaged over query heads and over the queries of each block.
+    per_kv_head: averaged over each GQA group's query heads instead, [Hkv, rows, nb].
 
     q: [Hq, nq, d] queries at positions q_start .. q_start+nq-1; k: [Hkv, m, d] keys at positions
     0 .. m-1 (GQA: query head h reads KV head h // (Hq / Hkv)); scale: softmax scale.
@@ -97,7 +108,7 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_s
     dt = compute_dtype(q.dtype)
     nb = -(-m // B)
     first_block, last_block = q_start // B, (q_start + nq - 1) // B
-    out = torch.zeros(last_block - first_block + 1, nb, dtype=dt, device=q.device)
+    out = torch.zeros(*((hkv,) if per_kv_head else ()), last_block - first_block + 1, nb, dtype=dt, device=q.device)
     qg = q.to(dt).view(hkv, hq // hkv, nq, d)  # query heads grouped by their KV head: no repeated K
     kd = k.to(dt)
     blocks_per_chunk = max(1, chunk_bytes // max(1, 4 * hq * B * m))
@@ -109,13 +120,14 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_s
         q_pos = torch.arange(t0, t1, device=q.device)
         k_pos = torch.arange(keys, device=q.device)
         logits = logits.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).sum((0, 1))  # [t1 - t0, keys], summed over heads
-        per_block = probs.new_zeros(b1 - b0, keys).index_add_(0, q_pos // B - b0, probs)
+        probs = torch.softmax(logits, dim=-1)  # [Hkv, g, t1 - t0, keys]
+        probs = probs.sum(1) if per_kv_head else probs.sum((0, 1))[None]  # [Hkv or 1, t1 - t0, keys]
+        per_block = probs.new_zeros(probs.shape[0], b1 - b0, keys).index_add_(1, q_pos // B - b0, probs)
         nkb = -(-keys // B)
-        per_block = torch.nn.functional.pad(per_block, (0, nkb * B - keys)).view(b1 - b0, nkb, B).sum(-1)
-        out[b0 - first_block:b1 - first_block, :nkb] = per_block
+        per_block = torch.nn.functional.pad(per_block, (0, nkb * B - keys)).view(-1, b1 - b0, nkb, B).sum(-1)
+        out[..., b0 - first_block:b1 - first_block, :nkb] = per_block if per_kv_head else per_block[0]
     counts = query_block_sizes(q_start, nq, B, q.device).to(dt)
-    return out / (counts[:, None] * hq)
+    return out / (counts[:, None] * (hq // hkv if per_kv_head else hq))
 
 
 def query_block_sizes(q_start: int, nq: int, block_size: int, device=None) -> torch.Tensor:

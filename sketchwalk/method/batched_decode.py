@@ -373,8 +373,8 @@ def batched_walk(prev: Optional[torch.Tensor], w: torch.Tensor, row: torch.Tenso
 class BatchedSelection:
     """The selected key blocks of one decode step, one row per sequence (the decode kernel's layout).
 
-    indices: [B, max_count] ascending block indices, -1 past counts[b]; counts: [B]; both in the
-    index dtype (int32 for the kernels). blocks, widths: host lists of each row's query block and count.
+    indices: [B, max_count] ascending block indices, -1 past counts[b] ([B, Hkv, max_count] per KV
+    head); counts: [B]; both in the index dtype (int32 for the kernels). blocks, widths: host lists of each row's query block and count.
     """
 
     indices: torch.Tensor
@@ -386,21 +386,27 @@ class BatchedSelection:
     def per_sequence(self) -> list[BlockSelection]:
         """Per-sequence `BlockSelection`s (views), as `BlockSelector.decode` returns them."""
         device, bs = self.indices.device, self.selector.cfg.block_size
-        return [BlockSelection(indices=self.indices[b:b + 1, :width], counts=self.counts[b:b + 1],
+        per_head = self.indices.dim() == 3
+        return [BlockSelection(indices=self.indices[b, :, None, :width] if per_head else self.indices[b:b + 1, :width],
+                               counts=self.counts[b:b + 1],
                                row_blocks=self.selector.arange(i + 1, device)[i:], block_size=bs)
                 for b, (i, width) in enumerate(zip(self.blocks, self.widths))]
 
 
 def select_rows(plan: StepPlan, scores: torch.Tensor) -> BatchedSelection:
-    """Selection of every sequence's current row from its walk row, scores: [B, cap].
+    """Selection of every sequence's current row from its walk row, scores: [B, cap] ([B, Hkv, cap]
+    for one selection per KV head: indices [B, Hkv, max_count]).
 
     As `select_blocks`: forced blocks first (+inf), then the free blocks by score in a stable
     descending sort (ties to the lower block), the first counts[b] kept, in ascending order.
     """
-    key = torch.where(plan.free, scores, plan.fill)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :plan.max_count]
+    per_head = scores.dim() == 3
+    free, fill, drop = ((x[:, None] for x in (plan.free, plan.fill, plan.drop)) if per_head
+                        else (plan.free, plan.fill, plan.drop))
+    key = torch.where(free, scores, fill)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :plan.max_count]
     # Kept slots ascending; dropped ones sort last via the sentinel cap, exactly the `drop` slots.
-    top = torch.where(plan.drop, plan.cap, order).sort(dim=-1).values.masked_fill_(plan.drop, -1)
+    top = torch.where(drop, plan.cap, order).sort(dim=-1).values.masked_fill_(drop.expand_as(order), -1)
     return BatchedSelection(indices=top.to(plan.index_dtype), counts=plan.row_counts, blocks=plan.blocks,
                             widths=plan.counts, selector=plan.selector)
 

@@ -307,10 +307,10 @@ class SketchWalkRuntime:
         return self._select_prefill(layer, b, r, causal_pairs, m)
 
     def _select_prefill(self, layer: int, b: int, scores: torch.Tensor, causal_pairs: int, m: int) -> BlockSelection:
-        """Selection of every row of a prefill of m real tokens from its scores [nb, nb] (walk rows or a baseline's), counted."""
+        """Selection of every row of a prefill of m real tokens from its scores [(Hkv,) nb, nb] (walk rows or a baseline's), counted."""
         sel = self.selector.prefill(scores, self._index_dtype(scores.device), m)
         self._record(layer, b, sel)
-        self._count("prefill", layer, self.selector.pairs(scores.shape[0], m), causal_pairs, dense=False)
+        self._count("prefill", layer, self.selector.pairs(scores.shape[-1], m), causal_pairs, dense=False)
         return sel
 
     def _prefill_transition(self, layer: int, qf: torch.Tensor, kf: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -405,28 +405,33 @@ def _fused_front_end_applies(q: torch.Tensor, cfg: SketchWalkConfig) -> bool:
 
 
 def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], kv_len: int, selector: BlockSelector,
-               decode: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+               decode: bool, device, heads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch the per-sequence selections into the kernels' layout (None = all causal blocks).
 
     Prefill: indices [B, nqb, max_count], counts [B, nqb]; decode: indices [B, max_count], counts [B]; int32.
+    With one selection per KV head (`heads` = Hkv) the indices gain a head axis after B.
     One sequence with a selection (the common case) passes its tensors through as views.
     """
     block_size = selector.cfg.block_size
+    per_head = heads is not None
     nbs = [-(-(kv_len - off) // block_size) for off in offsets]
     if decode and len(selections) == 1 and nbs[0]:
         sel = selections[0]
         if sel is None:  # dense: every block of the row, from the cached tables
             nb = nbs[0]
-            return selector.arange(nb, device, torch.int32)[None], selector.arange(nb + 1, device, torch.int32)[nb:]
-        return sel.indices, sel.counts
+            dense = selector.arange(nb, device, torch.int32)
+            return (dense.expand(1, heads, nb) if per_head else dense[None]), selector.arange(nb + 1, device, torch.int32)[nb:]
+        return (sel.indices[None, :, 0] if per_head else sel.indices), sel.counts
     if not decode and len(selections) == 1 and selections[0] is not None:
         return selections[0].indices[None], selections[0].counts[None]
-    if decode and all(s is not None for s in selections) and len({s.indices.shape[1] for s in selections}) == 1:
+    if (not per_head and decode and all(s is not None for s in selections)
+            and len({s.indices.shape[1] for s in selections}) == 1):
         # Unpadded batch: every sequence is at the same block, so all rows have one width.
         return torch.cat([s.indices for s in selections]), torch.cat([s.counts for s in selections])
     rows = 1 if decode else max(nbs)
-    width = max(nbs) if any(s is None for s in selections) else max(int(s.indices.shape[1]) for s in selections)
-    indices = torch.full((len(selections), rows, max(width, 1)), -1, dtype=torch.int32, device=device)
+    width = max(nbs) if any(s is None for s in selections) else max(int(s.indices.shape[-1]) for s in selections)
+    lead = (len(selections), heads) if per_head else (len(selections),)
+    indices = torch.full((*lead, rows, max(width, 1)), -1, dtype=torch.int32, device=device)
     counts = torch.zeros(len(selections), rows, dtype=torch.int32, device=device)
     for b, (sel, nb) in enumerate(zip(selections, nbs)):
         if nb == 0:
@@ -435,13 +440,13 @@ def _pack_rows(selections: list[Optional[BlockSelection]], offsets: list[int], k
             r = selector.arange(nb, device)
             dense = torch.where(r[None, :] <= r[:, None], r[None, :], -1)
             if decode:
-                indices[b, 0, :nb], counts[b, 0] = dense[-1], nb
+                indices[b, ..., 0, :nb], counts[b, 0] = dense[-1], nb
             else:
-                indices[b, :nb, :nb], counts[b, :nb] = dense, r + 1
+                indices[b, ..., :nb, :nb], counts[b, :nb] = dense, r + 1
         else:
-            indices[b, :sel.indices.shape[0], :sel.indices.shape[1]] = sel.indices
+            indices[b, ..., :sel.indices.shape[-2], :sel.indices.shape[-1]] = sel.indices
             counts[b, :sel.counts.shape[0]] = sel.counts
-    return (indices[:, 0], counts[:, 0]) if decode else (indices, counts)
+    return (indices[..., 0, :], counts[:, 0]) if decode else (indices, counts)
 
 
 def _attend_triton(q, k, v, pads: "_Pads", selections: Union[list[Optional[BlockSelection]], BatchedSelection],
@@ -464,7 +469,8 @@ def _attend_triton(q, k, v, pads: "_Pads", selections: Union[list[Optional[Block
         max_blocks = -(-(kv_len - min(offsets)) // selector.cfg.block_size)
         indices, counts = dense_rows(pads.on(q.device), kv_len, max_blocks, selector)
     else:
-        indices, counts = _pack_rows(selections, offsets, kv_len, selector, decode, q.device)
+        heads = k.shape[1] if selector.cfg.per_kv_head else None
+        indices, counts = _pack_rows(selections, offsets, kv_len, selector, decode, q.device, heads)
     if decode:  # the decode launcher takes the offsets as a device tensor as they are (no copy)
         return block_sparse_decode(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts,
                                    pads.on(q.device), selector.cfg.block_size, scale)

@@ -11,12 +11,15 @@ from ..config import SketchWalkConfig
 
 @dataclasses.dataclass
 class BlockSelection:
-    """Which key blocks each query-block row attends to; one selection shared by all heads.
+    """Which key blocks each query-block row attends to: one selection shared by all heads, or one
+    per KV head (the query heads of a GQA group share their KV head's; `selection_heads: kv`).
 
     Contract (what kernels rely on):
       indices: [rows, max_count] int64 (int32 when built for the Triton kernels), key-block indices in
                ascending order; entries at positions >= counts[row] are -1 and must never be read.
-      counts:  [rows] int64 (int32 likewise), valid entries per row (>= 1: the diagonal block is always kept).
+               Per KV head: [Hkv, rows, max_count], each head's rows under the same rule.
+      counts:  [rows] int64 (int32 likewise), valid entries per row (>= 1: the diagonal block is always kept);
+               the same for every head (counts depend on the config and the row alone).
       row_blocks: [rows] int64, the query-block index of each row (causal limit: indices <= row_blocks).
       block_size: tokens per block; block j covers real positions [j*B, (j+1)*B).
     Block indices are in the sequence's real-token coordinates (left padding is not counted).
@@ -27,15 +30,19 @@ class BlockSelection:
     row_blocks: torch.Tensor
     block_size: int
 
+    @property
+    def heads(self) -> Optional[int]:
+        """KV heads with their own selection, None for a shared one."""
+        return self.indices.shape[0] if self.indices.dim() == 3 else None
+
     def dense_block_mask(self, num_key_blocks: int) -> torch.Tensor:
-        """Boolean [rows, num_key_blocks], True where the row selected the key block."""
-        rows = self.indices.shape[0]
-        mask = torch.zeros(rows, num_key_blocks + 1, dtype=torch.bool, device=self.indices.device)
+        """Boolean [rows, num_key_blocks] ([Hkv, rows, num_key_blocks] per head), True where the row selected the key block."""
+        mask = torch.zeros(*self.indices.shape[:-1], num_key_blocks + 1, dtype=torch.bool, device=self.indices.device)
         # -1 padding lands in the extra last column, which is then dropped.
         indices = self.indices.long()  # scatter_ takes int64 indices
         idx = torch.where(indices >= 0, indices, torch.full_like(indices, num_key_blocks))
-        mask.scatter_(1, idx, True)
-        return mask[:, :num_key_blocks]
+        mask.scatter_(-1, idx, True)
+        return mask[..., :num_key_blocks]
 
     def selected_pairs(self) -> torch.Tensor:
         """Number of (query-block, key-block) pairs computed: scalar tensor."""
@@ -269,13 +276,14 @@ class BlockSelector:
     def prefill(self, scores: torch.Tensor, index_dtype: torch.dtype = torch.long,
                 n_tokens: Optional[int] = None) -> BlockSelection:
         """Selection of every query-block row of a prefill: scores [nb, nb] (walk rows 0..nb-1) of a
-        prompt of n_tokens real tokens (needed only by a length-dependent config)."""
-        nb = scores.shape[0]
+        prompt of n_tokens real tokens (needed only by a length-dependent config); scores
+        [Hkv, nb, nb] give one selection per KV head (each head's as from its own [nb, nb])."""
+        nb = scores.shape[-1]
         device = scores.device
         m = self._prefill_masks(nb, device, n_tokens)
         key = torch.where(m.free, scores, m.fill(scores.dtype))
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-        top = order[:, :m.keep.shape[1]]
+        top = order[..., :m.keep.shape[1]]
         # Kept slots ascending; the others sort last via the sentinel nb, then become -1.
         top = torch.where(m.keep, top, nb).sort(dim=-1).values
         top = torch.where(top == nb, -1, top)
@@ -287,8 +295,9 @@ class BlockSelector:
 
     def decode(self, scores: torch.Tensor, i: int, index_dtype: torch.dtype = torch.long,
                n_tokens: Optional[int] = None) -> BlockSelection:
-        """Selection of query-block row i from its walk row: scores [1, >= i+1] (columns > i ignored);
-        n_tokens: the cache's real tokens (needed only by a length-dependent config).
+        """Selection of query-block row i from its walk row: scores [1, >= i+1] (columns > i ignored),
+        or [Hkv, 1, >= i+1] for one selection per KV head; n_tokens: the cache's real tokens (needed
+        only by a length-dependent config).
 
         The forced blocks are a prefix [0, lo) and a suffix [hi, i] of the row, so the free
         candidates are the contiguous range [lo, hi): a stable descending sort of that slice ranks
@@ -301,15 +310,15 @@ class BlockSelector:
         count = self.row_count(i, n_tokens)
         free = count - lo - (i + 1 - hi)
         ar = self._table("arange", i + 1, device, index_dtype)
+        lead = scores.shape[:-1]  # (1,) shared, (Hkv, 1) per KV head
         if free == hi - lo:  # every causal block: a dense row
-            indices = ar[None, :i + 1]
+            indices = ar[:i + 1].expand(*lead, i + 1)
         else:
-            parts = [ar[None, :lo]] if lo else []
+            parts = [ar[:lo].expand(*lead, lo)] if lo else []
             if free:
-                order = torch.sort(scores[:, lo:hi], dim=-1, descending=True, stable=True).indices[:, :free]
-                picks = order.sort(dim=-1).values[0]
-                parts.append(ar[lo:hi].index_select(0, picks)[None])
-            parts.append(ar[None, hi:i + 1])
+                order = torch.sort(scores[..., lo:hi], dim=-1, descending=True, stable=True).indices[..., :free]
+                parts.append((order.sort(dim=-1).values + lo).to(index_dtype))  # ar[lo:hi][picks] = lo + picks
+            parts.append(ar[hi:i + 1].expand(*lead, i + 1 - hi))
             indices = torch.cat(parts, dim=-1)
         return BlockSelection(indices=indices, counts=self.counts(i, i + 1, device, index_dtype, n_tokens),
                               row_blocks=self.arange(i + 1, device)[i:], block_size=cfg.block_size)

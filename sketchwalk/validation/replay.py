@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from ..config import SketchWalkConfig
+from ..config import ConfigError, SketchWalkConfig
 from ..method.attention import sparse_attention
 from ..method.baselines import block_attention_mass, query_block_sizes
 from ..method.runtime import SketchWalkRuntime
@@ -147,6 +147,9 @@ def _plan(rec: Recording, configs: dict[str, SketchWalkConfig], device) -> tuple
         raise ValueError(f"replayed configs must share one block_size, got {sorted(block_sizes)}")
     for cfg in configs.values():
         cfg.validate_for_model(rec.meta["num_layers"], rec.meta["head_dim"])
+        if cfg.per_kv_head:  # recall here is of one shared mask; per-head limits have their own tool
+            raise ConfigError("selection_heads", cfg.selection_heads,
+                              "'shared' in the tensor tools (per-KV-head limits: python -m ablations.head_limit)")
     device = torch.device(device) if device is not None else default_device()
     return block_sizes.pop(), device, sorted(rec.layers)
 
