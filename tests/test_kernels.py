@@ -252,6 +252,7 @@ def test_one_compile_for_every_prompt_length():
 
     from sketchwalk.config import SketchWalkConfig
     from sketchwalk.kernels import block_sketch
+    from sketchwalk.method.sketch import sketch_matrix
 
     pre_mod, dec_mod, sketch_mod = (importlib.import_module(f"sketchwalk.kernels.{m}")
                                     for m in ("block_sparse_prefill", "block_sparse_decode", "block_sketch"))
@@ -268,7 +269,7 @@ def test_one_compile_for_every_prompt_length():
         block_sparse_prefill(q, k, v, idx.cuda(), cnt.cuda(), [0], 32, 32 ** -0.5)
         qd, kd, vd, idd, cd = _decode_case(1, 9, 3, n, 32, 32, [0], torch.bfloat16, 0.2, seed=n)
         block_sparse_decode(qd, kd, vd, idd.cuda(), cd.cuda(), [0], 32, 32 ** -0.5, num_splits=4)
-        block_sketch(q[0], k[0], cfg, 3)
+        block_sketch(q[0], k[0], block_size=cfg.block_size, matrix=sketch_matrix(32, cfg.sketch_dim, cfg.seed, 3, q.device))
         torch.cuda.synchronize()
         if before is None:
             before = variants()
