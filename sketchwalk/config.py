@@ -25,10 +25,8 @@ DECODE_QUERIES = ("token", "block_mean", "window")
 SELECTORS = ("sketchwalk", "oracle", "random", "streaming")
 BUDGET_RULES = ("causal", "free_quantile")
 SELECTION_HEADS = ("shared", "kv")
-# Selectors that can select per KV head (`selection_heads: kv`). Sketch&Walk's own scores are shared:
-# per-KV-head selection of even the oracle keeps <= 1 point more attention mass and no more needle
-# mass on SmolLM2 (results/selector-study/head-limit), so the walk per head is not built.
-PER_HEAD_SELECTORS = ("oracle",)
+# Selectors with per-KV-head scores (`selection_heads: kv`): random and streaming score every head alike.
+PER_HEAD_SELECTORS = ("oracle", "sketchwalk")
 DEFAULT_DENSITY = 0.2  # the paper's "80% sparsity"
 # Fields added after config hashes were first recorded (sweeps, baselines, exports): left out of
 # short_hash() while at these defaults, so every earlier config keeps its hash.
@@ -97,7 +95,8 @@ class SketchWalkConfig:
 
     `selection_heads` (`shared`, the paper: one selection per layer for all heads): `kv` gives each
     KV head its own selection (the query heads of a GQA group share it): the per-KV-head oracle,
-    the limit of per-head selection. Only `selector: oracle` has per-head scores (PER_HEAD_SELECTORS).
+    the limit of per-head selection, or Sketch&Walk with `head_aggregation: sum_probs` and `walk:
+    none`, each group scored by its own query heads' summed softmax rows.
 
     `selector` swaps the block scores for a baseline at the same density (same forced blocks and
     τ rule, so the same counts per row): `oracle` (exact dense block attention mass), `random`,
@@ -204,6 +203,13 @@ class SketchWalkConfig:
         if self.selection_heads == "kv" and self.selector not in PER_HEAD_SELECTORS:
             raise ConfigError("selection_heads", self.selection_heads,
                               f"'shared' with selector {self.selector!r} ('kv' needs selector one of {list(PER_HEAD_SELECTORS)})")
+        if self.selection_heads == "kv" and self.selector == "sketchwalk" and (
+                self.head_aggregation != "sum_probs" or self.walk != "none"):
+            # Per KV head, Sketch&Walk sums the per-head probabilities of each GQA group; a walk per
+            # head (R^k per KV head across layers) is not built.
+            raise ConfigError("selection_heads", self.selection_heads,
+                              "'shared' unless head_aggregation is 'sum_probs' and walk is 'none' "
+                              "('kv' scores each GQA group with its own heads' summed probabilities, without a walk)")
 
     def validate_for_model(self, num_layers: int, head_dim: int) -> None:
         """Check the fields that depend on the model: skip_layers < num_layers, sketch_dim <= head_dim."""

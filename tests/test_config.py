@@ -101,7 +101,8 @@ INVALID = [
     ("local_blocks", 3, {"local_fraction": 0.05}, ["1 (its default) when local_fraction is set"]),
     ("budget_rule", "quantile", {}, ["causal", "free_quantile"]),
     ("selection_heads", "query", {}, ["shared", "kv"]),
-    ("selection_heads", "kv", {}, ["'shared' with selector 'sketchwalk'", "oracle"]),
+    ("selection_heads", "kv", {}, ["sum_probs", "walk is 'none'"]),
+    ("selection_heads", "kv", {"head_aggregation": "sum_probs"}, ["walk is 'none'"]),
     ("selection_heads", "kv", {"selector": "streaming"}, ["'shared' with selector 'streaming'"]),
 ]
 

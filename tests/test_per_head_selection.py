@@ -1,9 +1,9 @@
-"""One selection per KV head (`selection_heads: kv`, the per-KV-head oracle).
+"""One selection per KV head (`selection_heads: kv`: the per-KV-head oracle and Sketch&Walk per KV head).
 
 The spec is independent of the code under test: with one selection per KV head, KV head h and its
 query heads must get exactly what a model with only that KV head (and its group's query heads)
-gets from the shared oracle. So a runtime on the whole model is compared, head by head, with
-shared-oracle runtimes on head slices: selections exactly, outputs to 1e-5, through prefill and
+gets from the shared selection (oracle, or Sketch&Walk with summed per-head probabilities). So a
+runtime on the whole model is compared, head by head, with shared runtimes on head slices: selections exactly, outputs to 1e-5, through prefill and
 decode, on the batched and the per-sequence decode paths, the PyTorch reference and the Triton
 kernels (interpreter on CPU), on a left-padded batch.
 """
@@ -67,17 +67,31 @@ def cfg_of(**kw) -> SketchWalkConfig:
                                "density": 0.3, **kw})
 
 
-@pytest.mark.parametrize("backend,batched,steps,lens", [
-    ("torch", True, 40, [130, 90, 37]), ("torch", False, 40, [130, 90, 37]), ("triton", True, 12, [130, 90, 37]),
-    ("triton", False, 6, [130, 90, 37]), ("triton", False, 8, [130])],
-    ids=["torch-batched", "torch-per-sequence", "triton-batched", "triton-per-sequence", "triton-one-sequence"])
-def test_each_kv_head_gets_the_shared_oracle_of_its_own_heads(backend, batched, steps, lens):
+SELECTORS = {
+    "oracle": dict(),
+    # Sketch&Walk per KV head: each group's summed per-head probabilities, no walk.
+    "token-keys": dict(selector="sketchwalk", head_aggregation="sum_probs", walk="none", score_block_size=1),
+    "sub-blocks-window": dict(selector="sketchwalk", head_aggregation="sum_probs", walk="none", score_block_size=4,
+                              decode_query="window", decode_window=8, sketch="exact"),
+    "block-means": dict(selector="sketchwalk", head_aggregation="sum_probs", walk="none", decode_query="block_mean"),
+}
+CASES = [("torch", True, 40, [130, 90, 37], "oracle"), ("torch", False, 40, [130, 90, 37], "oracle"),
+         ("triton", True, 12, [130, 90, 37], "oracle"), ("triton", False, 6, [130, 90, 37], "oracle"),
+         ("triton", False, 8, [130], "oracle")]
+CASES += [("torch", batched, 40, [130, 90, 37], name) for name in SELECTORS if name != "oracle" for batched in (True, False)]
+CASES += [("triton", True, 12, [130, 90, 37], "token-keys"), ("triton", False, 6, [130], "token-keys")]
+
+
+@pytest.mark.parametrize("backend,batched,steps,lens,selector", CASES,
+                         ids=[f"{c[4]}-{c[0]}-{'batched' if c[1] else 'per-sequence'}-{len(c[3])}" for c in CASES])
+def test_each_kv_head_gets_the_shared_selection_of_its_own_heads(backend, batched, steps, lens, selector):
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is not installed")
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     inputs, valid = inputs_for(lens, steps, layers=3, seed=11, device=device)
     n0 = max(lens)
-    cfg = cfg_of(selection_heads="kv", local_fraction=0.1, density=0.5)  # with a length-dependent window too
+    # with a length-dependent window too
+    cfg = cfg_of(selection_heads="kv", local_fraction=0.1, density=0.5, **SELECTORS[selector])
     got, rt = run(cfg, inputs, valid, n0, steps, backend, batched)
     differ = 0
     for h in range(HKV):
@@ -128,7 +142,7 @@ def test_selector_with_a_head_axis_selects_each_head_as_alone():
 
 def test_per_head_selection_needs_a_per_head_selector_and_is_refused_by_the_tensor_tools(tmp_path):
     with pytest.raises(ConfigError, match="selection_heads") as info:
-        SketchWalkConfig(selection_heads="kv")
+        SketchWalkConfig(selection_heads="kv", selector="random")
     assert "oracle" in str(info.value)
     from sketchwalk.validation.replay import _plan
 

@@ -82,6 +82,9 @@ class SketchWalkRuntime:
         self._pads = _PadCache()
         self.batched_decode = True
         self._batch: Optional[DecodeBatch] = None  # the batched decode state since the last prefill
+        # Per-KV-head Sketch&Walk: the state batch holds one virtual sequence per (sequence, KV head);
+        # this one plans the real rows (selection, counts).
+        self._rows_batch: Optional[DecodeBatch] = None
         self._walk_rows: Optional[torch.Tensor] = None  # [batch, cap] walk rows of the batched decode path
         # Rows of a batch whose decode steps count towards the density (None = all). A batched
         # generate() keeps feeding sequences that already ended (EOS or their own budget); the
@@ -210,9 +213,16 @@ class SketchWalkRuntime:
                     self._count("decode", layer, nb, nb, dense=True)
             return self._attend(q, k, v, pads, [None] * len(n), scale)
         groups = feature_groups(cfg, q.shape[1])
-        if self._batch is None or self._batch.bsz != len(n) or self._batch.groups != groups:
-            self._batch = DecodeBatch(self.selector, len(n), groups)
-        plan = self._batch.plan(n, q.device, compute_dtype(q.dtype), self._index_dtype(q.device))
+        # Per KV head (Sketch&Walk): S = Hkv virtual sequences per sequence, each with its GQA
+        # group's query heads as feature groups; feature row b * G + g keeps its place.
+        heads = k.shape[1] if cfg.per_kv_head and cfg.selector == "sketchwalk" else 1
+        vn, vgroups = tuple(m for m in n for _ in range(heads)), groups // heads
+        if self._batch is None or self._batch.bsz != len(vn) or self._batch.groups != vgroups:
+            self._batch = DecodeBatch(self.selector, len(vn), vgroups)
+            self._rows_batch = DecodeBatch(self.selector, len(n), groups) if heads > 1 else self._batch
+        args = (q.device, compute_dtype(q.dtype), self._index_dtype(q.device))
+        vplan = self._batch.plan(vn, *args)
+        plan = self._rows_batch.plan(n, *args) if heads > 1 else vplan
         if cfg.selector != "sketchwalk":  # a baseline: scores from the cache, no state, no walk
             scores = batched_decode_scores(q.detach(), k.detach(), pads.on(q.device), plan.block, plan.cap,
                                            cfg, layer, scale)
@@ -220,7 +230,10 @@ class SketchWalkRuntime:
         else:
             state = self._batch.layers.get(layer)
             if state is None:
-                state = self._batch.seed(layer, self._states.get(layer), plan)
+                states = self._states.get(layer)
+                if heads > 1 and states is not None:  # [sequence][KV head] -> virtual sequences
+                    states = [st for per_head in states for st in (per_head or [None] * heads)]
+                state = self._batch.seed(layer, states, vplan)
                 self._states[layer] = [None] * len(n)  # superseded: free the per-sequence copies
             # The batch is a row axis of group_features' inputs: [G, B, 1, d] -> feature rows [B * G, d].
             qf, kf = group_features(q.detach().transpose(0, 1), k[:, :, -1:].detach().transpose(0, 1), cfg)
@@ -228,9 +241,12 @@ class SketchWalkRuntime:
                 qf, kf = qf[0, :, 0], kf[0, :, 0]
             else:
                 qf, kf = (x[:, :, 0].transpose(0, 1).reshape(-1, x.shape[-1]) for x in (qf, kf))
-            w, row = state.step(plan, qf, kf)
-            self._walk_rows = batched_walk(self._walk_rows, w, row, cfg)
-            sel = select_rows(plan, self._walk_rows)
+            w, row = state.step(vplan, qf, kf)
+            if heads > 1:  # walk none (validated): the rows themselves, one per KV head
+                sel = select_rows(plan, row.view(len(n), heads, row.shape[-1]))
+            else:
+                self._walk_rows = batched_walk(self._walk_rows, w, row, cfg)
+                sel = select_rows(plan, self._walk_rows)
         if self.counted_rows is None:
             self._count("decode", layer, plan.selected_pairs, plan.causal_pairs, dense=False)
         else:
@@ -295,8 +311,15 @@ class SketchWalkRuntime:
             w, state = self._prefill_transition_fused(layer, q.detach(), k.detach(), needs_state)
         else:
             qf, kf = group_features(q.detach(), k.detach(), cfg)
-            w = self._prefill_transition(layer, qf, kf, d)
-            state = LayerDecodeState(cfg, layer, d, qf, kf, w) if needs_state else None
+            if cfg.per_kv_head:  # each KV head's W from its own group's query heads: [Hkv, nb, nb]
+                parts = _head_groups(qf, kf, k.shape[0])
+                ws = [self._prefill_transition(layer, qh, kh, d) for qh, kh in parts]
+                w = torch.stack(ws)
+                state = ([LayerDecodeState(cfg, layer, d, qh, kh, wh) for (qh, kh), wh in zip(parts, ws)]
+                         if needs_state else None)
+            else:
+                w = self._prefill_transition(layer, qf, kf, d)
+                state = LayerDecodeState(cfg, layer, d, qf, kf, w) if needs_state else None
         if needs_state:
             self._states[layer][b] = state
         if not sparse:
@@ -372,11 +395,18 @@ class SketchWalkRuntime:
             return self._select_decode(layer, b, decode_scores(q.detach(), k.detach(), cfg, layer, scale), i, m)
         states = self._states.get(layer)
         state = states[b] if states is not None and b < len(states) else None
-        if state is None or state.n_tokens != m - 1:
+        tokens = None if state is None else (state[0] if cfg.per_kv_head else state).n_tokens
+        if state is None or tokens != m - 1:
             raise RuntimeError(
                 f"SketchWalk decode state of layer {layer} is out of sync with the KV cache (cache has {m - 1} "
-                f"earlier tokens, state has {None if state is None else state.n_tokens}); start sequences with a prefill")
+                f"earlier tokens, state has {tokens}); start sequences with a prefill")
         qf, kf = group_features(q.detach(), k[:, -1:].detach(), cfg)
+        if cfg.per_kv_head:  # one state per KV head; walk none: each head's current W row
+            rows = []
+            for st, (qh, kh) in zip(state, _head_groups(qf[:, 0], kf[:, 0], k.shape[0])):
+                st.append(qh, kh)
+                rows.append(st.transition_with_current_row(qh)[i:i + 1])
+            return self._select_decode(layer, b, torch.stack(rows), i, m)
         state.append(qf[:, 0], kf[:, 0])
         w = state.transition_with_current_row(qf[:, 0])
         r = walk_update(self._walk[b], w, slice(i, i + 1), cfg)
@@ -394,6 +424,12 @@ class SketchWalkRuntime:
     def _record(self, layer: int, b: int, sel: BlockSelection) -> None:
         if self.keep_selections:
             self.last_selection[layer][b] = sel
+
+
+def _head_groups(qf: torch.Tensor, kf: torch.Tensor, heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Group features [G, ...] (G = Hq, head-major: KV head h owns rows h*G/Hkv ..) -> per KV head (qf_h, kf_h)."""
+    g = qf.shape[0] // heads
+    return [(qf[h * g:(h + 1) * g], kf[h * g:(h + 1) * g]) for h in range(heads)]
 
 
 def _fused_front_end_applies(q: torch.Tensor, cfg: SketchWalkConfig) -> bool:
