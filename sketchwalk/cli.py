@@ -188,7 +188,7 @@ def _common_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="samples per task per length (default: the suite's)")
     p.add_argument("--essays", default=None, metavar="PATH",
                    help="PaulGrahamEssays.json for essay-haystack tasks (default: $SKETCHWALK_ESSAYS)")
-    p.add_argument("--config", default=None, metavar="YAML", help="SketchWalk config YAML")
+    p.add_argument("--config", default=None, metavar="YAML", help="SketchWalk config YAML, or a preset: paper, recommended, release")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
 

@@ -36,6 +36,20 @@ _HASH_OMITTED_DEFAULTS = {"selector": "sketchwalk", "score_block_size": None, "d
 SCORE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
+#: Named configs, accepted wherever a config file is (`--config recommended`, `from_yaml("release")`).
+#: `paper` is the defaults. `recommended` is the selector study's best on SmolLM2 at density 0.2
+#: (results/selector-study: 1.8 / 1.7 points below dense at 4K / 8K, pooled over two fresh seeds,
+#: against 24 / 14 for the paper's scores); `release` is the authors' release in our options (its
+#: README defaults; results/selector-study/ablation-s45/configs/release.yaml says why each value).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "recommended": {"score_block_size": 1, "head_aggregation": "sum_probs", "walk": "none", "dense_last_blocks": 1},
+    "release": {"density": 0.125, "budget_rule": "free_quantile", "sink_fraction": 0.025, "local_fraction": 0.05,
+                "dense_last_blocks": 4, "sparsity_exponent": 0.64, "walk": "damped", "damping": 0.25, "degree": 3,
+                "head_aggregation": "sum_probs", "decode_query": "window", "decode_window": 32},
+}
+
+
 class ConfigError(ValueError):
     """A config field has an invalid value; `field` names it."""
 
@@ -321,12 +335,24 @@ class SketchWalkConfig:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> "SketchWalkConfig":
-        """Load from a YAML file path or YAML text; accepts a top-level `sketchwalk:` key or bare fields."""
+        """Load from a YAML file path, YAML text or a preset name (`PRESETS`, when no such file exists);
+        accepts a top-level `sketchwalk:` key or bare fields."""
+        if isinstance(source, str) and source in PRESETS and not _is_file(source):
+            return cls.preset(source)
         text = Path(source).read_text() if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and _is_file(source)) else str(source)
         data = yaml.safe_load(text) or {}
+        if isinstance(data, str):  # one word: neither a file nor a preset
+            raise ConfigError("config", data, f"a YAML file, YAML text or a preset name: one of {list(PRESETS)}")
         if isinstance(data, dict) and "sketchwalk" in data:
             data = data["sketchwalk"]
         return cls.from_dict(data)
+
+    @classmethod
+    def preset(cls, name: str) -> "SketchWalkConfig":
+        """The named config `PRESETS[name]` (ConfigError naming the presets otherwise)."""
+        if name not in PRESETS:
+            raise ConfigError("preset", name, f"one of {list(PRESETS)}")
+        return cls(**PRESETS[name])
 
     def short_hash(self) -> str:
         """A stable 12-hex-digit hash of the normalised field values (dedup key for sweeps).

@@ -460,3 +460,20 @@ def test_new_fields_at_defaults_keep_earlier_hashes():
     assert base.short_hash() != SketchWalkConfig(budget_rule="free_quantile").short_hash()
     assert SketchWalkConfig(sink_fraction=0.05).sink_fraction == 0.05
     assert SketchWalkConfig.from_yaml(SketchWalkConfig(local_fraction=0.05).to_yaml()).local_fraction == 0.05
+
+
+def test_presets_load_by_name_and_match_the_shipped_files():
+    """`paper` is the defaults; `recommended` and `release` equal the configs their results ran."""
+    from sketchwalk.config import PRESETS
+    assert SketchWalkConfig.from_yaml("paper") == SketchWalkConfig()
+    here = Path(__file__).resolve().parents[1] / "results" / "selector-study"
+    assert SketchWalkConfig.from_yaml("recommended") == SketchWalkConfig.from_yaml(
+        here / "confirm-s45" / "configs" / "sub1sp_none_dl1.yaml")
+    assert SketchWalkConfig.from_yaml("release") == SketchWalkConfig.from_yaml(
+        here / "ablation-s45" / "configs" / "release.yaml")
+    assert set(PRESETS) == {"paper", "recommended", "release"}
+    with pytest.raises(ConfigError, match="preset name") as info:
+        SketchWalkConfig.from_yaml("recomended")
+    assert "recommended" in str(info.value)
+    with pytest.raises(ConfigError, match="preset"):
+        SketchWalkConfig.preset("fast")

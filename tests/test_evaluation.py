@@ -694,3 +694,14 @@ def test_deployment_speed_is_timed_after_the_samples_and_counts_nothing():
     assert EvalResult.from_dict(json.loads(timed.to_json())).deployment_speed == speed
     with pytest.raises(SpeedPlanError, match="speed.lengths"):
         evaluate(model, tok, cfg, samples, progress=False, speed=DeploymentSpeed(lengths=[2 ** 20]))
+
+
+def test_eval_takes_a_preset_name_and_names_the_presets_for_a_typo(tmp_path, capsys, no_load):
+    from sketchwalk.config import SketchWalkConfig
+    from sketchwalk.evaluation.plan import prepare_run
+    suite = _suite(tmp_path, "tasks: [vt]\nlengths: [256]\nsamples: 1\n")
+    model = str(_hf_dir(tmp_path))
+    plan = prepare_run(model, suite, config="recommended")
+    assert plan.config == SketchWalkConfig.preset("recommended")
+    rc, out = _eval(capsys, "--model", model, "--suite", suite, "--config", "recomended")
+    assert rc == 2 and "not a preset" in out and "recommended" in out, out

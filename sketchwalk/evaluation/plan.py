@@ -11,7 +11,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-from ..config import ConfigError, SketchWalkConfig
+from ..config import PRESETS, ConfigError, SketchWalkConfig
 from ..models import ModelFetchError, ModelSpecError, ResolvedModel
 from ..ruler import RulerError, Suite, read_jsonl
 from .model_facts import ModelFactsError, check_gguf_tensors, context_length, shape_without_loading
@@ -47,7 +47,7 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
                 dtype: Optional[str] = None, fetch: bool = True) -> EvalPlan:
     """Validate every input of an evaluation without loading weights; raises EvalInputError.
 
-    config: a SketchWalk YAML path; `density` instead builds the paper's config at that τ; neither
+    config: a SketchWalk YAML path or a preset name (`PRESETS`); `density` instead builds the paper's config at that τ; neither
     (or `dense`) means dense attention. samples: per task per length, overrides the suite's.
     fetch: extract the bundled model into the cache if needed (a file copy, not a weight load).
     """
@@ -60,14 +60,17 @@ def prepare_run(model: str, suite: str, *, config: Optional[str] = None, dense: 
         cfg = None
         if config and not dense:
             # from_yaml also accepts YAML text, so a missing path would otherwise parse as text.
-            if not os.path.isfile(config):
-                raise EvalInputError(f"--config {config}: no such file")
-            if not _yaml_content(config):
+            if not os.path.isfile(config) and config not in PRESETS:
+                raise EvalInputError(f"--config {config}: no such file (and not a preset: one of {list(PRESETS)})")
+            if config in PRESETS and not os.path.isfile(config):
+                cfg = SketchWalkConfig.preset(config)
+            elif not _yaml_content(config):
                 # An empty file would silently be the default config, not what the user meant.
                 raise EvalInputError(f"--config {config}: the file is empty; give SketchWalkConfig fields (a "
                                      f"`sketchwalk:` mapping or bare fields, as `sketchwalk export` writes), or "
                                      f"--dense for dense attention")
-            cfg = SketchWalkConfig.from_yaml(config)
+            else:
+                cfg = SketchWalkConfig.from_yaml(config)
         elif density is not None and not dense:
             cfg = SketchWalkConfig(density=density)
     except EvalInputError:
