@@ -5,7 +5,8 @@ SketchWalkConfig (inline, `base_from` an exported best.yaml, or the paper defaul
 and the variants to compare with it, built from four sources under `variants:`:
 
 - `components`: named switch sets per component group (`default` = DEFAULT_COMPONENTS, a list of
-  its group names, or your own {group: [{field: value, ...}, ...]});
+  its group names, or your own {group: [{field: value, ...}, ...]}; an own set may carry `name:`,
+  the variant's name instead of its `field=value` list);
 - `one_factor`: {field: [values]}: each field swept over its values, the others at base;
 - `baselines`: dense, oracle, streaming, random (the selectors at base's τ rule, so density is
   matched by construction) and one_hop ({sketch: exact, walk: none});
@@ -102,7 +103,7 @@ class VariantSources(_Strict):
                 if not isinstance(sets, list) or not sets or not all(isinstance(s, dict) and s for s in sets):
                     raise ValueError(f"{group}: a non-empty list of switch sets ({{field: value}}) expected")
                 for s in sets:
-                    unknown = sorted(set(s) - set(CONFIG_FIELDS))
+                    unknown = sorted(set(s) - set(CONFIG_FIELDS) - {"name"})
                     if unknown:
                         raise ValueError(f"{group}: {unknown[0]!r} is not a SketchWalkConfig field; "
                                          f"allowed: {list(CONFIG_FIELDS)}")
@@ -314,7 +315,9 @@ def expand_variants(plan: AblationPlan) -> list[Variant]:
     src = plan.variants
     for group, sets in src.components.items():
         for i, switches in enumerate(sets):
-            out.add(switch_name(switches), group, _apply(base, switches, f"variants.components.{group}.{i}"))
+            switches = dict(switches)
+            name = str(switches.pop("name", None) or switch_name(switches))  # `name`: a short label for a long set
+            out.add(name, group, _apply(base, switches, f"variants.components.{group}.{i}"))
     for name, values in src.one_factor.items():
         for value in values:
             out.add(switch_name({name: value}), name, _apply(base, {name: value}, "variants.one_factor"))

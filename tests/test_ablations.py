@@ -16,7 +16,7 @@ from ablations.report import (VariantResult, curve_points, excludes_zero, paired
                               plot_density_curves, plot_differences, report_rows, write_table)
 from ablations.runner import sweep_spec
 from search.spec import SweepSpecError, config_from_params, parse_spec, variant_config
-from sketchwalk.config import SketchWalkConfig
+from sketchwalk.config import PRESETS, SketchWalkConfig
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = REPO / "ablations" / "plans"
@@ -108,6 +108,19 @@ def test_components_default_subset_and_custom():
                                                                    {"walk": "none", "sketch": "exact"})
     aliases = expand_variants(parse_plan(_plan(components=["walk"])))[0].aliases
     assert aliases == ("walk=product",)
+    # An own switch set may name itself (a long set's field=value list would exceed the name limit).
+    named = expand_variants(parse_plan(_plan(components={"sel": [{"name": "release", **PRESETS["release"]}]})))
+    assert named[1].name == "release" and "name" not in named[1].changes
+    assert SketchWalkConfig.from_dict(named[1].config) == SketchWalkConfig.preset("release")
+
+
+def test_the_selector_ablation_plan_holds_the_presets_it_names():
+    from pathlib import Path
+    plan = Path(__file__).resolve().parents[1] / "ablations" / "plans" / "selector-ablation.yaml"
+    variants = {v.name: v for v in expand_variants(load_plan(plan))}
+    assert SketchWalkConfig.from_dict(variants["release"].config) == SketchWalkConfig.preset("release")
+    assert SketchWalkConfig.from_dict(variants["token"].config) == SketchWalkConfig.preset("recommended")
+    assert SketchWalkConfig.from_dict(variants["token_kv"].config).per_kv_head
 
 
 def test_one_factor_baselines_and_duplicates():
