@@ -26,15 +26,17 @@ def rand(*shape, gen) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64).float()
 
 
-def padded_inputs(lens: list[int], steps: int, layers: int = LAYERS, seed: int = 0, device="cpu"):
-    """Per layer (q, k, v) [batch, H, n0 + steps, d], left padded to n0 = max(lens) (NaN padding:
-    attending or scoring a padded position would show), and the key_valid mask [batch, n0 + steps]."""
+def padded_inputs(lens: list[int], steps: int, layers: int = LAYERS, seed: int = 0, device="cpu",
+                  heads: tuple[int, int] = (HQ, HKV), scale: float = 1.0):
+    """Per layer (q, k, v) [batch, H, n0 + steps, d] (H = heads: query, KV), values scaled by `scale`,
+    left padded to n0 = max(lens) (NaN padding: attending or scoring a padded position would show),
+    and the key_valid mask [batch, n0 + steps]. Also used by tests/test_per_head_selection.py."""
     gen = torch.Generator().manual_seed(seed)
     n0 = max(lens)
     N = n0 + steps
     inputs = []
     for _ in range(layers):
-        q, k, v = (rand(len(lens), h, N, D, gen=gen) for h in (HQ, HKV, HKV))
+        q, k, v = (rand(len(lens), h, N, D, gen=gen) * scale for h in (heads[0], heads[1], heads[1]))
         for b, L in enumerate(lens):
             for x in (q, k, v):
                 x[b, :, :n0 - L] = float("nan")

@@ -16,6 +16,7 @@ from sketchwalk.config import ConfigError, SketchWalkConfig
 from sketchwalk.method import SketchWalkRuntime, select_blocks
 from sketchwalk.method.baselines import block_attention_mass
 from sketchwalk.method.selection import BlockSelector
+from test_batched_decode import padded_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,19 +29,8 @@ def rand(*shape, gen) -> torch.Tensor:
 
 
 def inputs_for(lens: list[int], steps: int, layers: int, seed: int, device="cpu"):
-    """Per layer (q, k, v) [batch, H, n0 + steps, d], left padded to n0 = max(lens) with NaN, and key_valid."""
-    gen = torch.Generator().manual_seed(seed)
-    n0 = max(lens)
-    N = n0 + steps
-    out = []
-    for _ in range(layers):
-        q, k, v = (rand(len(lens), h, N, D, gen=gen) * 2 for h in (HQ, HKV, HKV))
-        for b, L in enumerate(lens):
-            for x in (q, k, v):
-                x[b, :, :n0 - L] = float("nan")
-        out.append(tuple(x.to(device) for x in (q, k, v)))
-    valid = torch.stack([torch.arange(N) >= n0 - L for L in lens]).to(device)
-    return out, valid
+    """Left-padded (q, k, v) per layer with this file's heads (test_batched_decode's helper)."""
+    return padded_inputs(lens, steps, layers, seed, device, heads=(HQ, HKV), scale=2.0)
 
 
 def run(cfg, inputs, valid, n0: int, steps: int, backend: str, batched: bool):
