@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -70,7 +70,8 @@ class SketchWalkRuntime:
         self.backend = backend
         self.num_layers = num_layers
         self._walk: list[Optional[torch.Tensor]] = []
-        self._states: dict[int, list[Optional[LayerDecodeState]]] = {}
+        # per layer, per sequence: its decode state (a list of one per KV head with `selection_heads: kv`)
+        self._states: dict[int, list[Any]] = {}
         self._pairs: dict[str, dict[int, list[int]]] = {"prefill": {}, "decode": {}}
         self._dense_layers: dict[str, set[int]] = {"prefill": set(), "decode": set()}
         self.last_selection: dict[int, list[Optional[BlockSelection]]] = {}
