@@ -178,10 +178,52 @@ def test_help_lists_e2e(capsys):
 def test_gpu_smollm2_e2e(tmp_path):
     out = tmp_path / "g.json"
     assert _run("--shapes", "smollm2", "--seq", "4096", "--decode-seq", "4096", "--batch", "1",
-                "--density", "0.2", out=out) == 0
+                "--density", "0.2", "--config", "recommended", "--graphs", out=out) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(r["clock"] == "cuda-events" for r in rows)
+    assert len(rows) == 6 and all(r["clock"] == "cuda-events" for r in rows)
     assert all(r["frontend_ms"] > 0 for r in rows if r["label"] != "dense")
+    for r in rows:  # dense and both configs captured, each prefill forward in one graph
+        if r["phase"] == "prefill":
+            assert r["graph_error"] is None and r["ms_graph"] > 0, r
+            assert math.isclose(r["speedup_graph"], r["ms_dense_graph"] / r["ms_graph"], rel_tol=1e-9)
+
+
+def test_graphs_flag_on_the_cpu_records_why_there_is_no_capture(tmp_path):
+    out = tmp_path / "g.json"
+    assert _run(*FAST[:5], "--batch", "1", "--block-size", "16", "--repeats", "1", "--warmup", "0",
+                "--density", "0.5", "--graphs", out=out) == 0
+    rows = json.loads(out.read_text())["rows"]
+    prefill = [r for r in rows if r["phase"] == "prefill"]
+    assert prefill and all(r["ms_graph"] is None and "CUDA" in r["graph_error"] for r in prefill)
+    assert all("ms_graph" not in r for r in rows if r["phase"] == "decode")
+
+
+def test_capture_keeps_the_causal_skip_of_an_unpadded_prefill(monkeypatch):
+    """transformers 5.17 never skips the SDPA mask while capturing; inside the context an unpadded
+    full prefill gets None (causal) again, a padded one or a decode row still gets its mask."""
+    import torch
+    from transformers import masking_utils
+
+    from sketchwalk.bench.e2e import causal_mask_skipped_under_capture
+    from sketchwalk.integration import hf
+
+    hf.register()
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *a, **kw: False)  # as while capturing
+    funcs = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    before = {name: funcs[name] for name in ("sdpa", hf.ATTN_NAME, "eager")}
+    kw = dict(batch_size=1, q_length=8, kv_length=8, q_offset=0, kv_offset=0,
+              mask_function=masking_utils.causal_mask_function, allow_is_causal_skip=True, device="cpu")
+    assert funcs["sdpa"](**kw, attention_mask=None) is not None  # the capture-time behaviour we undo
+    pad = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    with causal_mask_skipped_under_capture():
+        for name in ("sdpa", hf.ATTN_NAME):
+            assert funcs[name](**kw, attention_mask=None) is None
+            padded = funcs[name](**kw, attention_mask=pad)
+            assert padded is not None and not bool(padded[0, 0, -1, 0])  # the pad key stays masked
+            decode = funcs[name](**{**kw, "q_length": 1, "q_offset": 7}, attention_mask=None)
+            assert decode is not None and decode.shape[-2:] == (1, 8)
+        assert funcs["eager"] is before["eager"]  # None would mean "no mask" to eager attention
+    assert {name: funcs[name] for name in before} == before
 
 
 def test_kernels_still_refuses_unknown_shapes_and_takes_density_lists(capsys):

@@ -96,6 +96,9 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
     e2e.add_argument("--repeats", type=int, default=None, metavar="N",
                      help="e2e: timed calls per measurement, median reported (default: 3; --dry-run 2)")
     e2e.add_argument("--warmup", type=int, default=None, metavar="N", help="e2e: untimed calls first (default: 1)")
+    e2e.add_argument("--graphs", action="store_true",
+                     help="e2e: also time each prefill forward replayed from one CUDA graph, dense and configs "
+                          "alike (columns 'graph ms', 'x graph'; a capture failure is recorded in the row)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="a short GPU run: lengths 4K and 16K, densities 1.0 and 0.2, decode at 16K")

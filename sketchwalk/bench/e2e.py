@@ -19,6 +19,7 @@ Breakdown (a second, instrumented set of the same calls, per forward, median ove
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -135,6 +136,10 @@ def derive(row: dict, dense: dict) -> dict:
     row["bound_ms"] = dense["ms"] - dense["attention_ms"] + row["attention_ms"]
     row["speedup_bound"] = dense["ms"] / row["bound_ms"] if row["bound_ms"] > 0 else None
     row["frontend_pct_of_attention"] = 100.0 * row["frontend_ms"] / row["attention_ms"] if row["attention_ms"] else None
+    if "ms_graph" in row:  # both captured the same way: the speedup without host launch overhead
+        row["ms_dense_graph"] = dense.get("ms_graph")
+        row["speedup_graph"] = (row["ms_dense_graph"] / row["ms_graph"]
+                                if row["ms_graph"] and row["ms_dense_graph"] else None)
     return row
 
 
@@ -157,6 +162,45 @@ def variants(settings: E2ESettings, head_dim: int) -> list[Variant]:
     return out
 
 
+@contextlib.contextmanager
+def causal_mask_skipped_under_capture():
+    """Within: an unpadded full prefill builds no attention mask, during a CUDA-graph capture too.
+
+    transformers (5.17, the GPU's version) never skips the mask while a stream is capturing, since
+    it cannot read a padding mask there, and builds a full 4-D one even when there is no padding
+    mask to read. That sends dense SDPA off its flash kernel (a 32K capture ran 3x slower than
+    eager) and makes Sketch&Walk read left-pad offsets on the host, which a capture refuses. With
+    no padding mask, no cache offset and the plain causal mask function, causal is the whole mask:
+    the eager call's skip, restored. SDPA's mask function is wrapped (under every name it is
+    registered as) and put back on exit.
+    """
+    from transformers import masking_utils
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    # Only SDPA's mask function (which `sketchwalk` registers too): None means "causal" to SDPA and
+    # to our runtime, while the eager path would read it as "no mask at all".
+    sdpa = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    saved = {name: fn for name, fn in list(ALL_MASK_ATTENTION_FUNCTIONS.items()) if fn is sdpa}
+
+    def skipping(fn):
+        def mask(*args, **kwargs):
+            if (not args and kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", False)
+                    and kwargs.get("mask_function", masking_utils.causal_mask_function) is masking_utils.causal_mask_function
+                    and kwargs.get("local_size") is None and kwargs.get("q_length") == kwargs.get("kv_length")
+                    and isinstance(kwargs.get("q_offset", 0), int) and kwargs.get("q_offset", 0) == 0):
+                return None
+            return fn(*args, **kwargs)
+        return mask
+
+    for name, fn in saved.items():
+        AttentionMaskInterface.register(name, skipping(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            AttentionMaskInterface.register(name, fn)
+
+
 class Bench:
     """The model under test and how to time its prefill and decode calls: the median of `repeats`
     timed calls after `warmup` untimed ones, on random token ids drawn from `seed`."""
@@ -172,6 +216,31 @@ class Bench:
 
     def _prefill(self, ids):
         return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+
+    def graphed_prefill_ms(self, n: int, batch: int) -> tuple[Optional[float], Optional[str]]:
+        """(ms, None) of the prefill forward replayed from one CUDA graph, or (None, why) when it cannot
+        be captured. CUDA only. No attention mask: a mask is read on the host once per forward (the
+        left-pad offsets), which a capture cannot hold, and an unpadded batch needs none."""
+        ids = self.ids(batch, n)
+        call = lambda: self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # noqa: E731
+        graph = None
+        try:
+            with torch.no_grad(), causal_mask_skipped_under_capture():
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # eager calls first: tables and kernels cached before capture
+                    for _ in range(max(self.warmup, 1)):
+                        call()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    call()
+                return time_ms(graph.replay, self.repeats, self.warmup, self.device), None
+        except Exception as exc:  # a capture failure is a measured fact of the row, not a crash
+            torch.cuda.synchronize(self.device)
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        finally:
+            del graph
 
     def measure(self, phase: str, n: int, batch: int, runtime, breakdown: bool = True) -> tuple[float, float, float]:
         """(ms, attention-function ms, kernel ms) of one call of `phase` at length n, batch; without
@@ -274,6 +343,9 @@ def bench_model(model, shape: ModelShape, settings: E2ESettings, device, rows_pl
                 runtime = attach(model, v.config, backend="auto")
             try:
                 ms, fn_ms, kernel_ms = bench.measure(phase, n, batch, runtime)
+                graphed = (None, "CUDA graphs need a CUDA device")
+                if settings.graphs and phase == "prefill" and device.type == "cuda":
+                    graphed = bench.graphed_prefill_ms(n, batch)
             finally:
                 if runtime is not None:
                     detach(model)
@@ -282,6 +354,8 @@ def bench_model(model, shape: ModelShape, settings: E2ESettings, device, rows_pl
                        density=1.0 if v.config is None else v.config.density, ms=ms,
                        attention_ms=kernel_ms, frontend_ms=max(fn_ms - kernel_ms, 0.0) if runtime else 0.0,
                        clock="cuda-events" if device.type == "cuda" else "cpu")
+            if settings.graphs and phase == "prefill":
+                row["ms_graph"], row["graph_error"] = graphed
             dense = row if dense is None else dense
             result["rows"].append(derive(row, dense))
             console.print(f"  {shape.name} {phase} n={n} b={batch} {v.label}: {ms:.3f} ms", highlight=False)
@@ -306,6 +380,7 @@ TABLE = [("N", "n", _k), ("B", "batch", str), ("config", "label", str), ("ms", "
          ("dense ms", "ms_dense", _ms), ("x", "speedup", _x), ("attn ms", "attention_ms", _ms),
          ("front ms", "frontend_ms", _ms), ("rest ms", "rest_ms", _ms), ("bound ms", "bound_ms", _ms),
          ("x bound", "speedup_bound", _x), ("front %", "frontend_pct_of_attention", _f(1))]
+GRAPH_COLUMNS = [("graph ms", "ms_graph", _ms), ("x graph", "speedup_graph", _x)]
 
 
 def print_tables(console, result: dict, cpu: bool) -> None:
@@ -314,7 +389,8 @@ def print_tables(console, result: dict, cpu: bool) -> None:
         for phase in ("prefill", "decode"):
             rows = [r for r in result["rows"] if r["shape"] == name and r["phase"] == phase]
             if rows:
-                console.print(rich_table(f"{rows[0]['model']} {phase}{note}", rows, TABLE))
+                columns = TABLE + (GRAPH_COLUMNS if any("ms_graph" in r for r in rows) else [])
+                console.print(rich_table(f"{rows[0]['model']} {phase}{note}", rows, columns))
 
 
 def main(settings: E2ESettings) -> int:

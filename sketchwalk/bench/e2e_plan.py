@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import PRESETS as CONFIG_PRESETS
+
 K = 1024
 DEFAULT_OUT = "results/e2e/bench_e2e.json"
 MAX_SEQ = 1024 * K  # a longer --seq is refused as a typo
@@ -88,6 +90,7 @@ class E2ESettings:
     explicit_sizes: bool  # --seq / --decode-seq / --batch given: a row that does not fit refuses the run
     out: Optional[str]
     seed: int
+    graphs: bool = False  # also time each prefill forward replayed from one CUDA graph (CUDA only)
 
 
 def load_shape(value: str) -> ModelShape:
@@ -129,8 +132,8 @@ def resolve(args) -> E2ESettings:
             raise PlanError("--density", f"{d:g} is outside (0, 1]")
     configs = list(getattr(args, "config", None) or [])
     for c in configs:
-        if not Path(c).is_file():
-            raise PlanError("--config", f"{c}: no such file")
+        if not Path(c).is_file() and c not in CONFIG_PRESETS:
+            raise PlanError("--config", f"{c}: neither a file nor a preset ({', '.join(CONFIG_PRESETS)})")
     if getattr(args, "density", None) is None and configs:
         density = []  # --config alone: only those configs
     seq = sorted(set(pick("seq")))
@@ -154,7 +157,8 @@ def resolve(args) -> E2ESettings:
     explicit = any(getattr(args, f, None) is not None for f in ("seq", "decode_seq", "decode_batch"))
     return E2ESettings(mode=mode, model=model, shapes=shapes, seq=seq, decode_seq=decode_seq, decode_batch=batch,
                        density=density, configs=configs, block_size=getattr(args, "block_size", None),
-                       repeats=repeats, warmup=warmup, explicit_sizes=explicit, out=args.out, seed=args.seed)
+                       repeats=repeats, warmup=warmup, explicit_sizes=explicit, out=args.out, seed=args.seed,
+                       graphs=bool(getattr(args, "graphs", False)))
 
 
 # -- memory -------------------------------------------------------------------------------------

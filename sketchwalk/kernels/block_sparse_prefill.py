@@ -156,7 +156,7 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
                          counts: torch.Tensor, offsets, block_size: int, scale: float,
                          block_m: Optional[int] = None, block_n: Optional[int] = None,
                          num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         out: Optional[torch.Tensor] = None, offsets_host: Optional[list[int]] = None) -> torch.Tensor:
     """Causal attention of every query over its query block's selected key blocks.
 
     q: [B, Hq, N, d]; k, v: [B, Hkv, N, d] with Hq % Hkv == 0 (GQA group G = Hq/Hkv; no K/V copy);
@@ -168,8 +168,10 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
       out of range instead of raising); or [B, Hkv, nqb, max_count], one selection per KV head
       (`selection_heads: kv`: a group's query heads share their KV head's), with the same counts;
     counts: [B, nqb] number of valid entries per row (0 allowed: that row's outputs are zeros);
-    offsets: [B] left-pad lengths: a list (as the runtime has them) or a tensor, which costs one
-      device-to-host sync (the launcher sizes the grid from them); real position p of sequence b is tensor
+    offsets: [B] left-pad lengths: a list or a tensor; a tensor costs one device-to-host sync (the
+      launcher sizes the grid from them) unless `offsets_host` gives the same values as host ints,
+      and a list costs a host-to-device copy (so a call with a device tensor and `offsets_host`, as
+      the runtime makes, does neither and can be captured in a CUDA graph); real position p of sequence b is tensor
       position offsets[b] + p, and block j covers real positions [j*block_size, (j+1)*block_size).
     nqb must be >= ceil((N - offsets[b]) / block_size) for every b (rows past a sequence's end are ignored).
     block_size: 16, 32, 64 or 128 tokens; scale: softmax scale (typically d**-0.5).
@@ -199,7 +201,10 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     nqb = idx.shape[-2]
     # A shared selection reads the same rows for every KV head: head stride 0.
     idx_strides = idx.stride() if per_head else (idx.stride(0), 0, idx.stride(1), idx.stride(2))
-    off_host = offsets.tolist() if isinstance(offsets, torch.Tensor) else list(offsets)  # one sync at most
+    if offsets_host is not None:
+        off_host = list(offsets_host)
+    else:
+        off_host = offsets.tolist() if isinstance(offsets, torch.Tensor) else list(offsets)  # one sync at most
     need = max((-(-(n - o) // block_size) for o in off_host), default=0)
     if nqb < need:
         raise ValueError(f"indices has {nqb} query-block rows but a sequence needs {need}")

@@ -511,9 +511,10 @@ def _attend_triton(q, k, v, pads: "_Pads", selections: Union[list[Optional[Block
     if decode:  # the decode launcher takes the offsets as a device tensor as they are (no copy)
         return block_sparse_decode(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts,
                                    pads.on(q.device), selector.cfg.block_size, scale)
-    # The prefill launcher sizes its grid from host offsets (and copies them to the device itself).
-    return block_sparse_prefill(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts, offsets,
-                                selector.cfg.block_size, scale)
+    # The prefill launcher sizes its grid from the host offsets and reads the device ones: no copy
+    # either way, so a prefill forward holds no host-to-device copy of its own.
+    return block_sparse_prefill(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts, pads.on(q.device),
+                                selector.cfg.block_size, scale, offsets_host=offsets)
 
 
 @dataclasses.dataclass
