@@ -192,6 +192,44 @@ def test_decode_all_blocks_equals_dense_and_empty_row(one_torch_thread):
     assert (out[1] == 0).all()
 
 
+def _static_cache_case(lens, capacity, hq, hkv, d, bs, dtype, seed):
+    """A preallocated cache [B, Hkv, capacity, d] whose sequence b holds lens[b] real keys (a prefix;
+    the rest NaN, never to be read), the query of each sequence's last real token, random selections."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.full((len(lens), hkv, capacity, d), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    for b, n in enumerate(lens):
+        k[b, :, :n], v[b, :, :n] = torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
+    q = torch.randn(len(lens), hq, 1, d, generator=gen)
+    cur = [(n - 1) // bs for n in lens]
+    idx, cnt = _rand_rows(len(lens), cur, 0.5, gen, max(cur) + 2)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)], idx, cnt
+
+
+def _check_static_cache(lens, capacity, hq, hkv, d, bs, dtype, splits, seed):
+    (q, k, v), idx, cnt = _static_cache_case(lens, capacity, hq, hkv, d, bs, dtype, seed)
+    lengths = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = block_sparse_decode(q, k, v, idx.to(DEVICE), cnt.to(DEVICE), torch.zeros_like(lengths), bs, d ** -0.5,
+                              num_splits=splits, out=torch.full_like(q, float("nan")), lengths=lengths)
+    for b, n in enumerate(lens):  # the same attention as over a cache holding only the real keys
+        ref = _reference_decode(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], idx[b:b + 1], cnt[b:b + 1], [0],
+                                bs, d ** -0.5)
+        _check(out[b:b + 1], ref, dtype)
+
+
+@pytest.mark.parametrize("splits", [None, 1])
+def test_decode_static_cache_reads_only_the_real_prefix(splits, one_torch_thread):
+    _check_static_cache([1, 33, 70], 96, 6, 2, 64, 32, torch.float32, splits, seed=5)
+    with pytest.raises(ValueError, match="lengths"):
+        (q, k, v), idx, cnt = _static_cache_case([5], 32, 2, 1, 32, 16, torch.float32, 0)
+        block_sparse_decode(q, k, v, idx, cnt, [0], 16, 1.0, lengths=torch.tensor([5, 5], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_decode_static_cache_gpu():
+    _check_static_cache([1, 4000, 8191], 8192, 32, 8, 128, 64, torch.bfloat16, None, seed=9)
+
+
 def test_import_does_not_need_triton():
     code = "import sys; import sketchwalk.kernels as m; assert 'triton' not in sys.modules; print(m.__all__)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

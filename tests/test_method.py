@@ -397,7 +397,7 @@ def test_srht_full_dim_is_orthogonal():
     assert torch.allclose(y @ y.T, x @ x.T, atol=1e-10)
 
 
-def test_exact_sketch_block_scores_match_definition():
+def test_exact_sketchblock_logits_match_definition():
     """sketch=exact: W = softmax over causal blocks of s * (brute-force mean of q.k/sqrt(d) over the block pair)."""
     B, hq, hkv, n, d = 16, 6, 2, 71, 16
     q = rand(hq, n, d, seed=4, dtype=torch.float64)
@@ -905,7 +905,7 @@ def test_sparse_attention_helper_dense_when_no_selection():
     assert rel_err(out, ref_attention(q, k, v, 0.35)) <= 1e-5
 
 
-def test_sub_block_scores_are_log_sum_exp_of_sub_block_means():
+def test_subblock_logits_are_log_sum_exp_of_sub_block_means():
     """score_block_size: W[i, j] = sum over j's key sub-blocks u of softmax_u(s * q̄_i·k̄_u / sqrt(d)) over
     every causal sub-block (exact sketch, mean_qk), computed here by hand; a needle-like key that one
     block mean dilutes wins its block a higher W than under the paper's block-mean score."""

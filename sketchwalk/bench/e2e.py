@@ -8,6 +8,11 @@ length n and config:
            `repeats` consecutive steps (the cache grows by one token per step, as in generate()).
 Times: CUDA events, median of `repeats` calls after `warmup` untimed ones; on the CPU wall time
 (labelled "cpu": a test of the code path, not a measurement).
+With --graphs (CUDA), each row also gets `ms_graph` (and `speedup_graph` against dense's): the
+prefill forward captured in one CUDA graph and replayed, or one decode step replayed from a CUDA
+graph on a StaticCache (`integration.static_decoder`; Sketch&Walk on its static decode state) —
+the same call without the host's launch overhead. A row that cannot be captured says why in
+`graph_error` (e.g. a config the static decode does not cover).
 
 Breakdown (a second, instrumented set of the same calls, per forward, median over calls), in ms:
   attention_ms  the attention kernels: the model's SDPA call (dense), or `SketchWalkRuntime._attend`
@@ -242,6 +247,25 @@ class Bench:
         finally:
             del graph
 
+    def graphed_decode_ms(self, n: int, batch: int) -> tuple[Optional[float], Optional[str]]:
+        """(ms, None) of one decode step replayed from a CUDA graph on a StaticCache holding a [batch, n]
+        prefill (the cache grows by one token per step, as in generate()), or (None, why) when the
+        step cannot be captured (a config the static decode does not cover, a capture failure). CUDA only."""
+        from ..integration.static_decoder import StaticDecoder
+
+        steps = 2 + self.warmup + self.repeats  # eager warm-up and capture, then the timed replays
+        try:
+            with torch.no_grad(), StaticDecoder(self.model, batch, n + steps + 1, graph=True) as dec:
+                logits = dec.prefill(self.ids(batch, n))
+                token = logits.argmax(-1)
+                for _ in range(3):  # two eager steps (the first seeds the static state), the capture
+                    token = dec.step(token).argmax(-1)
+                return time_ms(lambda: dec.step(token), self.repeats, self.warmup, self.device), None
+        except Exception as exc:  # a refusal or a capture failure is a measured fact of the row
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+
     def measure(self, phase: str, n: int, batch: int, runtime, breakdown: bool = True) -> tuple[float, float, float]:
         """(ms, attention-function ms, kernel ms) of one call of `phase` at length n, batch; without
         `breakdown` the instrumented second set of calls is skipped and both parts are NaN."""
@@ -344,8 +368,9 @@ def bench_model(model, shape: ModelShape, settings: E2ESettings, device, rows_pl
             try:
                 ms, fn_ms, kernel_ms = bench.measure(phase, n, batch, runtime)
                 graphed = (None, "CUDA graphs need a CUDA device")
-                if settings.graphs and phase == "prefill" and device.type == "cuda":
-                    graphed = bench.graphed_prefill_ms(n, batch)
+                if settings.graphs and device.type == "cuda":
+                    graphed = (bench.graphed_prefill_ms(n, batch) if phase == "prefill"
+                               else bench.graphed_decode_ms(n, batch))
             finally:
                 if runtime is not None:
                     detach(model)
@@ -354,7 +379,7 @@ def bench_model(model, shape: ModelShape, settings: E2ESettings, device, rows_pl
                        density=1.0 if v.config is None else v.config.density, ms=ms,
                        attention_ms=kernel_ms, frontend_ms=max(fn_ms - kernel_ms, 0.0) if runtime else 0.0,
                        clock="cuda-events" if device.type == "cuda" else "cpu")
-            if settings.graphs and phase == "prefill":
+            if settings.graphs:
                 row["ms_graph"], row["graph_error"] = graphed
             dense = row if dense is None else dense
             result["rows"].append(derive(row, dense))

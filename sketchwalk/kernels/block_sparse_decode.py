@@ -39,7 +39,7 @@ def _build():
     # The cache length and the selection's width change every step: not specialised (see the
     # prefill kernel), so no decode step compiles a new variant.
     @triton.jit(do_not_specialize=["L", "NUM_SPLITS", "stride_ib"])
-    def _decode_split_kernel(Q, K, V, IDX, CNT, OFF, MP, LP, AP, O,
+    def _decode_split_kernel(Q, K, V, IDX, CNT, OFF, LENS, MP, LP, AP, O,
                              stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
                              stride_kb, stride_kh, stride_kn, stride_kd,
                              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -47,14 +47,17 @@ def _build():
                              L, HKV, HQ, NUM_SPLITS, qk_scale,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                             DIRECT: tl.constexpr):
+                             DIRECT: tl.constexpr, HAS_LENS: tl.constexpr):
         split = tl.program_id(0)
         pid1 = tl.program_id(1)
         b = pid1 // HKV
         hkv = pid1 % HKV
         b64 = b.to(tl.int64)
         off = tl.load(OFF + b)
-        n_real = L - off
+        if HAS_LENS:  # a static cache: the real keys are a prefix of its buffer, their count on the device
+            n_real = tl.load(LENS + b)
+        else:
+            n_real = L - off
         cnt = tl.load(CNT + b)
         per = (cnt + NUM_SPLITS - 1) // NUM_SPLITS
         start = split * per
@@ -154,7 +157,8 @@ def default_num_splits(batch: int, hkv: int, max_count: int, device: torch.devic
 def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                         counts: torch.Tensor, offsets, block_size: int, scale: float,
                         num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                        num_warps: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        num_warps: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                        lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of one new query token per sequence over the selected blocks of its KV cache.
 
     q: [B, Hq, 1, d]; k, v: [B, Hkv, L, d] (the cache including the new token; no K/V copy for GQA);
@@ -167,6 +171,10 @@ def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indic
     num_splits: KV splits per (sequence, KV head); default: see `default_num_splits` (tuned for eager
       launches; under CUDA graphs pass a larger value, e.g. 16-32 for long caches).
     out: optional preallocated output like q, overwritten in full.
+    lengths: optional [B] int32 device tensor, real keys per sequence for a static (preallocated)
+      cache: sequence b's keys are tensor positions offsets[b] .. offsets[b] + lengths[b] - 1, the new
+      token the last of them (positions past it are never read); None = L - offsets[b]. Read on the
+      device only, so a step with it can be replayed from a CUDA graph as the cache grows.
     Returns out [B, Hq, 1, d] in q's dtype.
     """
     if q.dim() != 4 or q.shape[2] != 1:
@@ -179,6 +187,9 @@ def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indic
     idx = as_int32(indices, q.device, "indices")
     cnt = as_int32(counts, q.device, "counts")
     off = as_int32(offsets, q.device, "offsets")
+    lens = off if lengths is None else as_int32(lengths, q.device, "lengths")
+    if lens.shape != (bsz,):
+        raise ValueError(f"lengths {tuple(lens.shape)} does not match batch {bsz}")
     per_head = idx.dim() == 3
     if (idx.dim() not in (2, 3) or idx.shape[0] != bsz or (per_head and idx.shape[1] != hkv)
             or cnt.shape != (bsz,) or off.shape != (bsz,)):
@@ -206,12 +217,13 @@ def block_sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indic
     ws = out if direct else torch.empty(nrow * (d + 2), device=q.device, dtype=torch.float32)
     m_part, l_part, a_part = (ws, ws, ws) if direct else (ws[:nrow], ws[nrow:2 * nrow], ws[2 * nrow:])
     split_kernel[(splits, bsz * hkv)](
-        q, k, v, idx, cnt, off, m_part, l_part, a_part, out,
+        q, k, v, idx, cnt, off, lens, m_part, l_part, a_part, out,
         q.stride(0), q.stride(1), q.stride(3), out.stride(0), out.stride(1), out.stride(3),
         *k.stride(), *v.stride(), *idx_strides,
         seq_len, hkv, hq, splits, float(scale) * LOG2E,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), BLOCK_SIZE=block_size, BLOCK_N=bn, HEAD_DIM=d,
-        INPUT_PRECISION=dot_precision(q.dtype), DIRECT=direct, num_warps=num_warps or 4)
+        INPUT_PRECISION=dot_precision(q.dtype), DIRECT=direct, HAS_LENS=lengths is not None,
+        num_warps=num_warps or 4)
     if not direct:
         merge_kernel[(bsz * hq,)](
             m_part, l_part, a_part, out, out.stride(0), out.stride(1), out.stride(3), hq, splits,

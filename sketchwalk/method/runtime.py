@@ -30,6 +30,7 @@ from .decode_state import LayerDecodeState
 from .scores import compute_dtype, group_features, score_scale, sketch_features, softmax_rows, transition_rows
 from .selection import BlockSelection, BlockSelector
 from .sketch import block_means, sketch_matrix
+from .static_decode import StaticDecodeBatch, static_attention, static_decode_refusal
 from .walk import walk_update
 
 
@@ -91,6 +92,9 @@ class SketchWalkRuntime:
         # generate() keeps feeding sequences that already ended (EOS or their own budget); the
         # evaluation harness clears their flag so density covers the answers alone, as at batch 1.
         self.counted_rows: Optional[list[bool]] = None
+        # Decode on a static cache (`static_cache`): its capacity, and the device state once seeded.
+        self._static_capacity: Optional[int] = None
+        self._static: Optional[StaticDecodeBatch] = None
 
     @property
     def selector(self) -> BlockSelector:
@@ -109,6 +113,8 @@ class SketchWalkRuntime:
 
     def reset_stats(self) -> None:
         """Zero the density counters (e.g. between evaluation samples)."""
+        if self._static is not None:
+            self._static.take_pairs()
         self._pairs = {"prefill": {}, "decode": {}}
         self._dense_layers = {"prefill": set(), "decode": set()}
         self.last_selection = {}
@@ -137,7 +143,8 @@ class SketchWalkRuntime:
         return rows is None or b >= len(rows) or rows[b]
 
     def density(self) -> DensityReport:
-        """The measured density since the last reset_stats()."""
+        """The measured density since the last reset_stats() (static-cache steps included: one read)."""
+        self._fold_static_pairs()
         per_layer, overall, sparse, share = {}, {}, {}, {}
         for phase, layers in self._pairs.items():
             per_layer[phase] = {l: s / c for l, (s, c) in sorted(layers.items()) if c}
@@ -149,9 +156,85 @@ class SketchWalkRuntime:
             share[phase] = len(self._dense_layers[phase]) / len(layers) if layers else float("nan")
         return DensityReport(per_layer, overall, sparse, share)
 
+    def _fold_static_pairs(self) -> None:
+        """Move the static decode's device counters into the host counters."""
+        if self._static is None:
+            return
+        for layer, (selected, causal) in self._static.take_pairs().items():
+            self._count("decode", layer, selected, causal, dense=layer in self._static.dense_layers)
+
+    # -- decode on a static cache ------------------------------------------------------
+    @contextlib.contextmanager
+    def static_cache(self, capacity: int):
+        """Within: the model runs on a transformers StaticCache of `capacity` tokens, and every decode
+        step runs on the device alone (`static_decode.StaticDecodeBatch`), so that a CUDA graph can
+        replay it. The prefill (an unpadded batch, positions 0..n-1) runs as usual on its own keys and
+        seeds the static state at the first decode step. Refuses, before anything runs, a config the
+        static decode does not cover (ValueError naming the field)."""
+        refusal = static_decode_refusal(self.config)
+        if refusal:
+            raise ValueError(refusal)
+        if capacity < 1:
+            raise ValueError(f"capacity = {capacity}: a static cache holds at least one token")
+        self._static_capacity, self._static = capacity, None
+        try:
+            yield self
+        finally:
+            self._fold_static_pairs()
+            self._static_capacity, self._static = None, None
+
+    def _static_attention(self, layer_idx: int, q, k, v, key_valid: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """One layer on the static cache: q [B, Hq, q_len, d]; k, v [B, Hkv, capacity, d] (the whole buffer)."""
+        cfg = self.config
+        bsz, _, q_len, _ = q.shape
+        if k.shape[-2] != self._static_capacity:
+            raise ValueError(f"static cache of {k.shape[-2]} tokens, but static_cache() was entered with "
+                             f"capacity {self._static_capacity}")
+        if q_len > 1:  # the prefill: its keys are the first q_len positions of the buffer
+            if key_valid is not None:
+                raise ValueError("decode on a static cache takes an unpadded batch (no attention mask) "
+                                 "prefilled from position 0")
+            self._static = None  # a new prefill: the next decode step seeds from it
+            return self._attention(layer_idx, q, k[:, :, :q_len], v[:, :, :q_len], None, scale)
+        if key_valid is None:
+            raise ValueError("a decode step on a static cache needs its attention mask (the valid prefix)")
+        if self._static is None:
+            self._static = StaticDecodeBatch(cfg, bsz, self._static_capacity, q.shape[-1], q.device,
+                                             compute_dtype(q.dtype))
+        static = self._static
+        sparse = layer_idx >= cfg.skip_layers and cfg.sparse_decode
+        if sparse and layer_idx not in static.layers:  # the first step (eager, before any capture): seed
+            static.seed_layer(layer_idx, self._states.get(layer_idx) or [])
+            self._states[layer_idx] = [None] * bsz  # superseded: free the eager copies
+        lengths = key_valid.sum(-1)  # [B]: the valid prefix, counted on the device (no host read)
+        indices, counts = static.step(layer_idx, q.detach(), k.detach(), lengths, sparse,
+                                      first_sparse=layer_idx == cfg.skip_layers)
+        if self.selection_only:
+            return torch.zeros_like(q)
+        if self.uses_triton(q.device):
+            from ..kernels import block_sparse_decode
+
+            return block_sparse_decode(q.contiguous(), k.contiguous(), v.contiguous(), indices, counts,
+                                       static.zero_offsets, cfg.block_size, scale, lengths=lengths.to(torch.int32))
+        return static_attention(q, k, v, indices, counts, lengths, cfg.block_size, scale)
+
     # -- the attention entry point ----------------------------------------------------
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_valid: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """Sketch&Walk attention for one layer of a (possibly left-padded) batch.
+
+        q: [batch, Hq, q_len, d]; k, v: [batch, Hkv, kv_len, d] (the whole KV cache after the
+        update); key_valid: [batch, kv_len] bool (False = padding, which must be a prefix) or None;
+        scale: softmax scale. The queries are the last q_len positions. q_len == kv_len is a
+        prefill; q_len == 1 with a cache is a decode step. Within `static_cache`, k and v are the
+        static cache's whole buffer and key_valid its valid prefix. Returns [batch, Hq, q_len, d].
+        """
+        if self._static_capacity is not None:
+            return self._static_attention(layer_idx, q, k, v, key_valid, scale)
+        return self._attention(layer_idx, q, k, v, key_valid, scale)
+
+    def _attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   key_valid: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         """Sketch&Walk attention for one layer of a (possibly left-padded) batch.
 
         q: [batch, Hq, q_len, d]; k, v: [batch, Hkv, kv_len, d] (the whole KV cache after the

@@ -58,8 +58,8 @@ def transition_rows(q_sk: torch.Tensor, k_sk: torch.Tensor, row_blocks: torch.Te
         if key_blocks_valid is not None:
             causal = causal & (cols[None, :] < key_blocks_valid)
     if f > 1:
-        return coarse_softmax(_block_scores(q_sk, k_sk, head_dim, cfg), f, causal, sub_causal)
-    return softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg).masked_fill(~causal, float("-inf")))
+        return coarse_softmax(block_logits(q_sk, k_sk, head_dim, cfg), f, causal, sub_causal)
+    return softmax_rows(block_logits(q_sk, k_sk, head_dim, cfg).masked_fill(~causal, float("-inf")))
 
 
 def current_transition_row(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
@@ -70,9 +70,9 @@ def current_transition_row(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int
     """
     if cfg.sub_blocks > 1:
         b = -(-k_sk.shape[-2] // cfg.sub_blocks)
-        return coarse_softmax(_block_scores(q_sk, k_sk, head_dim, cfg), cfg.sub_blocks,
+        return coarse_softmax(block_logits(q_sk, k_sk, head_dim, cfg), cfg.sub_blocks,
                               torch.ones(1, b, dtype=torch.bool, device=q_sk.device))
-    return softmax_rows(_block_scores(q_sk, k_sk, head_dim, cfg))
+    return softmax_rows(block_logits(q_sk, k_sk, head_dim, cfg))
 
 
 def coarse_softmax(logits: torch.Tensor, f: int, causal: torch.Tensor,
@@ -95,12 +95,12 @@ def coarse_softmax(logits: torch.Tensor, f: int, causal: torch.Tensor,
 
 
 def score_scale(head_dim: int, cfg: SketchWalkConfig) -> float:
-    """The factor s / sqrt(head_dim) of the block scores s·Â (what `_block_scores` applies, in the
+    """The factor s / sqrt(head_dim) of the block scores s·Â (what `block_logits` applies, in the
     reference's order: the division first), for kernels that take it as one scalar."""
     return cfg.sparsity_exponent / math.sqrt(head_dim)
 
 
-def _block_scores(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
+def block_logits(q_sk: torch.Tensor, k_sk: torch.Tensor, head_dim: int, cfg: SketchWalkConfig) -> torch.Tensor:
     """s * Â = s * q̃·k̃ / sqrt(head_dim): [G, rows, b] (this association order is the reference's)."""
     scores = torch.matmul(q_sk, k_sk.transpose(-1, -2)) / math.sqrt(head_dim)
     return cfg.sparsity_exponent * scores
