@@ -221,11 +221,15 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                         "or a config.json) instead of the evaluated model")
     p.add_argument("--speed-batch", type=_positive_int, default=1, metavar="N",
                    help="with --speed-lengths: batch of the timed decode step (default: %(default)s)")
+    p.add_argument("--speed-graphs", action="store_true",
+                   help="with --speed-lengths: time the prefill and the decode step under CUDA graphs (the decode on "
+                        "a static cache), dense and the config alike; CUDA only")
 
 
 def _speed_flag(field: str) -> str:
     """The eval flag of a deployment-speed plan's field (`speed.batch` -> --speed-batch, ...)."""
-    return {"speed.batch": "--speed-batch", "speed.shape": "--speed-shape"}.get(field, "--speed-lengths")
+    return {"speed.batch": "--speed-batch", "speed.shape": "--speed-shape",
+            "speed.graphs": "--speed-graphs"}.get(field, "--speed-lengths")
 
 
 def _speed_plan(args: argparse.Namespace):
@@ -239,15 +243,16 @@ def _speed_plan(args: argparse.Namespace):
     from .ruler import parse_length
 
     if args.speed_lengths is None:
-        if args.speed_shape is not None or args.speed_batch != 1:
-            raise EvalInputError("--speed-shape / --speed-batch need --speed-lengths")
+        if args.speed_shape is not None or args.speed_batch != 1 or args.speed_graphs:
+            raise EvalInputError("--speed-shape / --speed-batch / --speed-graphs need --speed-lengths")
         return None
     try:
         lengths = [parse_length(x.strip()) for x in args.speed_lengths.split(",") if x.strip()]
     except ValueError as exc:
         raise EvalInputError(f"--speed-lengths: {exc}") from None
     try:
-        return DeploymentSpeed(lengths=lengths, shape=args.speed_shape, batch=args.speed_batch)
+        return DeploymentSpeed(lengths=lengths, shape=args.speed_shape, batch=args.speed_batch,
+                               graphs=args.speed_graphs)
     except ValidationError as exc:
         field, message = first_error(exc, DeploymentSpeed)
         raise EvalInputError(f"{_speed_flag('speed.' + field.split('.')[0])}: {message}") from None

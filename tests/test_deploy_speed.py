@@ -49,6 +49,27 @@ def test_plan_refuses_what_the_device_or_shape_cannot_run():
         plan.check(model, SketchWalkConfig(block_size=16, sketch_dim=16, skip_layers=4), free_bytes=2 ** 34)
 
 
+def test_graphs_are_refused_off_cuda_and_for_configs_the_static_decode_lacks(capsys):
+    import torch
+
+    model = build_model(load_shape("tiny"), "cpu", torch.float32, seed=0)
+    plan = DeploymentSpeed(**TINY, graphs=True)
+    assert plan.fingerprint()["graphs"] is True  # the dense baseline's cache key tells the two apart
+    with pytest.raises(SpeedPlanError, match="speed.graphs") as info:
+        plan.check(model, None, free_bytes=2 ** 34)
+    assert "CUDA" in str(info.value)
+    window = SketchWalkConfig(block_size=16, sketch_dim=16, decode_query="window")
+    with pytest.raises(SpeedPlanError, match="speed.graphs") as info:  # checked as if on a GPU
+        plan._check(load_shape("tiny"), "cuda", 4, 2 ** 34, window)
+    assert "decode_query" in str(info.value)
+    plan._check(load_shape("tiny"), "cuda", 4, 2 ** 34, SketchWalkConfig(block_size=16, sketch_dim=16))
+    # Prefill only: the static decode is not used, so any config is timed.
+    plan.model_copy(update={"decode": False})._check(load_shape("tiny"), "cuda", 4, 2 ** 34, window)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", "nonexistent.gguf", "--speed-graphs"]) == 2
+    assert "--speed-graphs need --speed-lengths" in capsys.readouterr().out
+
+
 def test_timing_on_a_shape_and_speedups():
     import torch
 

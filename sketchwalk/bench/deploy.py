@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import SketchWalkConfig
+from ..method.static_decode import static_decode_refusal
 from .e2e_plan import MAX_SEQ, ModelShape, PlanError, check_memory, load_shape, weight_count
 
 MIN_SEQ = 128  # shorter is not a deployment length (and below a few blocks nothing is sparse)
@@ -41,7 +42,11 @@ class DeploymentSpeed(BaseModel):
 
     lengths: tokens, each in [128, 1M]; shape: None = the evaluated model itself, else a named shape
     (`llama8b`, `smollm2`, `tiny`) or a config.json path built with random weights; decode: also
-    time one decode step; batch: its batch size; repeats / warmup: timed / untimed calls per value.
+    time one decode step; batch: its batch size; repeats / warmup: timed / untimed calls per value;
+    graphs: time the prefill forward captured in one CUDA graph and the decode step replayed from one
+    on a StaticCache (`e2e.Bench.graphed_prefill_ms` / `graphed_decode_ms`), as a deployment with
+    CUDA graphs runs them, for dense and the config alike (CUDA only; the config's decode must be
+    one the static decode covers).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -52,6 +57,7 @@ class DeploymentSpeed(BaseModel):
     batch: int = Field(default=1, ge=1, le=256)
     repeats: int = Field(default=3, ge=1, le=50)
     warmup: int = Field(default=1, ge=0, le=10)
+    graphs: bool = False
 
     @field_validator("lengths")
     @classmethod
@@ -117,6 +123,12 @@ class DeploymentSpeed(BaseModel):
 
     def _check(self, shape: ModelShape, device: str, elem_bytes: int, free: int,
                config: Optional[SketchWalkConfig]) -> None:
+        if self.graphs:
+            if device != "cuda":
+                raise SpeedPlanError("speed.graphs", f"CUDA graphs need a CUDA device (this run is on {device})")
+            refusal = static_decode_refusal(config) if config is not None and self.decode else None
+            if refusal:
+                raise SpeedPlanError("speed.graphs", refusal)
         if config is not None:
             try:
                 config.validate_for_model(shape.fields["num_hidden_layers"], shape.head_dim)
@@ -177,15 +189,26 @@ def measure_deployment_speed(model, config: Optional[SketchWalkConfig], plan: De
                            "batch": plan.batch, "prefill_ms": {}, "decode_ms": {}}
     try:
         for n in plan.lengths:
-            out["prefill_ms"][str(n)] = bench.measure("prefill", n, 1, runtime, breakdown=False)[0]
+            out["prefill_ms"][str(n)] = _timed(bench, "prefill", n, 1, runtime, plan.graphs)
             _free(device)
             if plan.decode:
-                out["decode_ms"][str(n)] = bench.measure("decode", n, plan.batch, runtime, breakdown=False)[0]
+                out["decode_ms"][str(n)] = _timed(bench, "decode", n, plan.batch, runtime, plan.graphs)
                 _free(device)
     finally:
         if runtime is not None:
             detach(target)
     return out
+
+
+def _timed(bench, phase: str, n: int, batch: int, runtime, graphs: bool) -> float:
+    """ms of one call of `phase`: eager, or from a CUDA graph (SpeedPlanError naming speed.graphs
+    when the capture fails: the trial fails, the sweep goes on)."""
+    if not graphs:
+        return bench.measure(phase, n, batch, runtime, breakdown=False)[0]
+    ms, why = bench.graphed_prefill_ms(n, batch) if phase == "prefill" else bench.graphed_decode_ms(n, batch)
+    if ms is None:
+        raise SpeedPlanError("speed.graphs", f"the {phase} at {n} tokens could not be captured: {why}")
+    return ms
 
 
 def speedups(speed: dict[str, Any], dense: dict[str, Any]) -> dict[str, dict[str, float]]:

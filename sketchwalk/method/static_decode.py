@@ -170,8 +170,9 @@ class StaticDecodeBatch:
         qf, kf = self._features(q, k, t)  # [B, G, d] each
         u = torch.div(t, kb, rounding_mode="floor")  # the token's key sub-block
         pos = t - i * cfg.block_size  # the token's index inside its block
-        st.qsum.index_put_((bi, i), qf, accumulate=True)
-        st.ksum.index_put_((bi, u), kf, accumulate=True)
+        # One row per sequence: a gather, one add (the eager state's `add_`, bit for bit) and a scatter.
+        st.qsum[bi, i] = st.qsum[bi, i] + qf
+        st.ksum[bi, u] = st.ksum[bi, u] + kf
         # A block starts: the row before it becomes final, scored with its block-mean query over the
         # complete blocks before it (the eager `_start_block`); at most one row per step. Computed
         # always, written where it applies.
