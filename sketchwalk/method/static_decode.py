@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from ..config import SketchWalkConfig
+from .batched_decode import batched_walk
 from .decode_state import LayerDecodeState
 from .scores import block_logits, compute_dtype, sketch_features
 from .selection import BlockSelector
@@ -190,7 +191,7 @@ class StaticDecodeBatch:
         st.k_sk[bi, :, u] = sk[:, :, 1]
         row = self._row(sk[:, :, 0], st.k_sk, u)
         st.w[bi, i] = row
-        walk = self._walk(row, st.w, first_sparse)
+        walk = batched_walk(None if first_sparse else self.walk, st.w, row, cfg)  # the same formulas
         self.walk = walk
         return self._select(layer, walk, i)
 
@@ -203,19 +204,6 @@ class StaticDecodeBatch:
         if self.cfg.head_aggregation == "mean_qk":
             return q_new.mean(1, keepdim=True), k_new.mean(1, keepdim=True)
         return q_new, k_new.repeat_interleave(q.shape[1] // hkv, dim=1)
-
-    def _walk(self, row: torch.Tensor, w: torch.Tensor, first: bool) -> torch.Tensor:
-        """The walk rows [B, C] of this layer from its current W rows `row` [B, C] (walk.walk_update)."""
-        cfg = self.cfg
-        if first or self.walk is None or cfg.walk == "none":
-            return row
-        prev = self.walk.to(w.dtype)
-        if cfg.walk == "product":
-            return torch.bmm(prev[:, None], w)[:, 0]
-        state = prev
-        for _ in range(cfg.degree):
-            state = (1.0 - cfg.damping) * row + cfg.damping * torch.bmm(state[:, None], w)[:, 0]
-        return state
 
     def _select(self, layer: int, scores: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BlockSelector.decode's rule on full rows: the sinks and locals, then the best-scoring causal
