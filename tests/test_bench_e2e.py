@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sketchwalk import cli
+from sketchwalk.config import SketchWalkConfig
 from sketchwalk.bench import e2e_plan as plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,12 +128,36 @@ def test_memory_refusal_names_seq_or_batch(monkeypatch, capsys):
     assert "--batch" in capsys.readouterr().err
 
 
+def test_the_decode_state_of_a_token_level_config_counts_towards_memory(monkeypatch, capsys):
+    """Token-level scores with sum_probs keep every key per query head in the decode state: a decode
+    row that would fit for dense is refused for it, naming the state, before any model is built."""
+    import sketchwalk.bench.e2e as e2e
+    from sketchwalk.method.batched_decode import decode_state_bytes
+
+    monkeypatch.setattr(e2e, "build_model", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+    shape = plan.load_shape("tiny")
+    cfg = SketchWalkConfig.from_dict(dict(SketchWalkConfig.preset("recommended").to_dict(), block_size=16,
+                                          sketch_dim=16))
+    state = decode_state_bytes(cfg, 4, 4, 32, 4096)
+    base = plan.memory_need(shape, 4096, 1, 4, 2)
+    assert state > 0 and plan.check_memory(shape, 4096, 1, 4, base, 2) is None
+    err = plan.check_memory(shape, 4096, 1, 4, base, 2, state)
+    assert err is not None and err.flag == "--seq" and "decode state" in err.message
+    settings = plan.resolve(cli.build_parser().parse_args(
+        ["bench", "e2e", "--dry-run", "--seq", "4096", "--batch", "1", "--config", "recommended", "--graphs"]))
+    assert e2e.decode_state_need(shape, settings, 4096) >= 2 * decode_state_bytes(
+        SketchWalkConfig.preset("recommended"), 4, 4, 32, 4096) > 0
+
+
 def test_default_sizes_skip_rows_that_do_not_fit(monkeypatch, tmp_path):
     """Without explicit --seq/--batch the preset's rows that do not fit are skipped and listed, not run."""
     import sketchwalk.bench.e2e as e2e
 
     shape = plan.load_shape("tiny")
-    free = plan.memory_need(shape, 256, 1, 4, 1 + 2)  # dry-run preset: 128/256 prefill, decode 256 x b1/b2
+    # dry-run preset: 128/256 prefill, decode 256 x b1/b2; the d=0.5 config's decode state counts too.
+    state = e2e.decode_state_need(shape, plan.resolve(cli.build_parser().parse_args(["bench", "e2e", "--dry-run"])), 256)
+    assert state > 0
+    free = plan.memory_need(shape, 256, 1, 4, 1 + 2, state)
     monkeypatch.setattr(e2e, "free_memory_bytes", lambda device: free)
     calls = []
     monkeypatch.setattr(e2e, "bench_model", lambda model, shape, s, device, keep, result, console: calls.append(keep))

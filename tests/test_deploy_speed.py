@@ -49,6 +49,22 @@ def test_plan_refuses_what_the_device_or_shape_cannot_run():
         plan.check(model, SketchWalkConfig(block_size=16, sketch_dim=16, skip_layers=4), free_bytes=2 ** 34)
 
 
+def test_a_config_s_decode_state_counts_towards_the_plan_s_memory():
+    from sketchwalk.bench.e2e_plan import memory_need
+    from sketchwalk.method.batched_decode import decode_state_bytes
+
+    shape = load_shape("tiny")
+    plan = DeploymentSpeed(lengths=[4096], shape="tiny", repeats=1, warmup=0)
+    token_level = SketchWalkConfig.from_dict(dict(SketchWalkConfig.preset("recommended").to_dict(), block_size=16,
+                                                  sketch_dim=16))
+    free = memory_need(shape, 4096, 1, 4, 1)  # enough for dense
+    plan._check(shape, "cuda", 4, free, None)
+    assert decode_state_bytes(token_level, 4, 4, 32, 4096) > 0
+    with pytest.raises(SpeedPlanError, match="speed.lengths") as info:
+        plan._check(shape, "cuda", 4, free, token_level)
+    assert "decode state" in str(info.value)
+
+
 def test_graphs_are_refused_off_cuda_and_for_configs_the_static_decode_lacks(capsys):
     import torch
 

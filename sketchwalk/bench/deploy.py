@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import SketchWalkConfig
+from ..method.batched_decode import decode_state_bytes
 from ..method.static_decode import static_decode_refusal
 from .e2e_plan import MAX_SEQ, ModelShape, PlanError, check_memory, load_shape, weight_count
 
@@ -143,8 +144,13 @@ class DeploymentSpeed(BaseModel):
                     raise SpeedPlanError("speed.lengths", f"{n} tokens on {device}: one layer's attention "
                                                           f"scores need {scores / 2 ** 30:.1f} GiB, more than the "
                                                           f"{free / 2 ** 30:.1f} GiB free")
+            # A prefill builds the config's decode state per sequence; a static decode (graphs) holds
+            # its own beside it while seeding.
+            state = 0 if config is None else decode_state_bytes(
+                config, shape.fields["num_hidden_layers"], shape.fields["num_attention_heads"], shape.head_dim, n)
             for batch in ([1, self.batch] if self.decode else [1]):
-                err = check_memory(shape, n, batch, elem_bytes, free, self.repeats + self.warmup)
+                err = check_memory(shape, n, batch, elem_bytes, free, self.repeats + self.warmup,
+                                   state * (2 if self.graphs and self.decode else 1))
                 if err is not None:
                     field = "speed.batch" if err.flag == "--batch" else "speed.lengths"
                     raise SpeedPlanError(field, err.message)

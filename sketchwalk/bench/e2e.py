@@ -324,11 +324,24 @@ def plan_rows(settings: E2ESettings) -> list[tuple[str, int, int]]:
             + [("decode", n, b) for n in settings.decode_seq for b in settings.decode_batch])
 
 
+def decode_state_need(shape: ModelShape, settings: E2ESettings, n: int, phase: str = "decode") -> int:
+    """Bytes per sequence of the largest Sketch&Walk decode state among the run's configs after an
+    n-token prefill (a prefill builds it too); a decode row's is doubled with --graphs, where the
+    static state is built beside the eager one."""
+    from ..method.batched_decode import decode_state_bytes
+
+    configs = [v.config for v in variants(settings, shape.head_dim)[1:]]
+    need = max((decode_state_bytes(c, shape.fields["num_hidden_layers"], shape.fields["num_attention_heads"],
+                                   shape.head_dim, n) for c in configs), default=0)
+    return 2 * need if settings.graphs and phase == "decode" else need
+
+
 def check_plan(shape: ModelShape, settings: E2ESettings, elem_bytes: int, free: int) -> tuple[list, list]:
     """(rows that fit, skipped rows); raises PlanError when an explicitly requested row does not fit."""
     keep, skipped = [], []
     for phase, n, batch in plan_rows(settings):
-        err = check_memory(shape, n, batch, elem_bytes, free, settings.repeats + settings.warmup)
+        state = decode_state_need(shape, settings, n, phase)
+        err = check_memory(shape, n, batch, elem_bytes, free, settings.repeats + settings.warmup, state)
         if err is None:
             keep.append((phase, n, batch))
         elif settings.explicit_sizes:

@@ -187,21 +187,27 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int, elem_bytes: int
     return per_token * tokens * batch * elem_bytes
 
 
-def memory_need(shape: ModelShape, tokens: int, batch: int, elem_bytes: int, decode_steps: int = 0) -> int:
-    """Bytes the run of one (length, batch) needs: weights + KV cache (+ decode steps) + activations."""
+def memory_need(shape: ModelShape, tokens: int, batch: int, elem_bytes: int, decode_steps: int = 0,
+                state_bytes: int = 0) -> int:
+    """Bytes the run of one (length, batch) needs: weights + KV cache (+ decode steps) + activations
+    (+ state_bytes: the Sketch&Walk decode state of the whole batch, for a decode row)."""
     return (weight_count(shape) * elem_bytes + kv_cache_bytes(shape, tokens + decode_steps, batch, elem_bytes)
-            + activation_bytes(shape, tokens, batch, elem_bytes))
+            + activation_bytes(shape, tokens, batch, elem_bytes) + state_bytes)
 
 
 def check_memory(shape: ModelShape, tokens: int, batch: int, elem_bytes: int, free_bytes: int,
-                 decode_steps: int = 0) -> Optional[PlanError]:
+                 decode_steps: int = 0, state_bytes_per_sequence: int = 0) -> Optional[PlanError]:
     """None when (tokens, batch) fits in free_bytes, else the PlanError naming --batch (it would fit
-    at batch 1) or --seq."""
-    need = memory_need(shape, tokens, batch, elem_bytes, decode_steps)
+    at batch 1) or --seq. state_bytes_per_sequence: the decode state a config keeps per sequence
+    (`batched_decode.decode_state_bytes`; token-level scores make it GiBs at long lengths)."""
+    state = state_bytes_per_sequence
+    need = memory_need(shape, tokens, batch, elem_bytes, decode_steps, state * batch)
     if need <= free_bytes:
         return None
-    flag = "--batch" if batch > 1 and memory_need(shape, tokens, 1, elem_bytes, decode_steps) <= free_bytes else "--seq"
+    fits_alone = memory_need(shape, tokens, 1, elem_bytes, decode_steps, state) <= free_bytes
+    flag = "--batch" if batch > 1 and fits_alone else "--seq"
+    extra = f" + decode state {state * batch / 2 ** 30:.1f} GiB" if state else ""
     return PlanError(flag, f"{shape.name} at {tokens} tokens x batch {batch} needs about {need / 2 ** 30:.1f} GiB "
                            f"(weights {weight_count(shape) * elem_bytes / 2 ** 30:.1f} GiB + KV cache "
                            f"{kv_cache_bytes(shape, tokens + decode_steps, batch, elem_bytes) / 2 ** 30:.1f} GiB + "
-                           f"activations), more than the {free_bytes / 2 ** 30:.1f} GiB free on the device")
+                           f"activations{extra}), more than the {free_bytes / 2 ** 30:.1f} GiB free on the device")
