@@ -250,3 +250,88 @@ def cmd_export(args: argparse.Namespace) -> int:
         print_error(console, a.feasibility.note, label="warning")
     console.print(f"trial {a.chosen.number} -> {path}", highlight=False)
     return 0
+
+
+# -- store check --------------------------------------------------------------------------------
+
+def _store_check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_id", metavar="SWEEP_ID", help="the sweep (directory name under runs/sweeps/)")
+    p.add_argument("--workdir", default=".", help="where runs/ lives (default: .)")
+    p.add_argument("--out", default=None, help="JSON path (default: runs/sweeps/<id>/store_check.json)")
+
+
+@command("store-check", arguments=_store_check_arguments,
+         help="audit a sweep's MLflow store: runs = trials, no duplicates, nothing recorded missing",
+         description="Read every run of a sweep from its MLflow store and check: one parent run; one run per "
+                     "trial key and at most one dense baseline, all nested under the parent; no key twice; every "
+                     "FINISHED run with its metrics, eval.json and (trials) config.yaml; nothing RUNNING after the "
+                     "sweep ended; trial numbers without gaps; with the Optuna backend, as many trial runs as the "
+                     "study has trials. Prints a table, writes JSON; exit 0 when complete, 1 otherwise.")
+def cmd_store_check(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .session import load_session, write_json
+    from .spec import SweepSpecError
+    from .store_check import check_store
+
+    console = _console()
+    try:
+        session = load_session(args.sweep_id, Path(args.workdir))
+    except (FileNotFoundError, SweepSpecError) as exc:
+        return _error(console, exc)
+    report = check_store(session)
+    table = Table(title=f"store of sweep {report.sweep_id}")
+    table.add_column("check")
+    table.add_column("value")
+    for name, value in (("parent runs", report.parents), ("parent status", report.parent_status),
+                        ("trial runs", report.trial_runs), ("their status", report.status_counts),
+                        ("Optuna study trials", "n/a" if report.study_trials is None else report.study_trials),
+                        ("dense baseline runs", report.baseline_runs)):
+        table.add_row(name, str(value))
+    console.print(table)
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}", highlight=False)
+    console.print("store complete" if report.ok else f"{len(report.problems)} problem(s)", highlight=False)
+    path = write_json(Path(args.out) if args.out else session.sweep_dir / "store_check.json", report.to_dict())
+    console.print(f"wrote {path}", highlight=False)
+    return 0 if report.ok else 1
+
+
+# -- screenshots --------------------------------------------------------------------------------
+
+def _screenshot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_id", metavar="SWEEP_ID", help="the sweep (directory name under runs/sweeps/)")
+    p.add_argument("--workdir", default=".", help="where runs/ lives (default: .)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default: runs/sweeps/<id>/screenshots/)")
+
+
+@command("screenshots", arguments=_screenshot_arguments,
+         help="render a sweep's MLflow UI pages (runs table, parent run, front plot, a trial's metrics) as PNGs",
+         description="Start a throwaway MLflow server on the sweep's SQLite store (or use its http store), render "
+                     "the experiment's runs table (the parent run with its child trials), the parent run, the front "
+                     "plot as the UI shows it and the most accurate trial's metrics in headless Chromium, and write "
+                     "the PNGs with screenshots.json (pages, URLs, a not-blank check). Needs Chromium on PATH "
+                     "(Debian: apt-get install chromium; or SKETCHWALK_CHROMIUM=PATH). Exit 1 when a page renders blank.")
+def cmd_screenshots(args: argparse.Namespace) -> int:
+    from .screenshots import ScreenshotError, find_browser, take_screenshots
+    from .session import load_session, write_json
+    from .spec import SweepSpecError
+
+    console = _console()
+    try:
+        session = load_session(args.sweep_id, Path(args.workdir))
+        browser = find_browser()
+    except (FileNotFoundError, SweepSpecError, ScreenshotError) as exc:
+        return _error(console, exc)
+    out = Path(args.out) if args.out else session.sweep_dir / "screenshots"
+    try:
+        report = take_screenshots(session, out, browser)
+    except ScreenshotError as exc:
+        return _error(console, exc)
+    path = write_json(out / "screenshots.json", report)
+    for shot in report["pages"]:
+        console.print(f"{shot['page']}: {out / shot['file']} ({shot['distinct_colours']} colours)", highlight=False)
+    if report["blank_pages"]:
+        console.print(f"[red]blank:[/red] {', '.join(report['blank_pages'])}", highlight=False)
+    console.print(f"wrote {path}", highlight=False)
+    return 0 if report["ok"] else 1

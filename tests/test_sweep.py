@@ -287,6 +287,12 @@ def _write_sweep(tmp_path: Path, name: str, **over) -> Path:
     return path
 
 
+def cli_store_check(workdir: Path, sweep_id: str) -> int:
+    from sketchwalk import cli
+
+    return cli.main(["store-check", sweep_id, "--workdir", str(workdir)])
+
+
 def _mlflow_children(workdir: Path, sweep_id: str):
     from tracking import SweepTracker
     from search.session import load_session
@@ -519,6 +525,61 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
         assert again.run_id == run_id and again.metrics == before[key].metrics
     baselines = [c for c in _mlflow_children(tmp_path, "kr") if c.role == "baseline"]
     assert len(baselines) == 1
+    _assert_screenshots(tmp_path, "kr")
+    _assert_store_check(tmp_path, "kr", trials=len(study.trials), study_trials=len(study.trials))
+
+
+def _assert_screenshots(workdir: Path, sweep_id: str):
+    """`sketchwalk screenshots`: the four MLflow UI pages rendered by the system Chromium, none blank."""
+    import shutil
+
+    from sketchwalk import cli
+
+    have = shutil.which("chromium") is not None
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        have = False
+    if not have:
+        if os.environ.get("SKETCHWALK_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("SKETCHWALK_REQUIRE_CHROMIUM=1 but chromium or playwright is missing")
+        return  # the store checks below still run; the screenshot part needs a browser
+    out = workdir / "shots"
+    assert cli.main(["screenshots", sweep_id, "--workdir", str(workdir), "--out", str(out)]) == 0
+    report = json.loads((out / "screenshots.json").read_text())
+    assert [p["page"] for p in report["pages"]] == ["runs", "parent_run", "front_plot", "trial_metrics"]
+    assert report["ok"] and all(p["distinct_colours"] >= 16 and (out / p["file"]).stat().st_size > 10_000
+                                for p in report["pages"])
+
+
+def _assert_store_check(workdir: Path, sweep_id: str, *, trials: int, study_trials):
+    """`sketchwalk store-check` passes on what the sweep left, then finds what tampering breaks: a
+    duplicate run of a trial key, a FINISHED trial without its eval.json, a stray RUNNING run."""
+    from mlflow.tracking import MlflowClient
+
+    from search.session import load_session
+    from sketchwalk import cli
+    from tracking.names import TAG_KEY, TAG_PARENT, TAG_ROLE, TAG_SWEEP_ID
+
+    args = ["store-check", sweep_id, "--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    report = json.loads((workdir / "runs" / "sweeps" / sweep_id / "store_check.json").read_text())
+    assert report["ok"] and report["problems"] == [] and report["parents"] == 1
+    assert report["trial_runs"] == trials and report["study_trials"] == study_trials and report["baseline_runs"] == 1
+    session = load_session(sweep_id, workdir)
+    client = MlflowClient(session.tracking_uri)
+    finished = [c for c in _mlflow_children(workdir, sweep_id) if c.role == "trial" and c.status == "FINISHED"]
+    # A second run for a trial's key, still RUNNING after the sweep ended, with no artifacts.
+    dup = client.create_run(session.experiment_id, tags={
+        TAG_SWEEP_ID: sweep_id, TAG_KEY: finished[0].key, TAG_ROLE: "trial", TAG_PARENT: session.parent_run_id or ""})
+    out = workdir / "check2.json"
+    assert cli.main(args + ["--out", str(out)]) == 1
+    problems = json.loads(out.read_text())["problems"]
+    assert any("duplicates" in p and finished[0].key in p for p in problems), problems
+    assert any("still RUNNING" in p for p in problems), problems
+    client.set_terminated(dup.info.run_id, "FINISHED")
+    assert cli.main(args + ["--out", str(out)]) == 1
+    assert any("FINISHED without config.yaml, eval.json" in p for p in json.loads(out.read_text())["problems"])
 
 
 @pytest.mark.slow
@@ -552,6 +613,9 @@ def test_ray_backend_on_cpu_reuses_the_worker(tmp_path):
     assert sum(c.role == "baseline" for c in children) == 1
     assert (tmp_path / "runs" / "sweeps" / "rayt" / "front.png").is_file()
     _assert_workers_from_mlflow(tmp_path, "rayt", trials=3, trial_workers=1, gpu_share="0")
+    assert cli_store_check(tmp_path, "rayt") == 0  # the Ray backend's store is complete too (no study to count)
+    report = json.loads((tmp_path / "runs" / "sweeps" / "rayt" / "store_check.json").read_text())
+    assert report["trial_runs"] == 3 and report["study_trials"] is None and report["ok"]
 
 
 def _assert_workers_from_mlflow(workdir: Path, sweep_id: str, *, trials: int, trial_workers: int,

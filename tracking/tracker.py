@@ -318,6 +318,15 @@ class SweepTracker:
             by_key[tags[TAG_KEY]] = ChildRun.from_run(run, created=False)
         return [by_key[k] for k in sorted(by_key)]
 
+    def all_runs(self) -> list[ChildRun]:
+        """Every run of this sweep as stored, the parent and duplicates included (oldest first): what
+        a store audit counts, where `children` keeps one run per key."""
+        return [ChildRun.from_run(run, created=False) for run in self._search_all(self._sweep_filter(), _OLDEST_FIRST)]
+
+    def artifact_names(self, run_id: str) -> list[str]:
+        """The paths of a run's top-level artifacts."""
+        return sorted(f.path for f in self._call("list_artifacts", self.client.list_artifacts, run_id))
+
     # -- data ---------------------------------------------------------------------------------
 
     @staticmethod
