@@ -543,6 +543,10 @@ def _assert_screenshots(workdir: Path, sweep_id: str):
     if not have:
         if os.environ.get("SKETCHWALK_REQUIRE_CHROMIUM") == "1":
             pytest.fail("SKETCHWALK_REQUIRE_CHROMIUM=1 but chromium or playwright is missing")
+        import warnings
+
+        warnings.warn("screenshots not checked: chromium or playwright is missing (CI installs both and "
+                      "sets SKETCHWALK_REQUIRE_CHROMIUM=1)")
         return  # the store checks below still run; the screenshot part needs a browser
     out = workdir / "shots"
     assert cli.main(["screenshots", sweep_id, "--workdir", str(workdir), "--out", str(out)]) == 0
