@@ -176,9 +176,14 @@ def _print_throughput(console, t) -> None:
 
 # -- pareto / export ----------------------------------------------------------------------------
 
-def _analysis_arguments(p: argparse.ArgumentParser, *, export: bool) -> None:
+def _sweep_ref_arguments(p: argparse.ArgumentParser) -> None:
+    """SWEEP_ID and --workdir: which earlier sweep a command reads (pareto, export, store-check, screenshots)."""
     p.add_argument("sweep_id", metavar="SWEEP_ID", help="the sweep (directory name under runs/sweeps/)")
     p.add_argument("--workdir", default=".", help="where runs/ lives (default: .)")
+
+
+def _analysis_arguments(p: argparse.ArgumentParser, *, export: bool) -> None:
+    _sweep_ref_arguments(p)
     p.add_argument("--noise-aware", action="store_true", default=None,
                    help="a trial dominates another on accuracy only when their 95%% intervals do not overlap")
     if export:
@@ -255,8 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- store check --------------------------------------------------------------------------------
 
 def _store_check_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep_id", metavar="SWEEP_ID", help="the sweep (directory name under runs/sweeps/)")
-    p.add_argument("--workdir", default=".", help="where runs/ lives (default: .)")
+    _sweep_ref_arguments(p)
     p.add_argument("--out", default=None, help="JSON path (default: runs/sweeps/<id>/store_check.json)")
 
 
@@ -300,8 +304,7 @@ def cmd_store_check(args: argparse.Namespace) -> int:
 # -- screenshots --------------------------------------------------------------------------------
 
 def _screenshot_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep_id", metavar="SWEEP_ID", help="the sweep (directory name under runs/sweeps/)")
-    p.add_argument("--workdir", default=".", help="where runs/ lives (default: .)")
+    _sweep_ref_arguments(p)
     p.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default: runs/sweeps/<id>/screenshots/)")
 
 

@@ -167,6 +167,12 @@ def variants(settings: E2ESettings, head_dim: int) -> list[Variant]:
     return out
 
 
+def _why(exc: BaseException) -> str:
+    """One line for a row's `graph_error`: the exception's type and the first line of its message."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {(lines[0] if lines else '')[:300]}"
+
+
 @contextlib.contextmanager
 def causal_mask_skipped_under_capture():
     """Within: an unpadded full prefill builds no attention mask, during a CUDA-graph capture too.
@@ -243,7 +249,7 @@ class Bench:
                 return time_ms(graph.replay, self.repeats, self.warmup, self.device), None
         except Exception as exc:  # a capture failure is a measured fact of the row, not a crash
             torch.cuda.synchronize(self.device)
-            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            return None, _why(exc)
         finally:
             del graph
 
@@ -264,7 +270,7 @@ class Bench:
         except Exception as exc:  # a refusal or a capture failure is a measured fact of the row
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            return None, _why(exc)
 
     def measure(self, phase: str, n: int, batch: int, runtime, breakdown: bool = True) -> tuple[float, float, float]:
         """(ms, attention-function ms, kernel ms) of one call of `phase` at length n, batch; without

@@ -87,14 +87,17 @@ def forced_mask(cfg: SketchWalkConfig, rows: torch.Tensor, num_cols: int, n_toke
 
 
 def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWalkConfig,
-                  num_blocks: Optional[int] = None, n_tokens: Optional[int] = None) -> BlockSelection:
+                  num_blocks: Optional[int] = None, n_tokens: Optional[int] = None,
+                  width: Optional[int] = None) -> BlockSelection:
     """Pick key blocks per row from walk scores.
 
     scores: [rows, b] walk scores R^k (any real values; only causal columns are considered);
     row_blocks: [rows] query-block index of each row; num_blocks: the prefill's number of query
     blocks when the rows belong to one (rows >= num_blocks - cfg.dense_last_blocks are dense), None
     for a decode row; n_tokens: the sequence's real tokens (prompt or cache), needed only when the
-    forced blocks are fractions of it (`cfg.length_dependent`).
+    forced blocks are fractions of it (`cfg.length_dependent`); width: the indices' width, at least
+    every row's count (None = the largest count, read on the host: one sync; a fixed width keeps
+    the call free of host reads, as a CUDA-graph replay needs).
     Always keeps the sink blocks and the local blocks (the diagonal and the ones before it), then
     fills up to the row's count (`cfg.budget_rule`) with the highest-scoring remaining causal
     blocks (ties go to the lower block index). A row with at most τ causal blocks is dense.
@@ -129,7 +132,7 @@ def select_blocks(scores: torch.Tensor, row_blocks: torch.Tensor, cfg: SketchWal
         counts = torch.where(dense, n_causal, counts)
     key = torch.where(forced, float("inf"), torch.where(causal, scores, float("-inf")))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    max_count = int(counts.max().item()) if rows else 0
+    max_count = width if width is not None else (int(counts.max().item()) if rows else 0)
     top = order[:, :max_count]
     keep = torch.arange(max_count, device=device)[None, :] < counts[:, None]
     # Sort kept indices ascending; invalid slots sort last via the sentinel b, then become -1.

@@ -38,7 +38,7 @@ from ..config import SketchWalkConfig
 from .batched_decode import batched_walk
 from .decode_state import LayerDecodeState
 from .scores import block_logits, compute_dtype, sketch_features
-from .selection import BlockSelector
+from .selection import BlockSelector, select_blocks
 
 
 def static_decode_refusal(cfg: SketchWalkConfig) -> Optional[str]:
@@ -96,9 +96,8 @@ class StaticDecodeBatch:
         self.dense_layers: set[int] = set()
         self.pairs: dict[int, torch.Tensor] = {}
         selector = BlockSelector(cfg)
-        counts = [selector.row_count(i) for i in range(self.blocks)]
-        self.width = max(counts)  # the selection's fixed width: the widest row any step can have
-        self.row_counts = torch.tensor(counts, dtype=torch.long).to(self.device)
+        # The selection's fixed width: the widest row any step can have.
+        self.width = max(selector.row_count(i) for i in range(self.blocks))
         self.cols = torch.arange(self.blocks, device=self.device)
         self.sub_cols = torch.arange(self.blocks * cfg.sub_blocks, device=self.device)
         self.batch_index = torch.arange(batch, device=self.device)
@@ -164,7 +163,7 @@ class StaticDecodeBatch:
         if not sparse:
             self.dense_layers.add(layer)
             self.pairs[layer] += (i + 1).sum()
-            idx = self.cols[None, :self.blocks].expand(bsz, self.blocks).to(torch.int32)
+            idx = self.cols[None].expand(bsz, self.blocks).to(torch.int32)
             return idx, (i + 1).to(torch.int32)
         st = self.layers[layer]
         bi, f, kb = self.batch_index, cfg.sub_blocks, cfg.score_block
@@ -206,20 +205,11 @@ class StaticDecodeBatch:
         return q_new, k_new.repeat_interleave(q.shape[1] // hkv, dim=1)
 
     def _select(self, layer: int, scores: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """BlockSelector.decode's rule on full rows: the sinks and locals, then the best-scoring causal
-        blocks up to the row's count (ties to the lower index)."""
-        cfg, cols = self.cfg, self.cols[None, :]
-        sink, local = cfg.forced_sizes()
-        causal = cols <= i[:, None]
-        forced = causal & ((cols < sink) | (cols > (i - local)[:, None]))
-        key = torch.where(forced, float("inf"), torch.where(causal, scores, float("-inf")))
-        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :self.width]
-        counts = self.row_counts[i]
-        keep = torch.arange(self.width, device=self.device)[None, :] < counts[:, None]
-        top = torch.where(keep, order, self.blocks).sort(dim=-1).values
-        top = torch.where(top == self.blocks, -1, top)
-        self.pairs[layer] += torch.stack([counts.sum(), (i + 1).sum()])
-        return top.to(torch.int32), counts.to(torch.int32)
+        """`select_blocks` (the reference rule, which BlockSelector.decode equals) on the full rows, at
+        the fixed width; the pairs counted on the device."""
+        sel = select_blocks(scores, i, self.cfg, width=self.width)
+        self.pairs[layer] += torch.stack([sel.counts.sum(), (i + 1).sum()])
+        return sel.indices.to(torch.int32), sel.counts.to(torch.int32)
 
     def take_pairs(self) -> dict[int, tuple[int, int]]:
         """{layer: (selected, causal)} pairs since the last call (one device-to-host read), then zeroed."""
