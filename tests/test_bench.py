@@ -164,7 +164,11 @@ def _finite_positive(v) -> bool:
 
 # Columns a CPU run cannot fill: cuDNN SDPA and CUDA graphs exist on CUDA only.
 CPU_NA = {"t_cudnn_ms", "speedup_vs_cudnn", "tflops_cudnn", "t_dense_graph_ms", "t_sparse_graph_ms",
-          "speedup_graph", "gbps_sparse_graph", "gbps_dense_graph"}
+          "speedup_graph", "gbps_sparse_graph", "gbps_dense_graph",
+          # the Hopper path's columns need an sm_90 GPU; the steady-state decode ones CUDA graphs
+          "t_our_dense_hopper_ms", "t_hopper_ms", "speedup_vs_cudnn_hopper", "speedup_vs_flash_hopper",
+          "hopper_vs_portable", "efficiency_hopper", "tflops_hopper", "tflops_our_dense_hopper",
+          "t_dense_steady_ms", "t_sparse_steady_ms", "speedup_steady", "gbps_sparse_steady", "gbps_dense_steady"}
 
 
 def _interpreter_indexes_runtime_scalars() -> bool:
@@ -239,6 +243,11 @@ def test_small_gpu_run(tmp_path):
                     "tflops_sparse", "speedup_vs_flash_with_frontend"):
             assert _finite_positive(r[col]), col
         assert r["err_sparse_vs_reference"] < 3e-2 and r["err_our_dense_vs_flash"] < 3e-2
+        if torch.cuda.get_device_capability()[0] == 9:  # the Hopper column, on the same selection
+            for col in ("t_hopper_ms", "t_our_dense_hopper_ms", "tflops_hopper", "speedup_vs_cudnn_hopper"):
+                assert _finite_positive(r[col]), col
+            assert r["err_hopper_vs_ours"] < 3e-2
     for r in result["decode"]:
-        for col in ("t_dense_ms", "t_sparse_ms", "t_dense_graph_ms", "t_sparse_graph_ms", "gbps_sparse_graph"):
+        for col in ("t_dense_ms", "t_sparse_ms", "t_dense_graph_ms", "t_sparse_graph_ms", "gbps_sparse_graph",
+                    "t_sparse_steady_ms", "t_dense_steady_ms", "gbps_sparse_steady"):
             assert _finite_positive(r[col]), col

@@ -128,6 +128,20 @@ def test_memory_refusal_names_seq_or_batch(monkeypatch, capsys):
     assert "--batch" in capsys.readouterr().err
 
 
+def test_a_decode_row_prefilled_one_sequence_at_a_time_needs_one_sequences_activations():
+    """Batch 8 at 64K on the 8B shape: one [8, 65536] prefill forward needs more than an H200's
+    139 GiB, the same batch prefilled one sequence per forward (as decode rows are) fits; the
+    saving is seven sequences' activations less the one-sequence chunk cache kept while copying."""
+    shape, gib = plan.load_shape("llama8b"), 2 ** 30
+    at_once = plan.memory_need(shape, 65536, 8, 2, 5)
+    by_rows = plan.memory_need(shape, 65536, 8, 2, 5, prefill_rows=1)
+    assert at_once > 139 * gib > by_rows
+    assert at_once - by_rows == (7 * plan.activation_bytes(shape, 65536, 1, 2)
+                                 - plan.kv_cache_bytes(shape, 65536 + 5, 1, 2))
+    assert plan.check_memory(shape, 65536, 8, 2, 139 * gib, 5, prefill_rows=1) is None
+    assert plan.check_memory(shape, 65536, 8, 2, 139 * gib, 5).flag == "--batch"
+
+
 def test_the_decode_state_of_a_token_level_config_counts_towards_memory(monkeypatch, capsys):
     """Token-level scores with sum_probs keep every key per query head in the decode state: a decode
     row that would fit for dense is refused for it, naming the state, before any model is built."""
@@ -260,3 +274,16 @@ def test_kernels_still_refuses_unknown_shapes_and_takes_density_lists(capsys):
     p = argparse.ArgumentParser()
     add_kernel_arguments(p)
     assert resolve_settings(p.parse_args(["--density", "0.2,1.0", "0.5"])).density == [1.0, 0.5, 0.2]
+
+
+@pytest.mark.parametrize("phase,prefill,decode", [("decode", [], [256]), ("prefill", [128, 256], []),
+                                                  ("both", [128, 256], [256])])
+def test_phase_picks_the_rows(phase, prefill, decode):
+    import sketchwalk.bench.e2e as e2e
+
+    settings = plan.resolve(cli.build_parser().parse_args(
+        ["bench", "e2e", "--dry-run", "--seq", "128", "256", "--decode-seq", "256", "--phase", phase]))
+    assert settings.seq == prefill and settings.decode_seq == decode
+    rows = e2e.plan_rows(settings)
+    assert [n for p, n, _ in rows if p == "prefill"] == prefill
+    assert sorted({n for p, n, _ in rows if p == "decode"}) == decode

@@ -134,6 +134,21 @@ def test_prefill_all_blocks_equals_dense(one_torch_thread):
     _check(out, ref, torch.float32)
 
 
+def test_prefill_reads_the_models_layout_in_place(one_torch_thread):
+    """q as transformers hands it over (a transposed view of [B, N, Hq, d]) gives the contiguous
+    result, and the output is laid out like q, so the model's transpose(1, 2) of it is contiguous
+    (no copy on either side of the kernel)."""
+    bsz, hq, hkv, n, d, bs = 2, 6, 2, 96, 32, 32
+    (q, k, v), gen = _inputs(bsz, hq, hkv, n, d, torch.float32, [0, 0])
+    idx, cnt = _prefill_selection(n, [0, 0], bs, 0.5, gen)
+    q_model = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, N, Hq, d] memory
+    assert not q_model.is_contiguous()
+    out = block_sparse_prefill(q_model, k, v, idx, cnt, [0, 0], bs, d ** -0.5)
+    ref = block_sparse_prefill(q, k, v, idx, cnt, [0, 0], bs, d ** -0.5)
+    assert out.stride() == q_model.stride() and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_prefill_zero_count_rows_are_zero(one_torch_thread):
     """A row with count 0 (not produced by select_blocks, but allowed) outputs zeros, not NaN."""
     n, d, bs = 64, 64, 32
@@ -145,6 +160,63 @@ def test_prefill_zero_count_rows_are_zero(one_torch_thread):
     ref = F.scaled_dot_product_attention(q[:, :, :bs], k[:, :, :bs], v[:, :, :bs], is_causal=True, scale=d ** -0.5,
                                          enable_gqa=True)
     _check(out[:, :, :bs], ref, torch.float32)
+
+
+# -- the Hopper (TMA) prefill path: same contract, checked the same way ------------------
+HOPPER_CASES = [
+    # (bsz, hq, hkv, n, d, bs, offsets, density, pair)
+    pytest.param(2, 9, 3, 150, 64, 64, [11, 0], 0.6, False, id="gqa3-partial-leftpad"),
+    pytest.param(2, 8, 2, 200, 32, 32, [0, 45], 0.5, True, id="gqa4-pairs-odd-counts-leftpad"),
+    pytest.param(1, 4, 4, 72, 16, 16, [0], 0.5, True, id="mha-bs16-pairs"),
+    pytest.param(1, 4, 2, 300, 16, 128, [3], 0.7, False, id="bs128-leftpad"),
+]
+
+
+@pytest.mark.parametrize("bsz,hq,hkv,n,d,bs,offsets,density,pair", HOPPER_CASES)
+def test_prefill_hopper_path_matches_reference(bsz, hq, hkv, n, d, bs, offsets, density, pair, one_torch_thread):
+    """The TMA kernel (forced with path="hopper"; the interpreter runs it) against the reference, with
+    NaN in every padded K/V/Q row: a partial last block reads past its head's rows, which must not leak."""
+    (q, k, v), gen = _inputs(bsz, hq, hkv, n, d, torch.float16, offsets)
+    idx, cnt = _prefill_selection(n, offsets, bs, density, gen, extra_rows=1)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_prefill(q, k, v, idx.to(DEVICE), cnt.to(DEVICE), offsets, bs, d ** -0.5, out=out,
+                         path="hopper", pair=pair, num_warps=4)
+    for b, off in enumerate(offsets):
+        assert (out[b, :, :off] == 0).all(), "left-padded query rows must be exactly zero"
+    _check(out, _reference_prefill(q, k, v, idx, cnt, offsets, bs, d ** -0.5), torch.float16)
+
+
+def test_prefill_hopper_path_per_kv_head_selection(one_torch_thread):
+    """One selection per KV head ([B, Hkv, nqb, width], equal counts): each head reads its own rows."""
+    bsz, hq, hkv, n, d, bs, offsets = 2, 6, 2, 128, 32, 32, [0, 20]
+    (q, k, v), gen = _inputs(bsz, hq, hkv, n, d, torch.float16, offsets)
+    idx0, cnt = _prefill_selection(n, offsets, bs, 0.5, gen)
+    idx1 = idx0.clone()
+    # Head 1: shift each row's off-diagonal picks to other causal blocks, keeping the count (and order).
+    for b in range(bsz):
+        for r in range(idx0.shape[1]):
+            c = int(cnt[b, r])
+            if c > 1:
+                idx1[b, r, :c - 1] = torch.arange(c - 1, dtype=torch.int32) + (r - (c - 1))
+    idx = torch.stack([idx0, idx1], 1)
+    outs = [block_sparse_prefill(q, k, v, idx.to(DEVICE), cnt.to(DEVICE), offsets, bs, d ** -0.5, path=p)
+            for p in ("portable", "hopper")]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=2e-3)
+    shared = block_sparse_prefill(q, k, v, idx0.to(DEVICE), cnt.to(DEVICE), offsets, bs, d ** -0.5, path="hopper")
+    assert (shared[:, 3:] - outs[1][:, 3:]).abs().max() > 0.01, "head 1's own selection must change its output"
+
+
+def test_prefill_path_choice_and_refusals():
+    """auto takes the portable kernel off Hopper (the interpreter, fp32); a forced Hopper path says why it cannot run."""
+    from sketchwalk.kernels.block_sparse_prefill import prefill_path
+
+    q = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    assert prefill_path(q, q, q) == "portable"
+    assert prefill_path(q.half(), q.half(), q.half(), "hopper") == "hopper"
+    with pytest.raises(ValueError, match="path = 'hopper'.*fp32"):
+        prefill_path(q, q, q, "hopper")
+    with pytest.raises(ValueError, match="path = 'fast': allowed auto, hopper, portable"):
+        prefill_path(q, q, q, "fast")
 
 
 # -- decode ----------------------------------------------------------------------------
@@ -179,6 +251,36 @@ def test_decode_matches_reference(bsz, hq, hkv, length, d, bs, offsets, dtype, s
     out = block_sparse_decode(q, k, v, idx.to(DEVICE), cnt.to(DEVICE), offsets, bs, d ** -0.5, num_splits=splits,
                               out=torch.full_like(q, float("nan")))
     _check(out, _reference_decode(q, k, v, idx, cnt, offsets, bs, d ** -0.5), dtype)
+
+
+@pytest.mark.parametrize("blocks_per_tile,fused_merge,splits", [
+    pytest.param(2, False, 3, id="two-blocks-per-tile"),
+    pytest.param(4, True, 2, id="four-blocks-per-tile-fused"),
+    pytest.param(1, True, 5, id="fused-merge-more-splits-than-blocks"),
+])
+def test_decode_tiling_and_fused_merge_match_reference(blocks_per_tile, fused_merge, splits, one_torch_thread):
+    """Gathering several selected blocks per key tile (a chunk's last tile partly empty) and merging
+    the splits in the last split's program give the reference; the fused merge leaves its counters
+    zeroed, so a second call (a graph replay) merges again."""
+    import importlib
+
+    dec_mod = importlib.import_module("sketchwalk.kernels.block_sparse_decode")
+    bsz, hq, hkv, length, d, bs, offsets = 3, 6, 2, 300, 32, 32, [0, 20, 101]
+    q, k, v, idx, cnt = _decode_case(bsz, hq, hkv, length, d, bs, offsets, torch.float16, 0.6)
+    ref = _reference_decode(q, k, v, idx, cnt, offsets, bs, d ** -0.5)
+    for _ in range(2):
+        out = block_sparse_decode(q, k, v, idx.to(DEVICE), cnt.to(DEVICE), offsets, bs, d ** -0.5, num_splits=splits,
+                                  out=torch.full_like(q, float("nan")), blocks_per_tile=blocks_per_tile,
+                                  fused_merge=fused_merge)
+        _check(out, ref, torch.float16)
+    if fused_merge:
+        assert int(dec_mod._DONE[q.device].abs().sum()) == 0
+
+
+def test_decode_tiling_refuses_bad_values():
+    q, k, v, idx, cnt = _decode_case(1, 2, 1, 64, 16, 32, [0], torch.float32, 1.0)
+    with pytest.raises(ValueError, match="blocks_per_tile = 3"):
+        block_sparse_decode(q, k, v, idx, cnt, [0], 32, 0.25, blocks_per_tile=3)
 
 
 def test_decode_all_blocks_equals_dense_and_empty_row(one_torch_thread):
@@ -240,12 +342,15 @@ def test_import_does_not_need_triton():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [4096, 8192])
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
-def test_prefill_gpu(n, hq, hkv, d):
+@pytest.mark.parametrize("path,pair", [("portable", None), ("hopper", False), ("hopper", True)])
+def test_prefill_gpu(n, hq, hkv, d, path, pair):
+    if path == "hopper" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Hopper path needs an sm_90 GPU")
     offsets = [0, 301]
     (q, k, v), gen = _inputs(2, hq, hkv, n, d, torch.bfloat16, offsets, seed=n + d)
     idx, cnt = _prefill_selection(n, offsets, 64, 0.2, gen)
     out = block_sparse_prefill(q, k, v, idx.cuda(), cnt.cuda(), offsets, 64, d ** -0.5,
-                               out=torch.full_like(q, float("nan")))
+                               out=torch.full_like(q, float("nan")), path=path, pair=pair)
     ref = _reference_prefill(q, k, v, idx, cnt, offsets, 64, d ** -0.5)
     assert (out[1, :, :offsets[1]] == 0).all()
     _check(out, ref, torch.bfloat16)
@@ -253,11 +358,16 @@ def test_prefill_gpu(n, hq, hkv, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [32, 128])
-def test_prefill_gpu_block_sizes(block_size):
+@pytest.mark.parametrize("path", ["auto", "portable"])
+def test_prefill_gpu_block_sizes(block_size, path):
+    from sketchwalk.kernels.block_sparse_prefill import prefill_path
+
     n, d = 4096, 128
     (q, k, v), gen = _inputs(1, 32, 8, n, d, torch.bfloat16, [0], seed=block_size)
+    if path == "auto":  # bf16 on an sm_90 GPU is what the Hopper path is for
+        assert prefill_path(q, k, v) == ("hopper" if torch.cuda.get_device_capability()[0] == 9 else "portable")
     idx, cnt = _prefill_selection(n, [0], block_size, 0.2, gen)
-    out = block_sparse_prefill(q, k, v, idx.cuda(), cnt.cuda(), [0], block_size, d ** -0.5)
+    out = block_sparse_prefill(q, k, v, idx.cuda(), cnt.cuda(), [0], block_size, d ** -0.5, path=path)
     _check(out, _reference_prefill(q, k, v, idx, cnt, [0], block_size, d ** -0.5), torch.bfloat16)
 
 
@@ -292,19 +402,22 @@ def test_one_compile_for_every_prompt_length():
     from sketchwalk.kernels import block_sketch
     from sketchwalk.method.sketch import sketch_matrix
 
-    pre_mod, dec_mod, sketch_mod = (importlib.import_module(f"sketchwalk.kernels.{m}")
-                                    for m in ("block_sparse_prefill", "block_sparse_decode", "block_sketch"))
+    pre_mod, hop_mod, dec_mod, sketch_mod = (
+        importlib.import_module(f"sketchwalk.kernels.{m}")
+        for m in ("block_sparse_prefill", "block_sparse_prefill_hopper", "block_sparse_decode", "block_sketch"))
+    paths = ["portable", "hopper"] if torch.cuda.get_device_capability()[0] == 9 else ["portable"]
 
     def variants():  # the kernels are built by the first calls below
         return (_compiled_variants(pre_mod._KERNEL), *(_compiled_variants(f) for f in dec_mod._KERNELS),
-                _compiled_variants(sketch_mod._KERNEL))
+                _compiled_variants(sketch_mod._KERNEL), hop_mod._KERNEL and _compiled_variants(hop_mod._KERNEL))
 
     cfg = SketchWalkConfig(density=0.2, block_size=32, sketch_dim=16)
     before = None
     for n in (4001, 4096, 4113, 4160):  # n % 16: 1, 0, 1, 0; block rows and selection widths vary too
         (q, k, v), gen = _inputs(1, 9, 3, n, 32, torch.bfloat16, [0], seed=n)
         idx, cnt = _prefill_selection(n, [0], 32, 0.2, gen)
-        block_sparse_prefill(q, k, v, idx.cuda(), cnt.cuda(), [0], 32, 32 ** -0.5)
+        for path in paths:
+            block_sparse_prefill(q, k, v, idx.cuda(), cnt.cuda(), [0], 32, 32 ** -0.5, path=path)
         qd, kd, vd, idd, cd = _decode_case(1, 9, 3, n, 32, 32, [0], torch.bfloat16, 0.2, seed=n)
         block_sparse_decode(qd, kd, vd, idd.cuda(), cd.cuda(), [0], 32, 32 ** -0.5, num_splits=4)
         block_sketch(q[0], k[0], block_size=cfg.block_size, matrix=sketch_matrix(32, cfg.sketch_dim, cfg.seed, 3, q.device))

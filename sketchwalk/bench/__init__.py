@@ -93,6 +93,8 @@ def add_kernel_arguments(p: argparse.ArgumentParser) -> None:
                           "of the random-weight --shapes")
     e2e.add_argument("--config", action="append", default=None, metavar="YAML",
                      help="e2e: a Sketch&Walk config file to time (repeatable; beside or instead of --density)")
+    e2e.add_argument("--phase", choices=["prefill", "decode", "both"], default="both",
+                     help="e2e: time only the prefill rows or only the decode rows (default: both)")
     e2e.add_argument("--repeats", type=int, default=None, metavar="N",
                      help="e2e: timed calls per measurement, median reported (default: 3; --dry-run 2)")
     e2e.add_argument("--warmup", type=int, default=None, metavar="N", help="e2e: untimed calls first (default: 1)")

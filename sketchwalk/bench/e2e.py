@@ -212,6 +212,11 @@ def causal_mask_skipped_under_capture():
             AttentionMaskInterface.register(name, fn)
 
 
+# A decode row's cache is prefilled one sequence per forward (`row_prefill`): batch 8 at 64K on the
+# 8B shape needs ~9 GiB of prefill activations instead of ~68 GiB, and decodes the same.
+DECODE_PREFILL_ROWS = 1
+
+
 class Bench:
     """The model under test and how to time its prefill and decode calls: the median of `repeats`
     timed calls after `warmup` untimed ones, on random token ids drawn from `seed`."""
@@ -227,6 +232,22 @@ class Bench:
 
     def _prefill(self, ids):
         return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+
+    def _decode_cache(self, ids):
+        """The DynamicCache a decode row starts from: its [batch, n] prefill, one sequence per forward
+        (DECODE_PREFILL_ROWS), so that a long batch needs one sequence's prefill activations."""
+        from transformers import DynamicCache
+
+        from ..integration.row_prefill import prefill_by_rows
+
+        if ids.shape[0] <= DECODE_PREFILL_ROWS:
+            return self._prefill(ids).past_key_values
+        cache = DynamicCache()
+        prefill_by_rows(self.model, ids, DECODE_PREFILL_ROWS, cache, DynamicCache,
+                        lambda chunk, part: self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk),
+                                                       past_key_values=part, use_cache=True,
+                                                       logits_to_keep=1).logits[:, -1])
+        return cache
 
     def graphed_prefill_ms(self, n: int, batch: int) -> tuple[Optional[float], Optional[str]]:
         """(ms, None) of the prefill forward replayed from one CUDA graph, or (None, why) when it cannot
@@ -261,7 +282,8 @@ class Bench:
 
         steps = 2 + self.warmup + self.repeats  # eager warm-up and capture, then the timed replays
         try:
-            with torch.no_grad(), StaticDecoder(self.model, batch, n + steps + 1, graph=True) as dec:
+            with torch.no_grad(), StaticDecoder(self.model, batch, n + steps + 1, graph=True,
+                                                prefill_rows=DECODE_PREFILL_ROWS) as dec:
                 logits = dec.prefill(self.ids(batch, n))
                 token = logits.argmax(-1)
                 for _ in range(3):  # two eager steps (the first seeds the static state), the capture
@@ -288,7 +310,7 @@ class Bench:
                         pt.forward(call)
                 return (ms, *pt.medians())
             # The cache lives in a dict so that the timed closure and the release below share it.
-            state = {"len": n, "cache": self._prefill(self.ids(batch, n)).past_key_values}
+            state = {"len": n, "cache": self._decode_cache(self.ids(batch, n))}
             token = self.ids(batch, 1)
 
             def step():
@@ -347,7 +369,8 @@ def check_plan(shape: ModelShape, settings: E2ESettings, elem_bytes: int, free: 
     keep, skipped = [], []
     for phase, n, batch in plan_rows(settings):
         state = decode_state_need(shape, settings, n, phase)
-        err = check_memory(shape, n, batch, elem_bytes, free, settings.repeats + settings.warmup, state)
+        err = check_memory(shape, n, batch, elem_bytes, free, settings.repeats + settings.warmup, state,
+                           prefill_rows=DECODE_PREFILL_ROWS if phase == "decode" else None)
         if err is None:
             keep.append((phase, n, batch))
         elif settings.explicit_sizes:

@@ -139,6 +139,8 @@ def resolve(args) -> E2ESettings:
     seq = sorted(set(pick("seq")))
     decode_seq = pick("decode_seq")
     decode_seq = seq if decode_seq is None else sorted(set(decode_seq))
+    phase = getattr(args, "phase", "both")
+    seq, decode_seq = (seq if phase != "decode" else []), (decode_seq if phase != "prefill" else [])
     for flag, values in (("--seq", seq), ("--decode-seq", decode_seq)):
         for n in values:
             if not 1 <= n <= MAX_SEQ:
@@ -188,20 +190,26 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int, elem_bytes: int
 
 
 def memory_need(shape: ModelShape, tokens: int, batch: int, elem_bytes: int, decode_steps: int = 0,
-                state_bytes: int = 0) -> int:
+                state_bytes: int = 0, prefill_rows: Optional[int] = None) -> int:
     """Bytes the run of one (length, batch) needs: weights + KV cache (+ decode steps) + activations
-    (+ state_bytes: the Sketch&Walk decode state of the whole batch, for a decode row)."""
+    (+ state_bytes: the Sketch&Walk decode state of the whole batch, for a decode row).
+    prefill_rows: sequences per prefill forward (None = the batch): the activations are those of
+    one such forward, plus the cache of its rows while they are copied into the batch's."""
+    rows = batch if prefill_rows is None else min(prefill_rows, batch)
+    chunk_cache = kv_cache_bytes(shape, tokens + decode_steps, rows, elem_bytes) if rows < batch else 0
     return (weight_count(shape) * elem_bytes + kv_cache_bytes(shape, tokens + decode_steps, batch, elem_bytes)
-            + activation_bytes(shape, tokens, batch, elem_bytes) + state_bytes)
+            + activation_bytes(shape, tokens, rows, elem_bytes) + chunk_cache + state_bytes)
 
 
 def check_memory(shape: ModelShape, tokens: int, batch: int, elem_bytes: int, free_bytes: int,
-                 decode_steps: int = 0, state_bytes_per_sequence: int = 0) -> Optional[PlanError]:
+                 decode_steps: int = 0, state_bytes_per_sequence: int = 0,
+                 prefill_rows: Optional[int] = None) -> Optional[PlanError]:
     """None when (tokens, batch) fits in free_bytes, else the PlanError naming --batch (it would fit
     at batch 1) or --seq. state_bytes_per_sequence: the decode state a config keeps per sequence
-    (`batched_decode.decode_state_bytes`; token-level scores make it GiBs at long lengths)."""
+    (`batched_decode.decode_state_bytes`; token-level scores make it GiBs at long lengths);
+    prefill_rows: as `memory_need`."""
     state = state_bytes_per_sequence
-    need = memory_need(shape, tokens, batch, elem_bytes, decode_steps, state * batch)
+    need = memory_need(shape, tokens, batch, elem_bytes, decode_steps, state * batch, prefill_rows)
     if need <= free_bytes:
         return None
     fits_alone = memory_need(shape, tokens, 1, elem_bytes, decode_steps, state) <= free_bytes

@@ -72,14 +72,19 @@ Attention = Callable[..., torch.Tensor]  # fn(q, k, v) -> out
 
 #: Raw times (ms) of a prefill row; None = not available here (the reason is in row["na"]).
 PREFILL_TIMES = ("t_flash_ms", "t_cudnn_ms", "t_flex_dense_ms", "t_our_dense_ms", "t_sparse_ms",
-                 "t_flex_sparse_ms", "t_reference_ms", "t_frontend_ms")
+                 "t_flex_sparse_ms", "t_reference_ms", "t_frontend_ms", "t_our_dense_hopper_ms", "t_hopper_ms")
 DENSE_BASELINES = {"flash": "t_flash_ms", "cudnn": "t_cudnn_ms", "flex_dense": "t_flex_dense_ms",
                    "our_dense": "t_our_dense_ms", "flex_sparse": "t_flex_sparse_ms"}
 PREFILL_DERIVED = tuple(f"speedup_vs_{name}" for name in DENSE_BASELINES) + (
     "efficiency", "tflops_sparse", "tflops_flash", "tflops_cudnn", "tflops_our_dense",
-    "speedup_vs_flash_with_frontend", "frontend_pct_of_sparse")
-DECODE_TIMES = ("t_dense_ms", "t_sparse_ms", "t_dense_graph_ms", "t_sparse_graph_ms")
-DECODE_DERIVED = ("speedup", "speedup_graph", "gbps_sparse", "gbps_dense", "gbps_sparse_graph", "gbps_dense_graph")
+    "speedup_vs_flash_with_frontend", "frontend_pct_of_sparse",
+    "speedup_vs_cudnn_hopper", "speedup_vs_flash_hopper", "hopper_vs_portable", "efficiency_hopper", "tflops_hopper",
+    "tflops_our_dense_hopper")
+DECODE_TIMES = ("t_dense_ms", "t_sparse_ms", "t_dense_graph_ms", "t_sparse_graph_ms", "t_dense_steady_ms",
+                "t_sparse_steady_ms")
+DECODE_DERIVED = ("speedup", "speedup_graph", "gbps_sparse", "gbps_dense", "gbps_sparse_graph", "gbps_dense_graph",
+                  "speedup_steady", "gbps_sparse_steady", "gbps_dense_steady")
+STEADY_REPLAYS = 20
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 L2_COVER = 4  # the input pool spans at least this many L2 caches
 MAX_POOL = 8
@@ -172,6 +177,13 @@ def derive_prefill(row: dict) -> dict:
         tflops_our_dense=attention_tflops(t["head_dim"], t["hq"], dense_pairs, t["t_our_dense_ms"]),
         speedup_vs_flash_with_frontend=speedup_with_frontend(t["t_flash_ms"], t["t_sparse_ms"], t["t_frontend_ms"]),
         frontend_pct_of_sparse=frontend_pct(t["t_frontend_ms"], t["t_sparse_ms"]),
+        # The Hopper (TMA) path of the same launcher, on the same selection ("sparse" = the portable kernel).
+        speedup_vs_cudnn_hopper=ratio(t["t_cudnn_ms"], t.get("t_hopper_ms")),
+        speedup_vs_flash_hopper=ratio(t["t_flash_ms"], t.get("t_hopper_ms")),
+        hopper_vs_portable=ratio(t["t_sparse_ms"], t.get("t_hopper_ms")),
+        efficiency_hopper=efficiency(t.get("t_our_dense_hopper_ms"), t.get("t_hopper_ms"), t["measured_density"]),
+        tflops_hopper=attention_tflops(t["head_dim"], t["hq"], t["selected_pairs"], t.get("t_hopper_ms")),
+        tflops_our_dense_hopper=attention_tflops(t["head_dim"], t["hq"], dense_pairs, t.get("t_our_dense_hopper_ms")),
     )
     return out
 
@@ -185,6 +197,9 @@ def derive_decode(row: dict) -> dict:
         gbps_dense=gbps(row["bytes_dense"], row["t_dense_ms"]),
         gbps_sparse_graph=gbps(row["bytes_sparse"], row["t_sparse_graph_ms"]),
         gbps_dense_graph=gbps(row["bytes_dense"], row["t_dense_graph_ms"]),
+        speedup_steady=ratio(row.get("t_dense_steady_ms"), row.get("t_sparse_steady_ms")),
+        gbps_sparse_steady=gbps(row["bytes_sparse"], row.get("t_sparse_steady_ms")),
+        gbps_dense_steady=gbps(row["bytes_dense"], row.get("t_dense_steady_ms")),
     )
 
 
@@ -293,6 +308,36 @@ class Pool:
             g.replay()
         replays = itertools.cycle(graphs)
         return lambda: next(replays).replay()
+
+
+    def steady_ms(self, fn: Attention, replays: int = STEADY_REPLAYS) -> float:
+        """ms per call of one CUDA graph that runs fn on every input set back to back (at least two
+        sets: a copy is made when the pool has one), replayed `replays` times between two events.
+
+        No L2 flush: a flush leaves the L2 full of dirty lines whose write-back the next call pays
+        (~10 us on an H200, a quarter of a 128K decode step), which a decode step between other
+        layers' kernels does not; and no reuse, because consecutive calls read different sets.
+        """
+        sets = self.sets if len(self.sets) > 1 else self.sets + [tuple(t.clone() for t in self.sets[0])]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for inputs in sets:
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for inputs in sets:
+                fn(*inputs)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / (replays * len(sets))
 
 
 def pool_size(set_bytes: int, l2_bytes: int) -> int:
@@ -419,9 +464,23 @@ def try_call(fn: Attention, inputs: Inputs) -> tuple[Optional[torch.Tensor], Opt
         return None, _first_line(exc)
 
 
-def ours_prefill(sel: BlockSelection, scale: float) -> Attention:
+def ours_prefill(sel: BlockSelection, scale: float, path: str = "portable") -> Attention:
+    """block_sparse_prefill on this selection through one kernel path ("portable" or "hopper")."""
     idx, cnt = sel.indices[None], sel.counts[None]
-    return lambda q, k, v: block_sparse_prefill(q, k, v, idx, cnt, [0], sel.block_size, scale)
+    return lambda q, k, v: block_sparse_prefill(q, k, v, idx, cnt, [0], sel.block_size, scale, path=path)
+
+
+def hopper_na(ctx: "Context", inputs: Inputs) -> Optional[str]:
+    """Why the Hopper path cannot be timed here (None when it can)."""
+    from ..kernels.block_sparse_prefill import prefill_path
+
+    if ctx.device.type != "cuda" or torch.cuda.get_device_capability(ctx.device)[0] != 9:
+        return "the Hopper path needs an sm_90 GPU"
+    try:
+        prefill_path(*inputs, path="hopper")
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def ours_decode(blocks: list[int], batch: int, block_size: int, scale: float, device) -> Attention:
@@ -586,11 +645,24 @@ class Measured:
         return row
 
 
+def measure_hopper(ctx: Context, pool: Pool, sel: BlockSelection, scale: float, expect_ms: Optional[float],
+                   m: "Measured", key: str) -> Optional[torch.Tensor]:
+    """Time the Hopper path on `sel` into m[key] (n/a with the reason off sm_90); its output on the first set."""
+    why = hopper_na(ctx, pool.sets[0])
+    if why:
+        m.put(key, None, why)
+        return None
+    t, reason, out = measure(ctx, pool, ours_prefill(sel, scale, "hopper"), expect_ms)
+    m.put(key, t, reason)
+    return out
+
+
 def dense_baselines(ctx: Context, n: int, pool: Pool, dense: Selection, scale: float) -> tuple[Measured, Optional[float]]:
     """Our dense path, SDPA flash and cuDNN, FlexAttention dense-causal; and max |ours - flash|."""
     m = Measured()
     t_ours, reason, ours_out = measure(ctx, pool, ours_prefill(dense.block, scale))
     m.put("t_our_dense_ms", t_ours, reason)
+    measure_hopper(ctx, pool, dense.block, scale, t_ours, m, "t_our_dense_hopper_ms")
     t, reason, flash_out = measure(ctx, pool, sdpa("flash", causal=True), t_ours)
     m.put("t_flash_ms", t, reason)
     err = max_err(ours_out, flash_out)
@@ -619,7 +691,10 @@ def sparse_kernels(ctx: Context, sel: Selection, pool: Pool, scale: float,
         t, reason, out = measure(ctx, pool, fn, expect)
         m.put("t_sparse_ms", t, reason)
     expect = m.times["t_sparse_ms"]
-    errs = {"err_flex_sparse_vs_ours": None, "err_sparse_vs_reference": None}
+    errs = {"err_flex_sparse_vs_ours": None, "err_sparse_vs_reference": None, "err_hopper_vs_ours": None}
+    hop_out = measure_hopper(ctx, pool, sel.block, scale, expect, m, "t_hopper_ms")
+    errs["err_hopper_vs_ours"] = max_err(hop_out, out)
+    del hop_out
     if ctx.flex is None:
         m.put("t_flex_sparse_ms", None, ctx.flex_reason)
     else:
@@ -694,6 +769,8 @@ def decode_group(ctx: Context, name: str, kv_len: int, batch: int, sels: list[Se
     base = Measured()
     base.put("t_dense_ms", dense[best][0] if best else None, "; ".join(f"{b}: {r}" for b, r in dense_why.items()))
     base.put("t_dense_graph_ms", dense[best_graph][1] if best_graph else None, graph_na(ctx))
+    base.put("t_dense_steady_ms", steady_time(ctx, pool, sdpa(best_graph, causal=False)) if best_graph else None,
+             graph_na(ctx))
     elem = pool.sets[0][0].element_size()
 
     rows, dense_equivalent = [], None
@@ -707,6 +784,7 @@ def decode_group(ctx: Context, name: str, kv_len: int, batch: int, sels: list[Se
             t, reason, out = measure(ctx, pool, fn)
             sparse.put("t_sparse_ms", t, reason)
             sparse.put("t_sparse_graph_ms", None if reason else graph_time(ctx, pool, fn), reason or graph_na(ctx))
+            sparse.put("t_sparse_steady_ms", None if reason else steady_time(ctx, pool, fn), reason or graph_na(ctx))
             err = max_err(out, dense_out) if sel.is_dense else None
             del out
             if sel.is_dense:
@@ -722,6 +800,17 @@ def decode_group(ctx: Context, name: str, kv_len: int, batch: int, sels: list[Se
         row.update(derive_decode(row))
         rows.append(row)
     return rows
+
+
+def steady_time(ctx: Context, pool: Pool, fn: Attention) -> Optional[float]:
+    """Pool.steady_ms (consecutive graph-replayed calls, no L2 flush); None without graphs here."""
+    if not ctx.settings.graphs or ctx.device.type != "cuda":
+        return None
+    try:
+        return pool.steady_ms(fn)
+    except Exception as exc:  # a backend that refuses capture: report n/a rather than abort the run
+        ctx.log(f"  steady-state capture failed: {_first_line(exc)}")
+        return None
 
 
 def graph_na(ctx: Context) -> str:
@@ -757,6 +846,10 @@ def environment(ctx: Context) -> dict:
         cudnn=torch.backends.cudnn.version() if dev.type == "cuda" else None,
         python=platform.python_version(), dtype=str(ctx.dtype).replace("torch.", ""),
         timing=ctx.timer.method, l2_bytes=ctx.l2_bytes,
+        steady_timing=(f"decode *_steady_ms: one CUDA graph running the call on >= 2 distinct input sets back to "
+                       f"back, replayed {STEADY_REPLAYS}x between two events, no L2 flush; ms per call"),
+        hopper=("prefill *_hopper_*: block_sparse_prefill(path='hopper'), the TMA kernel, on the same selections; "
+                "t_sparse_ms / t_our_dense_ms are the portable kernel (path='portable')"),
         flex="compiled (torch.compile, dynamic=True)" if ctx.flex and ctx.flex.compiled else
         "eager (unfused; ignores the block mask)" if ctx.flex else ctx.flex_reason,
         frontend=("SketchWalkRuntime(backend='triton').attention of the second sparse layer with the attention "
@@ -884,7 +977,8 @@ def _k(v) -> str:
 DENSE_TABLE = [("N", "n", _k), ("flash ms", "t_flash_ms", _ms), ("cuDNN ms", "t_cudnn_ms", _ms),
                ("flex ms", "t_flex_dense_ms", _ms), ("ours dense ms", "t_our_dense_ms", _ms),
                ("TFLOP/s flash", "tflops_flash", _f(0)), ("TFLOP/s cuDNN", "tflops_cudnn", _f(0)),
-               ("TFLOP/s ours", "tflops_our_dense", _f(0)), ("ours vs flash err", "err_our_dense_vs_flash", _f(4))]
+               ("TFLOP/s ours", "tflops_our_dense", _f(0)), ("ours vs flash err", "err_our_dense_vs_flash", _f(4)),
+               ("hopper dense ms", "t_our_dense_hopper_ms", _ms), ("TFLOP/s hopper", "tflops_our_dense_hopper", _f(0))]
 SPARSE_TABLE = [("N", "n", _k), ("dens", "density", _f(2)), ("selection", "selection", str),
                 ("meas", "measured_density", _f(3)), ("sparse ms", "t_sparse_ms", _ms),
                 ("flex sp ms", "t_flex_sparse_ms", _ms), ("ref ms", "t_reference_ms", _ms),
@@ -892,13 +986,17 @@ SPARSE_TABLE = [("N", "n", _k), ("dens", "density", _f(2)), ("selection", "selec
                 ("x cuDNN", "speedup_vs_cudnn", _x), ("x flex", "speedup_vs_flex_dense", _x),
                 ("x ours", "speedup_vs_our_dense", _x), ("x flex sp", "speedup_vs_flex_sparse", _x),
                 ("eff", "efficiency", _f(2)), ("TFLOP/s", "tflops_sparse", _f(0)),
-                ("x flash +front", "speedup_vs_flash_with_frontend", _x), ("front %", "frontend_pct_of_sparse", _f(1))]
+                ("x flash +front", "speedup_vs_flash_with_frontend", _x), ("front %", "frontend_pct_of_sparse", _f(1)),
+                ("hopper ms", "t_hopper_ms", _ms), ("x cuDNN hopper", "speedup_vs_cudnn_hopper", _x),
+                ("TFLOP/s hopper", "tflops_hopper", _f(0)), ("eff hopper", "efficiency_hopper", _f(2))]
 DECODE_TABLE = [("B", "batch", str), ("L", "kv_len", _k), ("dens", "density", _f(2)), ("selection", "selection", str),
                 ("dense us", "t_dense_ms", _us), ("backend", "dense_backend", str), ("sparse us", "t_sparse_ms", _us),
                 ("x", "speedup", _x), ("dense graph us", "t_dense_graph_ms", _us),
                 ("sparse graph us", "t_sparse_graph_ms", _us), ("x graph", "speedup_graph", _x),
                 ("GB/s sparse", "gbps_sparse", _f(0)), ("GB/s sparse graph", "gbps_sparse_graph", _f(0)),
-                ("GB/s dense graph", "gbps_dense_graph", _f(0))]
+                ("GB/s dense graph", "gbps_dense_graph", _f(0)), ("sparse steady us", "t_sparse_steady_ms", _us),
+                ("x steady", "speedup_steady", _x), ("GB/s sparse steady", "gbps_sparse_steady", _f(0)),
+                ("GB/s dense steady", "gbps_dense_steady", _f(0))]
 
 
 def rich_table(title: str, rows: list[dict], columns: list[tuple[str, str, Callable]]):

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .hf import get_runtime
+from .row_prefill import prefill_by_rows
 
 
 class StaticDecoder:
@@ -26,13 +27,21 @@ class StaticDecoder:
     later step is a replay: the token and the position go into the graph's static inputs. The
     logits returned by a replayed step are the graph's output buffer: valid until the next step.
     Use as a context manager (or call `close`) to leave the runtime's static mode and free the graph.
+
+    prefill_rows: sequences per prefill forward (None = the whole batch in one): a long batch
+    prefilled a few rows at a time (`row_prefill.prefill_by_rows`) needs the activations of those
+    rows only, and decodes exactly as if prefilled at once.
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int, capacity: int, graph: bool = False, warmup: int = 2):
+    def __init__(self, model: torch.nn.Module, batch: int, capacity: int, graph: bool = False, warmup: int = 2,
+                 prefill_rows: Optional[int] = None):
         from transformers import StaticCache
 
         if batch < 1 or capacity < 2:
             raise ValueError(f"batch = {batch}, capacity = {capacity}: need batch >= 1 and capacity >= 2 tokens")
+        if prefill_rows is not None and prefill_rows < 1:
+            raise ValueError(f"prefill_rows = {prefill_rows}: need at least one sequence per prefill forward (or None)")
+        self.prefill_rows = batch if prefill_rows is None else min(prefill_rows, batch)
         self.model, self.batch, self.capacity = model, batch, capacity
         self.device = next(model.parameters()).device
         if graph and self.device.type != "cuda":
@@ -63,9 +72,10 @@ class StaticDecoder:
         self._stack.close()
         self.cache = None
 
-    def _forward(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] of the last of ids [B, q] at cache positions `position` [q]."""
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position,
+    def _forward(self, ids: torch.Tensor, position: torch.Tensor, cache=None) -> torch.Tensor:
+        """Logits [B, vocab] of the last of ids [B, q] at cache positions `position` [q] (on `cache`,
+        default this decoder's)."""
+        out = self.model(input_ids=ids, past_key_values=self.cache if cache is None else cache, cache_position=position,
                          position_ids=position[None].expand(ids.shape[0], -1), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
@@ -79,7 +89,15 @@ class StaticDecoder:
             raise ValueError(f"a prompt of {n} tokens needs 1 <= n < capacity = {self.capacity}")
         if self.length:
             raise ValueError("this decoder's cache is in use: one prefill per StaticDecoder")
-        logits = self._forward(ids.to(self.device), torch.arange(n, device=self.device))
+        ids, position = ids.to(self.device), torch.arange(n, device=self.device)
+        if self.prefill_rows < self.batch:
+            from transformers import StaticCache
+
+            logits = prefill_by_rows(self.model, ids, self.prefill_rows, self.cache,
+                                     lambda: StaticCache(config=self.model.config, max_cache_len=self.capacity),
+                                     lambda chunk, part: self._forward(chunk, position, part))
+        else:
+            logits = self._forward(ids, position)
         self.length = n
         return logits
 

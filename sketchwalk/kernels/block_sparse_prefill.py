@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from ._triton import as_int32, check_common_inputs, dot_precision, next_pow2, require_triton
+from ._triton import as_int32, check_common_inputs, dot_precision, interpreting, next_pow2, require_triton
+from .block_sparse_prefill_hopper import hopper_unsupported, launch_hopper
 
 _KERNEL = None
 LOG2E = 1.4426950408889634
@@ -152,11 +153,54 @@ def default_block_m(group: int, block_size: int) -> int:
     return bm
 
 
+PATHS = ("auto", "hopper", "portable")
+
+
+def prefill_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str = "auto") -> str:
+    """The kernel a prefill with these inputs runs: "hopper" (TMA, sm_90+) or "portable".
+
+    q: [B, Hq, N, d]; k, v: [B, Hkv, N, d]. "auto" takes the Hopper path on a CUDA device of compute
+    capability 9.x with fp16 / bf16 inputs and head_dim >= 128 (where it was measured faster: the
+    Llama-3.1-8B shape), else the portable kernel (other GPUs, fp32, smaller heads, the interpreter). "hopper" forces it (under TRITON_INTERPRET=1 too, for the tests) and raises with
+    the reason when the inputs cannot take it.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path = {path!r}: allowed {', '.join(PATHS)}")
+    why = hopper_unsupported(q, k, v)
+    if path == "hopper":
+        if why:
+            raise ValueError(f"path = 'hopper' cannot run these inputs: {why}")
+        return "hopper"
+    if path == "portable" or why or interpreting() or q.device.type != "cuda" or q.shape[-1] < AUTO_HOPPER_MIN_HEAD_DIM:
+        return "portable"
+    return "hopper" if torch.cuda.get_device_capability(q.device)[0] == 9 else "portable"
+
+
+# Hopper-path launch defaults, chosen on an H200 by benchmarks/tune_hopper.py (results/kernels/README.md).
+# At d=128, density 0.2, 32K-128K: 4 warps / 2 stages / one block per step ran 1.21-1.28x the portable
+# kernel (471-497 TFLOP/s); 8 warps, 3-4 stages, pairs and whole-group 256-row tiles were all slower.
+HOPPER_DEFAULTS = dict(num_warps=4, num_stages=2, pair=False)
+AUTO_HOPPER_MIN_HEAD_DIM = 128
+
+
+HOPPER_SMEM_BUDGET = 200 * 1024  # of the H200's 227 KB per block: room for the compiler's layout scratch
+
+
+def hopper_stages(block_m: int, block_n: int, head_dim: int, elem_bytes: int) -> int:
+    """Pipeline depth of the Hopper path: HOPPER_DEFAULTS' stages, fewer when that many K and V
+    tiles (plus the Q tile and P's staging) would not fit in shared memory (128-token blocks at d=128)."""
+    per_stage = 2 * block_n * head_dim * elem_bytes
+    fixed = block_m * head_dim * elem_bytes + block_m * block_n * elem_bytes
+    fits = max(1, (HOPPER_SMEM_BUDGET - fixed) // per_stage)
+    return int(min(HOPPER_DEFAULTS["num_stages"], fits))
+
+
 def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                          counts: torch.Tensor, offsets, block_size: int, scale: float,
                          block_m: Optional[int] = None, block_n: Optional[int] = None,
                          num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                         out: Optional[torch.Tensor] = None, offsets_host: Optional[list[int]] = None) -> torch.Tensor:
+                         out: Optional[torch.Tensor] = None, offsets_host: Optional[list[int]] = None,
+                         path: str = "auto", pair: Optional[bool] = None) -> torch.Tensor:
     """Causal attention of every query over its query block's selected key blocks.
 
     q: [B, Hq, N, d]; k, v: [B, Hkv, N, d] with Hq % Hkv == 0 (GQA group G = Hq/Hkv; no K/V copy);
@@ -176,10 +220,15 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     nqb must be >= ceil((N - offsets[b]) / block_size) for every b (rows past a sequence's end are ignored).
     block_size: 16, 32, 64 or 128 tokens; scale: softmax scale (typically d**-0.5).
     block_m / block_n / num_warps / num_stages: tuning knobs (query rows per program, key
-      tile within a block, launch options); defaults were tuned on an H200.
+      tile within a block, launch options); defaults were tuned on an H200, per path.
+    path: "auto" | "hopper" | "portable" (`prefill_path`): the TMA kernel of
+      `block_sparse_prefill_hopper` or the portable one; both compute the same thing.
+    pair: Hopper path only, two selected blocks per loop step (default HOPPER_DEFAULTS).
     out: optional preallocated output like q (written in full: every element, padding rows
-      included, is overwritten; tests pass a NaN-filled buffer to prove it).
-    Returns out [B, Hq, N, d] in q's dtype; left-padded query rows are zeros.
+      included, is overwritten; tests pass a NaN-filled buffer to prove it); any strides.
+    q, k, v, out may have any strides (a transposed view of [B, N, H, d] is read in place).
+    Returns out [B, Hq, N, d] in q's dtype, laid out like q (empty_like) unless given; left-padded
+    query rows are zeros.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [B, H, N, d]")
@@ -209,8 +258,9 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
     if nqb < need:
         raise ValueError(f"indices has {nqb} query-block rows but a sequence needs {need}")
     group = hq // hkv
+    kernel_path = prefill_path(q, k, v, path)
     bm = block_m or default_block_m(group, block_size)
-    bn = block_n or min(block_size, 64 if d > 64 else 128)
+    bn = block_n or (block_size if kernel_path == "hopper" else min(block_size, 64 if d > 64 else 128))
     if block_size % bn or bn < 16:
         raise ValueError(f"block_n={bn} must divide block_size={block_size} and be >= 16")
     if bm != next_pow2(bm) or bm < 16:
@@ -224,6 +274,12 @@ def block_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indi
         return out
     # Padding programs: enough blocks of block_size rows to zero the longest left padding.
     npad = -(-max(off_host, default=0) // block_size)
+    if kernel_path == "hopper":
+        launch_hopper(q, k.contiguous(), v.contiguous(), out, idx, cnt, off, idx_strides, nqb, npad, block_size,
+                      float(scale) * LOG2E, bm, tiles, bn, num_warps or HOPPER_DEFAULTS["num_warps"],
+                      num_stages or hopper_stages(bm, bn, d, q.element_size()),
+                      HOPPER_DEFAULTS["pair"] if pair is None else bool(pair))
+        return out
     kernel = _build()
     # Defaults from benchmarks/tune_kernels.py on an H200 (N=16K, density 0.2, block 64, bf16):
     # 4 warps won for both shapes; 3 stages for d=64 (G=3), 1 stage for d=128 (G=4), each within
